@@ -1,0 +1,7 @@
+"""zeroadam: a memory-efficient, ZeRO-style sharded Adam/AdamW optimizer for PyTorch."""
+from .optimizer import ZeroAdam
+from .options import BLOCK_SIZE, MIN_QUANT_NUMEL
+from .reference import adamw_reference
+
+__all__ = ["ZeroAdam", "adamw_reference", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "__version__"]
+__version__ = "0.1.0"

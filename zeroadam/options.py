@@ -1,0 +1,113 @@
+"""Validated optimizer options.
+
+Every user-facing ``ValueError`` about an option is raised here, so that the message format is the same
+everywhere: the argument, the value, and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple, get_args
+
+import torch
+
+__all__ = [
+    "StateDtype",
+    "MasterWeights",
+    "Offload",
+    "ZeroOptions",
+    "GroupHyper",
+    "check_hyper",
+    "BLOCK_SIZE",
+    "MIN_QUANT_NUMEL",
+]
+
+StateDtype = Literal["int8", "bf16", "fp32"]
+MasterWeights = Literal["auto", "fp32", "compact", "none"]
+Offload = Literal["cpu"]
+
+# Quantization block along a parameter's flattened (global) index. Shard boundaries fall on block boundaries,
+# so the int8 state never depends on how a parameter is later split across ranks.
+BLOCK_SIZE = 256
+# Small tensors (biases, norms) keep fp32 state: their 8-bit savings are negligible and their moments are the
+# most sensitive to quantization error.
+MIN_QUANT_NUMEL = 4096
+
+
+def _bad(arg: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"ZeroAdam: invalid {arg}={value!r}; {allowed}")
+
+
+def _check_choice(arg: str, value: object, literal: object) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise _bad(arg, value, "expected one of " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass(frozen=True)
+class GroupHyper:
+    """The per-group hyperparameters of one AdamW update (all plain Python numbers)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+def check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
+    """Validate AdamW hyperparameters; a tensor lr is allowed (as in torch.optim), any other type is not."""
+    lr_value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if not isinstance(lr_value, (int, float)) or isinstance(lr_value, bool) or not math.isfinite(lr_value) or lr_value < 0:
+        raise _bad("lr", lr, "expected a finite number >= 0 (for example lr=1e-3)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise _bad("betas", betas, "expected a pair (beta1, beta2), each in [0, 1), for example (0.9, 0.999)")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not (0.0 <= b < 1.0):
+            raise _bad(f"betas[{i}]", b, "expected a number in [0, 1), for example betas=(0.9, 0.999)")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise _bad("eps", eps, "expected a finite number >= 0 (for example eps=1e-8)")
+    if (
+        not isinstance(weight_decay, (int, float))
+        or isinstance(weight_decay, bool)
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
+        raise _bad("weight_decay", weight_decay, "expected a finite number >= 0 (0 disables decay)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroOptions:
+    """Options that hold for the whole optimizer (not per param group)."""
+
+    state_dtype: StateDtype = "int8"
+    """Storage of exp_avg / exp_avg_sq: 8-bit blocks, bf16 with stochastic rounding, or fp32."""
+    master_weights: MasterWeights = "auto"
+    """For 16-bit parameters: an fp32 copy, the 16-bit value plus an int8 residual, or nothing."""
+    max_grad_norm: Optional[float] = None
+    """Global-norm clipping applied inside the update; None disables it."""
+    stage: int = 0
+    """ZeRO stage: 0 none, 1 state sharded, 2 state and gradients sharded, 3 parameters too."""
+    offload: Optional[Offload] = None
+    """Where the shard's state lives and is updated: None (with the parameters) or "cpu"."""
+    bucket_size: int = 25_000_000
+    """Elements per stage-2 gradient bucket; larger buckets mean fewer, larger collectives."""
+
+    def __post_init__(self) -> None:
+        _check_choice("state_dtype", self.state_dtype, StateDtype)
+        _check_choice("master_weights", self.master_weights, MasterWeights)
+        if self.offload is not None:
+            _check_choice("offload", self.offload, Offload)
+        if self.max_grad_norm is not None:
+            v = self.max_grad_norm
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise _bad("max_grad_norm", v, "expected None or a finite number > 0")
+        if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
+            raise _bad("stage", self.stage, "expected 0, 1, 2 or 3")
+        if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
+            raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 25_000_000)")
+
+
+def betas_of(betas: object) -> Tuple[float, float]:
+    b1, b2 = betas  # type: ignore[misc]
+    return float(b1), float(b2)

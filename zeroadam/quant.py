@@ -1,0 +1,155 @@
+"""Block-wise 8-bit quantization of Adam moments, in plain torch (the reference and the fallback).
+
+[Note: code maps]
+A block is 256 consecutive elements of a parameter's flattened index; each block stores one fp32 scale, its
+absolute maximum, and one byte per element. The byte is a code of a *companded* value:
+
+* ``exp_avg`` (signed):   m / scale = sign(c) * (|c| / 127) ** M_POWER,  c in [-127, 127] (int8)
+* ``exp_avg_sq`` (unsigned): v / scale = (c / 255) ** V_POWER,           c in [0, 255]   (uint8)
+
+Linear absmax codes cannot hold v's dynamic range: within one block v spans many decades, and every v below
+scale/510 becomes 0, so m / (sqrt(v) + eps) explodes. Power companding spends codes near zero (the smallest
+non-zero v is scale * 255 ** -V_POWER) while keeping a fixed relative step near the top. We compared it with
+dynamic-exponent ("dynamic tree") maps, and with other powers, by the parameter error of many AdamW steps
+against the fp32 reference (``benchmarks/quant_maps.py``, results in ``benchmarks/results/quant_maps.json``):
+see README "Why these code maps". Power maps won, and they need no table search, so both the CPU kernel and
+the Triton kernel encode with one or two square roots.
+
+A non-zero v is never encoded as 0 (its code is at least 1): a zero second moment under a non-zero first
+moment would turn the update into m / eps. Rounding a tiny v up only shrinks that element's step.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from .options import BLOCK_SIZE
+
+__all__ = [
+    "M_POWER",
+    "V_POWER",
+    "Quantized",
+    "quantize",
+    "dequantize",
+    "num_blocks",
+    "encode",
+    "decode",
+    "encode_power",
+    "decode_power",
+    "dynamic_map",
+    "encode_table",
+    "decode_table",
+]
+
+M_POWER = 2
+V_POWER = 4
+
+Kind = Literal["signed", "unsigned"]
+
+
+class Quantized(NamedTuple):
+    codes: torch.Tensor  # 1D int8 (signed) or uint8 (unsigned), one per element
+    scales: torch.Tensor  # 1D fp32, one per 256-element block (absmax)
+
+
+def num_blocks(numel: int) -> int:
+    return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def _block_absmax(x: torch.Tensor) -> torch.Tensor:
+    n = x.numel()
+    nb = num_blocks(n)
+    pad = nb * BLOCK_SIZE - n
+    xa = x.abs()
+    if pad:
+        xa = torch.nn.functional.pad(xa, (0, pad))
+    return xa.view(nb, BLOCK_SIZE).amax(dim=1)
+
+
+def _per_element(scales: torch.Tensor, n: int) -> torch.Tensor:
+    return scales.repeat_interleave(BLOCK_SIZE)[:n]
+
+
+def encode_power(y: torch.Tensor, kind: Kind, power: int) -> torch.Tensor:
+    """Codes of normalized values y (|y| <= 1) under a power-companded map."""
+    if kind == "signed":
+        c = torch.round(y.abs().pow(1.0 / power) * 127.0).clamp_(0, 127)
+        return (c * torch.sign(y)).to(torch.int8)
+    c = torch.round(y.clamp(min=0).pow(1.0 / power) * 255.0).clamp_(0, 255)
+    c = torch.where((y > 0) & (c == 0), torch.ones_like(c), c)
+    return c.to(torch.uint8)
+
+
+def decode_power(codes: torch.Tensor, kind: Kind, power: int) -> torch.Tensor:
+    c = codes.to(torch.float32)
+    if kind == "signed":
+        return torch.sign(c) * (c.abs() / 127.0).pow(power)
+    return (c / 255.0).pow(power)
+
+
+def dynamic_map(kind: Kind) -> torch.Tensor:
+    """The 8-bit dynamic-exponent ("dynamic tree") code map, sorted, 256 (unsigned) or 255 (signed) values.
+
+    A value is 10**-e * f: the count e of leading zero bits is the exponent, the remaining bits are a linear
+    fraction f in (0.1, 1]. Used only for the code-map comparison, not for stored state.
+    """
+    signed = kind == "signed"
+    total_bits = 7 if signed else 8
+    values: list[float] = []
+    for e in range(total_bits):
+        frac_bits = total_bits - 1 - e
+        if frac_bits < 0:
+            break
+        n = 2**frac_bits
+        bounds = torch.linspace(0.1, 1.0, n + 1)
+        mids = ((bounds[:-1] + bounds[1:]) / 2).tolist()
+        values += [10.0 ** (-e) * m for m in mids]
+    values += [0.0, 1.0]
+    t = torch.tensor(sorted(set(values)), dtype=torch.float32)
+    if signed:
+        t = torch.cat([-t.flip(0)[:-1], t])
+    return t
+
+
+def encode_table(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted table (as int64)."""
+    mids = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(y.contiguous(), mids)
+
+
+def decode_table(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return table[idx.long()]
+
+
+def quantize(x: torch.Tensor, kind: Kind) -> Quantized:
+    """Quantize a 1D fp32 tensor whose element 0 starts a block."""
+    assert x.dim() == 1 and x.dtype == torch.float32
+    scales = _block_absmax(x)
+    per = _per_element(scales, x.numel())
+    y = torch.where(per > 0, x / torch.where(per > 0, per, torch.ones_like(per)), torch.zeros_like(x))
+    return Quantized(encode(y, kind), scales)
+
+
+def encode(y: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """Codes of normalized moments under the stored maps (the kernels repeat exactly these operations)."""
+    if kind == "signed":
+        c = torch.round(torch.sqrt(y.abs()) * 127.0)
+        return (c * torch.sign(y)).to(torch.int8)
+    c = torch.round(torch.sqrt(torch.sqrt(y)) * 255.0)
+    c = torch.where(y > 0, c.clamp(min=1.0), c)
+    return c.to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, kind: Kind) -> torch.Tensor:
+    if kind == "signed":
+        c = codes.to(torch.float32)
+        t = c.abs() / 127.0
+        return torch.sign(c) * (t * t)
+    t = codes.to(torch.float32) / 255.0
+    t2 = t * t
+    return t2 * t2
+
+
+def dequantize(q: Quantized, kind: Kind) -> torch.Tensor:
+    return decode(q.codes, kind) * _per_element(q.scales, q.codes.numel())
