@@ -6,25 +6,21 @@ this rank's shard of state and gradients; the per-parameter state-dict format is
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from . import quant
 from .fused import Run, StepScalars, fused_update
-from .options import BLOCK_SIZE, MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, betas_of, check_hyper
+from .layout import FlatLayout, group_spaces
+from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, betas_of, check_hyper
 from .state import Master, MasterKind, Moments
 
 __all__ = ["ZeroAdam", "ParamState"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
-
-
-def padded(numel: int) -> int:
-    """numel rounded up to whole quantization blocks."""
-    return quant.num_blocks(numel) * BLOCK_SIZE
 
 
 @dataclass
@@ -135,12 +131,16 @@ class ZeroAdam(torch.optim.Optimizer):
     def _moment_format(self, numel: int) -> str:
         return self.options.state_dtype if numel >= MIN_QUANT_NUMEL else "fp32"
 
+    def _space_of(self, p: torch.Tensor) -> str:
+        return self._moment_format(p.numel())
+
     def _layout_offsets(self, group: dict[str, Any]) -> dict[torch.Tensor, int]:
-        """Each parameter's start in its group's block-aligned layout (the rounding hash index)."""
-        out, off = {}, 0
-        for p in group["params"]:
-            out[p] = off
-            off += padded(p.numel())
+        """Each parameter's start in its space's block-aligned layout (the rounding hash index), the same
+        positions the sharded stages use, so stochastic rounding draws identical bits in every stage."""
+        out = {}
+        for params in group_spaces(group["params"], self._space_of).values():
+            for slot, p in zip(FlatLayout.build(params, 1).slots, params):
+                out[p] = slot.start
         return out
 
     def _init_state(self, p: torch.Tensor) -> ParamState:
@@ -287,7 +287,21 @@ class ZeroAdam(torch.optim.Optimizer):
             self._zero.zero_grad()
         self._pending_clip = None
 
+    def no_sync(self) -> "contextlib.AbstractContextManager[None]":
+        """Skip gradient communication for the backward passes inside (they accumulate locally in p.grad);
+        the next backward outside communicates the sum. A no-op without sharding."""
+        if self._zero is None:
+            return contextlib.nullcontext()
+        return self._zero.no_sync()
+
     # ---------------------------------------------------------------- introspection
+    def comm_stats(self) -> dict[str, Any]:
+        """Elements and bytes this rank's collectives covered during the last step, by collective type
+        (see [Note: communication accounting] in zeroadam/collectives.py)."""
+        if self._zero is None:
+            return {"elements": {}, "bytes": {}, "total_bytes": 0, "ring_bytes": 0}
+        return self._zero.comm_stats()
+
     def memory_stats(self) -> dict[str, int]:
         """Bytes held by this rank: parameters, gradients, moments (+ scales), master weights."""
         if self._zero is not None:

@@ -1,0 +1,73 @@
+"""Spawn gloo ranks on loopback for tests: each rank runs a top-level function, results come back in order."""
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        result = fn(rank, world, *args)
+        # Tensors go by value: shared-memory handles die with this process.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """Run fn(rank, world, *args) on `world` spawned gloo ranks; returns the results by rank.
+
+    Raises RuntimeError with every failing rank's traceback; a rank that does not finish within `timeout`
+    seconds fails the call (no test hangs).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    import queue as _q
+
+    try:
+        for _ in range(world):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except _q.Empty:
+                raise RuntimeError(f"ranks did not finish within {timeout} s (got {sorted(results)})") from None
+            (results if status == "ok" else errors)[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(f"rank {r}:\n{msg}" for r, msg in sorted(errors.items())))
+    import torch
+
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]

@@ -1,0 +1,141 @@
+"""Stage-2 gradient buckets, fed by post-accumulate-grad hooks.
+
+As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (an fp32
+buffer covering a contiguous range of the flat layout) and frees ``p.grad``. A complete bucket is reduced, piece
+by piece, to the ranks that own each piece, asynchronously, while backward goes on; when the next bucket is
+launched the previous one is awaited, added into the owners' fp32 gradient shards, and its buffer freed, so at
+most about two buckets of full gradients exist at a time.
+
+[Note: collective order]
+Buckets are launched strictly in their index order, and at the end of every backward pass the ones still
+incomplete (parameters that got no gradient) are launched with zeros for the missing parts. Every rank therefore
+issues the same reduces in the same order, whatever its data did, and an unused parameter counts as a zero
+gradient instead of leaving a collective unmatched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from .collectives import CommStats, Group, reduce_to
+from .layout import Slot
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .zero import FlatSpace
+
+__all__ = ["Bucket", "GradBuckets"]
+
+
+@dataclass(eq=False)
+class Bucket:
+    space: "FlatSpace"
+    lo: int  # flat range [lo, hi) of the space's layout
+    hi: int
+    members: list[tuple[torch.Tensor, Slot]]
+    buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] fp32, alive while filling or in flight
+    filled: int = 0
+    handles: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (work, rank, start, end)
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    def ensure_buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.space.flat.device)
+        return self.buffer
+
+
+class GradBuckets:
+    def __init__(self, spaces: list["FlatSpace"], group: Group, bucket_size: int, stats: CommStats) -> None:
+        self.group = group
+        self.stats = stats
+        self.sync = True
+        self.buckets: list[Bucket] = []
+        self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
+        # Backward visits parameters roughly in reverse order of definition: fill buckets from the end.
+        for space in reversed(spaces):
+            current: list[tuple[torch.Tensor, Slot]] = []
+            size = 0
+            for p, slot in reversed(list(zip(space.params, space.layout.slots))):
+                current.append((p, slot))
+                size += slot.numel
+                if size >= bucket_size:
+                    self._add(space, current)
+                    current, size = [], 0
+            if current:
+                self._add(space, current)
+        self._next = 0  # index of the next bucket to launch in this pass
+        self._in_pass = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.bucket_of]
+
+    def _add(self, space: "FlatSpace", members: list[tuple[torch.Tensor, Slot]]) -> None:
+        lo = min(s.start for _, s in members)
+        hi = max(s.end for _, s in members)
+        b = Bucket(space, lo, hi, members)
+        self.buckets.append(b)
+        for p, s in members:
+            self.bucket_of[p] = (b, s)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def live_bytes(self) -> int:
+        return sum(b.buffer.numel() * 4 for b in self.buckets if b.buffer is not None)
+
+    # ---------------------------------------------------------------- backward
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self.sync or p.grad is None:
+            return
+        if not self._in_pass:
+            self._in_pass = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_pass)
+        self.take(p)
+
+    def take(self, p: torch.Tensor) -> None:
+        """Move p.grad into its bucket and launch every bucket that is complete, in order."""
+        self._in_pass = True
+        b, slot = self.bucket_of[p]
+        buf = b.ensure_buffer()
+        buf.narrow(0, slot.start - b.lo, slot.numel).copy_(p.grad.detach().reshape(-1))
+        p.grad = None
+        b.filled += 1
+        while self._next < len(self.buckets) and self.buckets[self._next].filled == len(self.buckets[self._next].members):
+            self._launch(self._next)
+
+    def _launch(self, i: int) -> None:
+        b = self.buckets[i]
+        buf = b.ensure_buffer()
+        for r, s, e in b.space.layout.owner_pieces(b.lo, b.hi):
+            b.handles.append((reduce_to(self.group, buf.narrow(0, s - b.lo, e - s), r, self.stats), r, s, e))
+        self._next = i + 1
+        if i > 0:
+            self._complete(self.buckets[i - 1])
+
+    def _complete(self, b: Bucket) -> None:
+        """Wait for a launched bucket, add this rank's pieces into its gradient shard, free the buffer."""
+        if b.buffer is None:
+            return
+        lo, _ = b.space.layout.shard_range(self.group.rank)
+        for work, r, s, e in b.handles:
+            work.wait()
+            if r == self.group.rank:
+                piece = b.buffer.narrow(0, s - b.lo, e - s)
+                b.space.grad_shard.narrow(0, s - lo, e - s).add_(piece.to(b.space.grad_shard.device), alpha=1.0 / self.group.world)
+        b.handles.clear()
+        b.buffer = None
+        b.filled = 0
+
+    def finish_pass(self) -> None:
+        """End of a backward pass: launch what is left (zeros for missing gradients), in order, and drain."""
+        if not self._in_pass:
+            return
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for b in self.buckets:
+            self._complete(b)
+        self._next = 0
+        self._in_pass = False

@@ -1,0 +1,341 @@
+"""ZeRO stages 1 and 2 (and CPU offload): flat block-aligned buffers, one shard of state per rank.
+
+Each param group is split into spaces (dtype, device, moment format); each space's parameters become views into
+one flat buffer laid out by ``FlatLayout`` (see [Note: block-aligned layout]). Rank r owns the contiguous range
+``layout.shard_range(r)``: its moments, master weights and fp32 gradient shard exist only for that range.
+
+One step: gradients are averaged into the shards (stage 1: one reduce-scatter at ``step()``; stage 2: buckets
+during backward, ``buckets.py``) → one all-reduce of the squared norm (also the non-finite flag: a NaN or inf
+anywhere makes the sum non-finite on every rank, so all ranks skip together) → the fused update of each shard →
+an all-gather of the parameter shards into the flat buffers, which the parameters view.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from .buckets import GradBuckets
+from .collectives import (
+    CommStats,
+    Group,
+    all_gather_into,
+    all_gather_objects,
+    all_reduce_sum,
+    reduce_scatter_avg,
+)
+from .fused import Run, StepScalars, fused_update
+from .layout import FlatLayout, group_spaces
+from .options import GroupHyper, betas_of
+from .state import Master, MasterKind, Moments
+from .state_dict import convert_master, convert_moments, entry_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import ZeroAdam
+
+__all__ = ["FlatSpace", "ZeroEngine"]
+
+
+@dataclass(eq=False)
+class FlatSpace:
+    group_index: int
+    fmt: str
+    master_kind: MasterKind
+    params: list[torch.Tensor]
+    layout: FlatLayout
+    flat: torch.Tensor  # 1D [layout.total], parameter dtype; the parameters are views into it
+    lo: int  # this rank's shard [lo, hi) in flat coordinates
+    hi: int
+    grad_shard: torch.Tensor  # 1D [shard] fp32, on the state device
+    moments: Moments  # [shard], on the state device
+    master: Master  # [shard], on the state device
+    param_host: Optional[torch.Tensor]  # 1D [shard] on the host when offloading, else None
+    step: int = 0
+
+    def param_shard(self) -> torch.Tensor:
+        return self.flat.narrow(0, self.lo, self.hi - self.lo)
+
+
+class ZeroEngine:
+    """The sharded half of ZeroAdam; the optimizer delegates every stage >= 1 (or offload) operation here."""
+
+    def __init__(self, opt: "ZeroAdam", group: Group) -> None:
+        self.opt = opt
+        self.group = group
+        self.stage = opt.options.stage if group.world > 1 else 0
+        self.offload = opt.options.offload
+        self.stats = CommStats(group.world)
+        self._last_stats: dict[str, Any] = self.stats.snapshot()
+        self._reduced = False
+        self._check_fingerprint()
+        self.spaces: list[FlatSpace] = []
+        for gi, pg in enumerate(opt.param_groups):
+            for params in group_spaces(pg["params"], opt._space_of).values():
+                self.spaces.append(self._build_space(gi, params))
+        self.buckets: Optional[GradBuckets] = None
+        if self.stage >= 2:
+            self.buckets = GradBuckets(self.spaces, group, opt.options.bucket_size, self.stats)
+
+    @staticmethod
+    def create(opt: "ZeroAdam", process_group: Optional[Any]) -> Optional["ZeroEngine"]:
+        group = Group.resolve(process_group)
+        if opt.options.stage == 3:
+            raise ValueError(
+                "ZeroAdam: stage=3 needs the model's parameters sharded too: wrap the model with "
+                "zeroadam.shard_model(model) first (not available in this version); use stage=1 or 2"
+            )
+        if group.world == 1 and opt.options.offload is None:
+            return None  # one rank: stage 0 is the same computation without the flat buffers
+        return ZeroEngine(opt, group)
+
+    # ---------------------------------------------------------------- construction
+    def _fingerprint(self) -> list[tuple[str, Any]]:
+        o = self.opt.options
+        items: list[tuple[str, Any]] = [
+            ("options", (o.state_dtype, o.master_weights, o.max_grad_norm, o.stage, o.offload, o.bucket_size))
+        ]
+        for gi, pg in enumerate(self.opt.param_groups):
+            hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")
+            items.append((f"param_groups[{gi}] options", hyper))
+            items.append((f"param_groups[{gi}] size", len(pg["params"])))
+            for i, p in enumerate(pg["params"]):
+                items.append((f"param_groups[{gi}]['params'][{i}]", (tuple(p.shape), str(p.dtype), p.device.type)))
+        return items
+
+    def _check_fingerprint(self) -> None:
+        for gi, pg in enumerate(self.opt.param_groups):
+            devices = {p.device for p in pg["params"]}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"ZeroAdam: param_groups[{gi}] has parameters on different devices {sorted(map(str, devices))}; "
+                    "move the model to one device before building the optimizer"
+                )
+        mine = self._fingerprint()
+        everyone = all_gather_objects(self.group, mine)
+        for r, theirs in enumerate(everyone):
+            if theirs == everyone[0]:
+                continue
+            for (k0, v0), (k1, v1) in zip(everyone[0], theirs):
+                if (k0, v0) != (k1, v1):
+                    raise ValueError(
+                        f"ZeroAdam: ranks disagree on their parameters: {k1} is {v1!r} on rank {r} but {k0} is "
+                        f"{v0!r} on rank 0; every rank must build the same model and param groups"
+                    )
+            raise ValueError(
+                f"ZeroAdam: ranks disagree on their parameters: rank {r} has {len(theirs)} entries, rank 0 "
+                f"{len(everyone[0])}; every rank must build the same model and param groups"
+            )
+
+    def _build_space(self, gi: int, params: list[torch.Tensor]) -> FlatSpace:
+        opt, g = self.opt, self.group
+        layout = FlatLayout.build(params, g.world)
+        dev = params[0].device
+        flat = torch.zeros(layout.total, dtype=params[0].dtype, device=dev)
+        with torch.no_grad():
+            for p, slot in zip(params, layout.slots):
+                flat.narrow(0, slot.start, slot.numel).copy_(p.detach().reshape(-1))
+            if g.world > 1:
+                # Like DDP: every rank starts from rank 0's values.
+                dist.broadcast(flat, src=g.global_rank(0), group=g.pg)
+            for p, slot in zip(params, layout.slots):
+                p.data = flat.narrow(0, slot.start, slot.numel).view(slot.shape)
+        lo, hi = layout.shard_range(g.rank)
+        state_dev = torch.device("cpu") if self.offload == "cpu" else dev
+        pin = self.offload == "cpu" and dev.type == "cuda"
+        fmt = opt._space_of(params[0])
+        shard = flat.narrow(0, lo, hi - lo)
+        param_host = None
+        if self.offload == "cpu" and dev.type != "cpu":
+            param_host = torch.empty(hi - lo, dtype=flat.dtype, pin_memory=pin)
+        kind = opt._master_kind(params[0])
+        return FlatSpace(
+            group_index=gi,
+            fmt=fmt,
+            master_kind=kind,
+            params=params,
+            layout=layout,
+            flat=flat,
+            lo=lo,
+            hi=hi,
+            grad_shard=torch.zeros(hi - lo, dtype=torch.float32, device=state_dev, pin_memory=pin),
+            moments=Moments.zeros(fmt, hi - lo, state_dev, pin=pin),  # type: ignore[arg-type]
+            master=Master.create(kind, shard, device=state_dev, pin=pin),
+            param_host=param_host,
+        )
+
+    # ---------------------------------------------------------------- gradients
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradients of the backward passes inside stay local in ``p.grad`` (accumulated by autograd)."""
+        if self.buckets is None:
+            yield
+            return
+        old = self.buckets.sync
+        self.buckets.sync = False
+        try:
+            yield
+        finally:
+            self.buckets.sync = old
+
+    def _reduce_stage1(self) -> None:
+        """Average every parameter's gradient into the shards (one reduce-scatter per space)."""
+        for sp in self.spaces:
+            full = torch.zeros(sp.layout.total, dtype=torch.float32, device=sp.flat.device)
+            for p, slot in zip(sp.params, sp.layout.slots):
+                if p.grad is not None:
+                    full.narrow(0, slot.start, slot.numel).copy_(p.grad.detach().reshape(-1))
+            if self.group.world > 1:
+                out = torch.empty(sp.hi - sp.lo, dtype=torch.float32, device=sp.flat.device)
+                reduce_scatter_avg(self.group, out, full, self.stats)
+            else:
+                out = full
+            sp.grad_shard.add_(out.to(sp.grad_shard.device))
+
+    def ensure_reduced(self) -> None:
+        if self._reduced:
+            return
+        if self.buckets is not None:
+            # Gradients still in p.grad (produced under no_sync, or by a backward that bypassed the hooks).
+            leftover = [p for sp in self.spaces for p in sp.params if p.grad is not None]
+            for p in leftover:
+                self.buckets.take(p)
+            self.buckets.finish_pass()
+        else:
+            self._reduce_stage1()
+        self._reduced = True
+
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        self.ensure_reduced()
+        dev = self.spaces[0].grad_shard.device
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        for sp in self.spaces:
+            total += torch.dot(sp.grad_shard, sp.grad_shard).to(dev)
+        return total
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self.group, t, self.stats)
+
+    # ---------------------------------------------------------------- step
+    def before_step(self) -> None:
+        self.ensure_reduced()
+
+    def _clear_grads(self) -> None:
+        for sp in self.spaces:
+            sp.grad_shard.zero_()
+        self._reduced = False
+
+    def _end_step(self) -> None:
+        self._clear_grads()
+        self._last_stats = self.stats.snapshot()
+        self.stats.reset()
+
+    def after_skip(self) -> None:
+        self._end_step()
+
+    def step(self, scale: float) -> None:
+        opt = self.opt
+        handles = []
+        for sp in self.spaces:
+            group = opt.param_groups[sp.group_index]
+            b1, b2 = betas_of(group["betas"])
+            hyper = GroupHyper(
+                lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
+            )
+            sp.step += 1
+            shard = sp.param_shard()
+            param = shard if sp.param_host is None else sp.param_host.copy_(shard)
+            run = Run(param=param, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
+            fused_update(run, StepScalars(hyper, sp.step, scale, sp.group_index), opt._backend)
+            if sp.param_host is not None:
+                shard.copy_(sp.param_host, non_blocking=True)
+            if self.group.world > 1:
+                handles.append(all_gather_into(self.group, sp.flat, shard.clone(), self.stats))
+        for h in handles:
+            h.wait()
+        self._end_step()
+
+    def zero_grad(self) -> None:
+        if self.buckets is not None and self.buckets._in_pass:
+            self.buckets.finish_pass()
+        self._clear_grads()
+
+    # ---------------------------------------------------------------- introspection
+    def comm_stats(self) -> dict[str, Any]:
+        return self._last_stats
+
+    def memory_stats(self) -> dict[str, int]:
+        grads = sum(sp.grad_shard.numel() * 4 for sp in self.spaces)
+        grads += sum(p.grad.numel() * p.grad.element_size() for sp in self.spaces for p in sp.params if p.grad is not None)
+        if self.buckets is not None:
+            grads += self.buckets.live_bytes()
+        return {
+            "param_bytes": sum(sp.flat.numel() * sp.flat.element_size() for sp in self.spaces),
+            "grad_bytes": grads,
+            "state_bytes": sum(sp.moments.nbytes() for sp in self.spaces),
+            "master_bytes": sum(sp.master.nbytes() for sp in self.spaces),
+        }
+
+    # ---------------------------------------------------------------- state dicts
+    def _gather(self, t: torch.Tensor, numel_full: int) -> torch.Tensor:
+        """All shards of a state tensor, concatenated (collective)."""
+        if self.group.world == 1:
+            return t
+        src = t.to(self.spaces[0].flat.device) if t.device != self.spaces[0].flat.device else t
+        full = torch.empty(numel_full, dtype=t.dtype, device=src.device)
+        dist.all_gather_into_tensor(full, src.contiguous(), group=self.group.pg)
+        return full
+
+    def full_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Every parameter's whole state entry (collective: every rank gets all of it)."""
+        out: dict[torch.Tensor, dict[str, Any]] = {}
+        for sp in self.spaces:
+            if sp.step == 0:
+                continue
+            W = self.group.world
+            m = {k: self._gather(t, t.numel() * W) for k, t in sp.moments.tensors().items()}
+            full_m = Moments(sp.fmt, m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_scale"), m.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
+            mt = {k: self._gather(t, t.numel() * W) for k, t in sp.master.tensors().items()}
+            full_master = Master(sp.master_kind, fp32=mt.get("master"), residual=mt.get("master_residual"))
+            for p, slot in zip(sp.params, sp.layout.slots):
+                out[p] = entry_of(
+                    sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
+                )
+        return out
+
+    def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+        """Install validated per-parameter entries (any format, any source world size) into the shards."""
+        by_param = {p: (step, entry) for p, _gi, step, entry in checked}
+        staged = []
+        for sp in self.spaces:
+            dev = sp.grad_shard.device
+            full_m = Moments.zeros(sp.fmt, sp.layout.total, dev)  # type: ignore[arg-type]
+            full_master = Master.create(sp.master_kind, sp.flat.to(dev))
+            steps = set()
+            for p, slot in zip(sp.params, sp.layout.slots):
+                if p not in by_param:
+                    continue
+                step, entry = by_param[p]
+                steps.add(step)
+                moments = convert_moments(entry, sp.fmt, slot.numel, dev, step)
+                for k, t in full_m.narrow(slot.start, slot.numel).tensors().items():
+                    t.copy_(moments.tensors()[k])
+                master = convert_master(entry, sp.master_kind, p.detach().reshape(-1).to(dev))
+                for k, t in full_master.narrow(slot.start, slot.numel).tensors().items():
+                    t.copy_(master.tensors()[k])
+            if len(steps) > 1:
+                raise ValueError(
+                    f"ZeroAdam.load_state_dict: parameters of param_groups[{sp.group_index}] have different step "
+                    f"counts {sorted(steps)}; a sharded ZeroAdam steps a whole group together"
+                )
+            shard_m = full_m.narrow(sp.lo, sp.hi - sp.lo)
+            shard_master = full_master.narrow(sp.lo, sp.hi - sp.lo)
+            staged.append((sp, max(steps) if steps else 0, shard_m, shard_master))
+        for sp, step, shard_m, shard_master in staged:
+            for k, t in sp.moments.tensors().items():
+                t.copy_(shard_m.tensors()[k])
+            for k, t in sp.master.tensors().items():
+                t.copy_(shard_master.tensors()[k])
+            sp.step = step
