@@ -69,36 +69,56 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
 
 
+STEPS, MICRO, CLIP = 20, 2, 0.5
+
+
+def suite(rank: int, world: int) -> dict:
+    """Every scenario of one world size in one spawn (starting ranks dominates the cost)."""
+    # A small bucket so stage 2 reduces several buckets per backward.
+    return {
+        "stage1": train_zero(rank, world, 1, "fp32", STEPS, MICRO, CLIP, 3000),
+        "stage2": train_zero(rank, world, 2, "fp32", STEPS, MICRO, CLIP, 3000),
+        "int8": train_zero(rank, world, 2, "int8", 10, 1, None, 3000),
+        "big_bucket": train_zero(rank, world, 2, "fp32", 2, 1, None, 10**9),
+    }
+
+
+_cache: dict[int, list[dict]] = {}
+
+
+def results_for(world: int) -> list[dict]:
+    if world not in _cache:
+        _cache[world] = run_ranks(suite, world)
+    return _cache[world]
+
+
+@pytest.fixture(scope="module")
+def ref() -> list[torch.Tensor]:
+    return reference(STEPS, MICRO, CLIP)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_fp32_matches_adamw_on_global_batch(world: int, stage: int) -> None:
-    steps, micro, clip = 20, 2, 0.5
-    ref = reference(steps, micro, clip)
-    # A small bucket so stage 2 reduces several buckets per backward, out of order across spaces.
-    results = run_ranks(train_zero, world, stage, "fp32", steps, micro, clip, 3000)
+def test_fp32_matches_adamw_on_global_batch(world: int, stage: int, ref: list[torch.Tensor]) -> None:
+    results = [r[f"stage{stage}"] for r in results_for(world)]
     for params, _, _ in results:
         assert rel_err(params, ref) <= 1e-5
-    # Every rank ends with the same parameters.
     for params, _, _ in results[1:]:
-        assert rel_err(params, results[0][0]) == 0.0
+        assert rel_err(params, results[0][0]) == 0.0  # every rank ends with the same parameters
 
 
-def test_int8_same_at_every_world_size() -> None:
-    outs = {w: run_ranks(train_zero, w, 2, "int8", 10, 1, None, 3000)[0][0] for w in (1, 2, 3)}
-    for w in (2, 3):
-        assert rel_err(outs[w], outs[1]) <= 1e-3
+@pytest.mark.parametrize("world", [2, 3])
+def test_int8_same_at_every_world_size(world: int) -> None:
+    one = results_for(1)[0]["int8"][0]
+    assert rel_err(results_for(world)[0]["int8"][0], one) <= 1e-3
 
 
 def test_state_memory_is_sharded_and_comm_matches_theory() -> None:
-    world = 2
-    results = run_ranks(train_zero, world, 2, "fp32", 2, 1, None, 10**9)
-    full = run_ranks(train_zero, 1, 2, "fp32", 2, 1, None, 10**9)
-    # world 1 runs as stage 0: its state is the unsharded reference.
-    full_state = full[0][1]["state_bytes"]
-    n_spaces = 2
-    for _, mem, comm in results:
+    world, n_spaces = 2, 2
+    full_state = results_for(1)[0]["big_bucket"][1]["state_bytes"]  # world 1 runs as stage 0: unsharded
+    psi = sum(p.numel() for p in make_model().parameters())
+    for _, mem, comm in (r["big_bucket"] for r in results_for(world)):
         assert mem["state_bytes"] <= full_state / world + n_spaces * 2 * 256 * 4
-        psi = sum(p.numel() for p in make_model().parameters())
         moved = comm["elements"]["reduce"] + comm["elements"]["all_gather"]
         # 2 Psi elements per step (plus block padding), like DDP's all-reduce.
         assert 2 * psi <= moved <= 2 * psi + 2 * n_spaces * 256 * world
