@@ -67,6 +67,7 @@ class GradBuckets:
                     current, size = [], 0
             if current:
                 self._add(space, current)
+        self.peak_live_bytes = 0  # most bytes of bucket buffers alive at once (full gradients held)
         self._next = 0  # index of the next bucket to launch in this pass
         self._in_pass = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.bucket_of]
@@ -100,6 +101,7 @@ class GradBuckets:
         self._in_pass = True
         b, slot = self.bucket_of[p]
         buf = b.ensure_buffer()
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes())
         buf.narrow(0, slot.start - b.lo, slot.numel).copy_(p.grad.detach().reshape(-1))
         p.grad = None
         b.filled += 1
