@@ -126,7 +126,7 @@ class GradBuckets:
             work.wait()
             if r == self.group.rank:
                 piece = b.buffer.narrow(0, s - b.lo, e - s)
-                b.space.grad_shard.narrow(0, s - lo, e - s).add_(piece.to(b.space.grad_shard.device), alpha=1.0 / self.group.world)
+                b.space.sink.add(s - lo, piece, 1.0 / self.group.world)
         b.handles.clear()
         b.buffer = None
         b.filled = 0
@@ -139,5 +139,7 @@ class GradBuckets:
             self._launch(self._next)
         for b in self.buckets:
             self._complete(b)
+        for space in {id(b.space): b.space for b in self.buckets}.values():
+            space.sink.drain()
         self._next = 0
         self._in_pass = False

@@ -93,7 +93,10 @@ class ZeroAdam(torch.optim.Optimizer):
     # ---------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("ZeroAdam: params must be an ordered collection (a list), not a set; pass list(params)")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}  # a generator is consumed once: keep the list
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"ZeroAdam: params must be tensors, got {type(p).__name__}")
@@ -144,7 +147,7 @@ class ZeroAdam(torch.optim.Optimizer):
         return out
 
     def _init_state(self, p: torch.Tensor) -> ParamState:
-        flat = p.detach().view(-1)
+        flat = p.detach().reshape(-1)
         return ParamState(
             step=0,
             moments=Moments.zeros(self._moment_format(p.numel()), p.numel(), p.device),  # type: ignore[arg-type]
@@ -271,14 +274,20 @@ class ZeroAdam(torch.optim.Optimizer):
                 if offsets is None:
                     offsets = self._layout_offsets(group)
                 st.step += 1
+                # A non-contiguous parameter (channels_last, a transposed view) is updated in a contiguous
+                # copy in its logical order, so its blocks follow the flattened index like every other one.
+                dense = p.is_contiguous()
+                flat = p.detach().view(-1) if dense else p.detach().contiguous().view(-1)
                 run = Run(
-                    param=p.detach().view(-1),
+                    param=flat,
                     grad=p.grad.detach().reshape(-1),
                     moments=st.moments,
                     master=st.master,
                     index_base=offsets[p],
                 )
                 fused_update(run, StepScalars(hyper, st.step, scale, gi), self._backend)
+                if not dense:
+                    p.detach().copy_(flat.view(p.shape))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

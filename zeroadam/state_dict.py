@@ -65,10 +65,11 @@ def _check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
     n = p.numel()
     for key in ("exp_avg", "exp_avg_sq"):
         t = entry[key]
-        if not isinstance(t, torch.Tensor) or t.numel() != n:
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"ZeroAdam.load_state_dict: {where}: '{key}' has shape {got}, but the parameter has {n} elements"
+                f"ZeroAdam.load_state_dict: {where}: '{key}' has shape {got}, but the parameter has shape "
+                f"{tuple(p.shape)}; was this state saved for another model?"
             )
     if fmt == "int8":
         if entry["exp_avg_sq"].dtype != torch.uint8:
@@ -84,8 +85,8 @@ def _check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
         raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg and exp_avg_sq have different dtypes")
     for key, dtype in (("master", torch.float32), ("master_residual", torch.int8)):
         t = entry.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != n or t.dtype != dtype):
-            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{key}' must be {dtype} with {n} elements")
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape) or t.dtype != dtype):
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{key}' must be {dtype} of shape {tuple(p.shape)}")
     step = entry["step"]
     s = float(step) if isinstance(step, (torch.Tensor, int, float)) else None
     if s is None or s < 0 or s != int(s):
@@ -215,7 +216,7 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
 
         new_state = {}
         for p, _gi, step, entry in checked:
-            flat = p.detach().view(-1)
+            flat = p.detach().reshape(-1)
             new_state[p] = ParamState(
                 step=step,
                 moments=convert_moments(entry, opt._moment_format(p.numel()), p.numel(), p.device, step),

@@ -29,6 +29,7 @@ from .collectives import (
 )
 from .fused import Run, StepScalars, fused_update
 from .layout import FlatLayout, group_spaces
+from .offload import HostGradSink, host_buffer
 from .options import GroupHyper, betas_of
 from .state import Master, MasterKind, Moments
 from .state_dict import convert_master, convert_moments, entry_of
@@ -53,6 +54,7 @@ class FlatSpace:
     moments: Moments  # [shard], on the state device
     master: Master  # [shard], on the state device
     param_host: Optional[torch.Tensor]  # 1D [shard] on the host when offloading, else None
+    sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
     step: int = 0
 
     def param_shard(self) -> torch.Tensor:
@@ -149,8 +151,12 @@ class ZeroEngine:
         shard = flat.narrow(0, lo, hi - lo)
         param_host = None
         if self.offload == "cpu" and dev.type != "cpu":
-            param_host = torch.empty(hi - lo, dtype=flat.dtype, pin_memory=pin)
+            param_host = host_buffer(hi - lo, flat.dtype, pin=True)
         kind = opt._master_kind(params[0])
+        if pin:
+            grad_shard = host_buffer(hi - lo, torch.float32, pin=True)
+        else:
+            grad_shard = torch.zeros(hi - lo, dtype=torch.float32, device=state_dev)
         return FlatSpace(
             group_index=gi,
             fmt=fmt,
@@ -160,10 +166,11 @@ class ZeroEngine:
             flat=flat,
             lo=lo,
             hi=hi,
-            grad_shard=torch.zeros(hi - lo, dtype=torch.float32, device=state_dev, pin_memory=pin),
+            grad_shard=grad_shard,
             moments=Moments.zeros(fmt, hi - lo, state_dev, pin=pin),  # type: ignore[arg-type]
             master=Master.create(kind, shard, device=state_dev, pin=pin),
             param_host=param_host,
+            sink=HostGradSink(grad_shard, dev),
         )
 
     # ---------------------------------------------------------------- gradients
@@ -192,7 +199,8 @@ class ZeroEngine:
                 reduce_scatter_avg(self.group, out, full, self.stats)
             else:
                 out = full
-            sp.grad_shard.add_(out.to(sp.grad_shard.device))
+            sp.sink.add(0, out, 1.0)
+            sp.sink.drain()
 
     def ensure_reduced(self) -> None:
         if self._reduced:

@@ -1,0 +1,14 @@
+"""Shared test setup: one intra-op thread, and the same global random state at the start of every test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tests share a 2-core machine with other suites. With 2 threads, 50 fused-AdamW steps on four small tensors took
+# 4.8 s under that load (threads spin waiting for each other), with 1 thread 0.03 s. Results do not depend on it.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,56 @@
+"""offload="cpu": the same numbers as no offload, state on the host (pinned where a GPU makes that possible)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from test_zero import groups, make_model, train_zero
+from zeroadam import ZeroAdam, _compat
+
+
+def offload_pairs(rank: int, world: int) -> dict:
+    out = {}
+    for fmt in ("fp32", "int8"):
+        for stage in ((1, 2) if world > 1 else (0,)):
+            plain = train_zero(rank, world, stage, fmt, 6, 2, 0.5, 3000)[0]
+            out[(fmt, stage)] = (plain, _offload_run(rank, world, stage, fmt))
+    return out
+
+
+def _offload_run(rank: int, world: int, stage: int, fmt: str) -> list[torch.Tensor]:
+    from test_zero import GLOBAL_BATCH, batches
+
+    model = make_model()
+    opt = ZeroAdam(
+        groups(model), lr=1e-2, weight_decay=0.0, state_dtype=fmt, stage=stage, max_grad_norm=0.5,
+        bucket_size=3000, offload="cpu",
+    )
+    assert opt._zero is not None and opt._zero.offload == "cpu"
+    per = GLOBAL_BATCH // world
+    for mbs in batches(6, 2):
+        opt.zero_grad()
+        for x, y in mbs:
+            xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            (torch.nn.functional.mse_loss(model(xs), ys) / 2).backward()
+        opt.step()
+    for sp in opt._zero.spaces:
+        for t in list(sp.moments.tensors().values()) + list(sp.master.tensors().values()) + [sp.grad_shard]:
+            assert t.device.type == "cpu"
+            if _compat.pin_memory_available() and sp.flat.device.type == "cuda":
+                assert t.is_pinned()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_offload_equals_no_offload(world: int) -> None:
+    results = run_ranks(offload_pairs, world)
+    for res in results:
+        for (fmt, stage), (plain, off) in res.items():
+            for a, b in zip(off, plain):
+                assert float((a - b).norm() / b.norm()) <= 1e-6, (fmt, stage)
+
+
+def test_offload_rejects_unknown_device() -> None:
+    with pytest.raises(ValueError, match="offload"):
+        ZeroAdam(make_model().parameters(), offload="nvme")
