@@ -2,6 +2,7 @@
 from .optimizer import ZeroAdam
 from .options import BLOCK_SIZE, MIN_QUANT_NUMEL
 from .reference import adamw_reference
+from .sharded_model import full_state_dict, shard_model
 
-__all__ = ["ZeroAdam", "adamw_reference", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "__version__"]
+__all__ = ["ZeroAdam", "shard_model", "full_state_dict", "adamw_reference", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "__version__"]
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
 from .options import GroupHyper, betas_of
 from .state import Master, MasterKind, Moments
-from .state_dict import convert_master, convert_moments, entry_of
+from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import ZeroAdam
@@ -83,12 +83,11 @@ class ZeroEngine:
 
     @staticmethod
     def create(opt: "ZeroAdam", process_group: Optional[Any]) -> Optional["ZeroEngine"]:
-        group = Group.resolve(process_group)
         if opt.options.stage == 3:
-            raise ValueError(
-                "ZeroAdam: stage=3 needs the model's parameters sharded too: wrap the model with "
-                "zeroadam.shard_model(model) first (not available in this version); use stage=1 or 2"
-            )
+            from .zero3 import Zero3Engine
+
+            return Zero3Engine.create(opt, process_group)  # type: ignore[return-value]
+        group = Group.resolve(process_group)
         if group.world == 1 and opt.options.offload is None:
             return None  # one rank: stage 0 is the same computation without the flat buffers
         return ZeroEngine(opt, group)
@@ -287,25 +286,43 @@ class ZeroEngine:
         }
 
     # ---------------------------------------------------------------- state dicts
-    def _gather(self, t: torch.Tensor, numel_full: int) -> torch.Tensor:
-        """All shards of a state tensor, concatenated (collective)."""
-        if self.group.world == 1:
-            return t
-        src = t.to(self.spaces[0].flat.device) if t.device != self.spaces[0].flat.device else t
-        full = torch.empty(numel_full, dtype=t.dtype, device=src.device)
-        dist.all_gather_into_tensor(full, src.contiguous(), group=self.group.pg)
+    def _gather_to(self, t: torch.Tensor, to: int) -> Optional[torch.Tensor]:
+        """Every rank's shard of a state tensor, concatenated in CPU memory on rank ``to`` (None elsewhere).
+
+        Point to point, one shard in flight at a time: rank ``to`` never holds the whole state on its accelerator.
+        Collective over the group."""
+        g = self.group
+        comm_dev = self.spaces[0].flat.device  # where the backend takes tensors (NCCL: the GPU)
+        if g.rank != to:
+            dist.send(t.to(comm_dev).contiguous(), dst=g.global_rank(to), group=g.pg)
+            return None
+        n = t.numel()
+        full = torch.empty(n * g.world, dtype=t.dtype)
+        buf = torch.empty(n, dtype=t.dtype, device=comm_dev)
+        for r in range(g.world):
+            if r == to:
+                full.narrow(0, r * n, n).copy_(t)
+            else:
+                dist.recv(buf, src=g.global_rank(r), group=g.pg)
+                full.narrow(0, r * n, n).copy_(buf)
         return full
 
-    def full_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """Every parameter's whole state entry (collective: every rank gets all of it)."""
-        out: dict[torch.Tensor, dict[str, Any]] = {}
+    def full_entries(self, to: int = 0) -> Optional[dict[torch.Tensor, dict[str, Any]]]:
+        """Every parameter's whole state entry on rank ``to`` (CPU tensors; None on the other ranks).
+
+        Collective when the group has more than one rank; with one rank the entries view the live state."""
+        out: Optional[dict[torch.Tensor, dict[str, Any]]] = {} if self.group.rank == to else None
         for sp in self.spaces:
             if sp.step == 0:
                 continue
-            W = self.group.world
-            m = {k: self._gather(t, t.numel() * W) for k, t in sp.moments.tensors().items()}
+            if self.group.world == 1:
+                m, mt = sp.moments.tensors(), sp.master.tensors()
+            else:
+                m = {k: self._gather_to(t, to) for k, t in sp.moments.tensors().items()}
+                mt = {k: self._gather_to(t, to) for k, t in sp.master.tensors().items()}
+            if out is None:
+                continue
             full_m = Moments(sp.fmt, m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_scale"), m.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
-            mt = {k: self._gather(t, t.numel() * W) for k, t in sp.master.tensors().items()}
             full_master = Master(sp.master_kind, fp32=mt.get("master"), residual=mt.get("master_residual"))
             for p, slot in zip(sp.params, sp.layout.slots):
                 out[p] = entry_of(
@@ -313,33 +330,55 @@ class ZeroEngine:
                 )
         return out
 
+    def shard_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """This rank's shard entry of every parameter with state: the elements inside [lo, hi), views of the live
+        state (no communication). A parameter outside the shard gets an empty piece, which still carries its step
+        (see [Note: full state and shards] in state_dict.py)."""
+        out: dict[torch.Tensor, dict[str, Any]] = {}
+        for sp in self.spaces:
+            if sp.step == 0:
+                continue
+            for p, slot in zip(sp.params, sp.layout.slots):
+                a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+                if a >= b:
+                    a = b = sp.lo  # an empty piece
+                    start = 0
+                else:
+                    start = a - slot.start
+                out[p] = piece_entry(
+                    sp.step, sp.moments.narrow(a - sp.lo, b - a), sp.master.narrow(a - sp.lo, b - a), start, start + b - a
+                )
+        return out
+
     def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
-        """Install validated per-parameter entries (any format, any source world size) into the shards."""
+        """Install validated per-parameter entries (whole, or shard entries that cover this rank's elements; any
+        format, any source world size) into the shards. Only shard-sized buffers are built; nothing changes until
+        every space is staged."""
         by_param = {p: (step, entry) for p, _gi, step, entry in checked}
         staged = []
         for sp in self.spaces:
             dev = sp.grad_shard.device
-            full_m = Moments.zeros(sp.fmt, sp.layout.total, dev)  # type: ignore[arg-type]
-            full_master = Master.create(sp.master_kind, sp.flat.to(dev))
+            shard_m = Moments.zeros(sp.fmt, sp.hi - sp.lo, dev)  # type: ignore[arg-type]
+            shard_master = Master.create(sp.master_kind, sp.param_shard().to(dev))
             steps = set()
             for p, slot in zip(sp.params, sp.layout.slots):
                 if p not in by_param:
                     continue
                 step, entry = by_param[p]
                 steps.add(step)
-                moments = convert_moments(entry, sp.fmt, slot.numel, dev, step)
-                for k, t in full_m.narrow(slot.start, slot.numel).tensors().items():
+                a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+                if a >= b:
+                    continue
+                piece = entry_piece(entry, a - slot.start, b - slot.start, slot.numel)
+                moments = convert_moments(piece, sp.fmt, b - a, dev, step, index_base=a - slot.start)
+                for k, t in shard_m.narrow(a - sp.lo, b - a).tensors().items():
                     t.copy_(moments.tensors()[k])
-                master = convert_master(entry, sp.master_kind, p.detach().reshape(-1).to(dev))
-                for k, t in full_master.narrow(slot.start, slot.numel).tensors().items():
+                param_piece = p.detach().reshape(-1).narrow(0, a - slot.start, b - a).to(dev)
+                master = convert_master(piece, sp.master_kind, param_piece)
+                for k, t in shard_master.narrow(a - sp.lo, b - a).tensors().items():
                     t.copy_(master.tensors()[k])
-            if len(steps) > 1:
-                raise ValueError(
-                    f"ZeroAdam.load_state_dict: parameters of param_groups[{sp.group_index}] have different step "
-                    f"counts {sorted(steps)}; a sharded ZeroAdam steps a whole group together"
-                )
-            shard_m = full_m.narrow(sp.lo, sp.hi - sp.lo)
-            shard_master = full_master.narrow(sp.lo, sp.hi - sp.lo)
+            # validate_state_dict already refused a group with different step counts.
+            assert len(steps) <= 1, steps
             staged.append((sp, max(steps) if steps else 0, shard_m, shard_master))
         for sp, step, shard_m, shard_master in staged:
             for k, t in sp.moments.tensors().items():

@@ -1,0 +1,514 @@
+"""ZeRO stage 3: a model's parameters sharded across ranks, gathered per unit just in time.
+
+``shard_model(model)`` splits the model into *units* (by default each transformer block, plus the root for the
+rest). Each unit's parameters of one dtype are laid out in a block-aligned flat buffer (``FlatLayout``) and only
+this rank's shard of it is kept. Parameters stay the same ``nn.Parameter`` objects with the same names and
+shapes; they are views into the unit's full buffer, whose storage is released (resized to zero bytes) whenever
+the unit is not in use.
+
+[Note: stage-3 schedule]
+* forward pre-hook: all-gather the unit (waiting for a prefetch if one is in flight), then start gathering the
+  next ``prefetch`` units of the recorded forward order;
+* forward post-hook: release the unit when ``reshard_after_forward`` (the root stays until backward ends), and
+  hook the unit's outputs so that their gradient re-gathers the unit before its backward runs;
+* post-accumulate-grad hooks: copy each gradient into the unit's fp32 gradient buffer and free ``p.grad``; when
+  the unit is complete, reduce-scatter it into the fp32 gradient shard and release the unit again;
+* end of backward: reduce-scatter whatever is left (zeros for parameters without gradient) and release all.
+Reduce-scatters are issued in one fixed order (the reverse of the forward order), each deferred until its
+predecessors have gone, and on a process group of their own, so gathers and reductions can never be matched
+against each other even when ranks' graphs differ (see [Note: collective order] in buckets.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .collectives import CommStats, Group
+from .layout import FlatLayout
+
+__all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
+
+# Transformer blocks of torch and of common Hugging Face models, matched by class name so that no optional
+# package has to be imported.
+DEFAULT_UNIT_CLASS_NAMES = frozenset(
+    {
+        "TransformerEncoderLayer",
+        "TransformerDecoderLayer",
+        "GPT2Block",
+        "GPTNeoBlock",
+        "GPTJBlock",
+        "GPTNeoXLayer",
+        "LlamaDecoderLayer",
+        "MistralDecoderLayer",
+        "MixtralDecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+        "GemmaDecoderLayer",
+        "Gemma2DecoderLayer",
+        "PhiDecoderLayer",
+        "Phi3DecoderLayer",
+        "OPTDecoderLayer",
+        "BloomBlock",
+        "FalconDecoderLayer",
+        "BertLayer",
+        "RobertaLayer",
+        "T5Block",
+        "ViTLayer",
+        "Block",
+    }
+)
+_SIZE_THRESHOLD = 50_000_000  # a module with at least this many parameters becomes a unit of its own
+
+UnitPolicy = Union[None, Sequence[type], Callable[[str, nn.Module], bool]]
+
+
+@dataclass(eq=False)
+class UnitFlat:
+    """One dtype's parameters of one unit: the persistent shard and the releasable full buffer."""
+
+    params: list[nn.Parameter]
+    layout: FlatLayout
+    shard: torch.Tensor  # 1D [layout.shard], parameter dtype: what this rank stores between uses
+    full: torch.Tensor  # 1D [layout.total]; storage resized to 0 bytes while released; parameters view it
+    grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] fp32 while backward collects gradients
+    grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] fp32: averaged gradients for the optimizer
+    filled: int = 0
+
+    @property
+    def full_bytes(self) -> int:
+        return self.layout.total * self.full.element_size()
+
+    def is_materialized(self) -> bool:
+        return self.full.untyped_storage().nbytes() > 0
+
+    def materialize(self) -> None:
+        if not self.is_materialized():
+            self.full.untyped_storage().resize_(self.full_bytes)
+
+    def release(self) -> None:
+        self.full.untyped_storage().resize_(0)
+
+
+@dataclass(eq=False)
+class Unit:
+    index: int
+    name: str
+    module: nn.Module
+    flats: list[UnitFlat]
+    gathered: bool = False
+    handles: list[Any] = field(default_factory=list)
+    reduced: bool = False
+
+    @property
+    def numel(self) -> int:
+        return sum(len(f.params) for f in self.flats)
+
+    @property
+    def grad_params(self) -> int:
+        return sum(1 for f in self.flats for p in f.params if p.requires_grad)
+
+
+class ShardedModel:
+    """The stage-3 state of one model (attached to it as ``model._zeroadam_sharded``)."""
+
+    def __init__(self, model: nn.Module, group: Group, units: list[Unit], reshard_after_forward: bool, prefetch: int):
+        self.model = model
+        self.group = group
+        # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
+        self.grad_pg = dist.new_group(dist.get_process_group_ranks(group.pg)) if group.world > 1 else None
+        self.units = units
+        self.root = units[-1]
+        self.reshard_after_forward = reshard_after_forward
+        self.prefetch = prefetch
+        self.stats = CommStats(group.world)
+        self.sync = True
+        self.forward_order: list[Unit] = []
+        self._last_forward_order: list[Unit] = []
+        self._in_backward = False
+        self._rs_order: list[Unit] = []
+        self._rs_next = 0
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
+        self.unit_of: dict[nn.Parameter, tuple[Unit, UnitFlat, int]] = {}
+        for u in units:
+            for f in u.flats:
+                for i, p in enumerate(f.params):
+                    self.unit_of[p] = (u, f, i)
+        self._hooks: list[Any] = []
+        for u in units:
+            self._hooks.append(u.module.register_forward_pre_hook(self._make_pre_forward(u)))
+            self._hooks.append(u.module.register_forward_hook(self._make_post_forward(u)))
+        for p in self.unit_of:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    # ---------------------------------------------------------------- gather / release
+    def _start_gather(self, u: Unit) -> None:
+        if u.gathered or u.handles:
+            return
+        for f in u.flats:
+            was = f.is_materialized()
+            f.materialize()
+            if not was:
+                self.live_bytes += f.full_bytes
+            if self.group.world > 1:
+                self.stats.add("all_gather", f.full)
+                u.handles.append(dist.all_gather_into_tensor(f.full, f.shard, group=self.group.pg, async_op=True))
+            else:
+                f.full.copy_(f.shard)
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+
+    def gather(self, u: Unit) -> None:
+        self._start_gather(u)
+        for h in u.handles:
+            h.wait()
+        u.handles.clear()
+        u.gathered = True
+
+    def release(self, u: Unit) -> None:
+        if u.handles:
+            self.gather(u)  # never free a buffer a collective is still writing
+        for f in u.flats:
+            if f.is_materialized():
+                self.live_bytes -= f.full_bytes
+            f.release()
+        u.gathered = False
+
+    def _prefetch_after(self, u: Unit, order: list[Unit]) -> None:
+        if u not in order:
+            return
+        i = order.index(u)
+        for nxt in order[i + 1 : i + 1 + self.prefetch]:
+            self._start_gather(nxt)
+
+    # ---------------------------------------------------------------- forward
+    def _make_pre_forward(self, u: Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if u is self.root and not self._in_backward:
+                self._last_forward_order = self.forward_order or self._last_forward_order
+                self.forward_order = []
+            if not self._in_backward and u not in self.forward_order:
+                self.forward_order.append(u)
+            self.gather(u)
+            self._prefetch_after(u, self._last_forward_order)
+
+        return hook
+
+    def _make_post_forward(self, u: Unit) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self.reshard_after_forward and u is not self.root and not self._in_backward:
+                self.release(u)
+            if torch.is_grad_enabled():
+                for t in pytree.tree_leaves(output):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(self._make_pre_backward(u))
+            return output
+
+        return hook
+
+    # ---------------------------------------------------------------- backward
+    def _make_pre_backward(self, u: Unit) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if not self._in_backward:
+                self._begin_backward()
+            if not u.gathered:
+                self.gather(u)
+                self._prefetch_after(u, list(reversed(self.forward_order)))
+
+        return hook
+
+    def _begin_backward(self) -> None:
+        self._in_backward = True
+        seen = list(reversed(self.forward_order))
+        self._rs_order = seen + [u for u in self.units if u not in seen]
+        self._rs_next = 0
+        for u in self.units:
+            u.reduced = False
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self.sync or p.grad is None:
+            return
+        if not self._in_backward:
+            self._begin_backward()
+        u, f, i = self.unit_of[p]  # type: ignore[index]
+        if f.grad_full is None:
+            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+        slot = f.layout.slots[i]
+        f.grad_full.narrow(0, slot.start, slot.numel).copy_(p.grad.detach().reshape(-1))
+        p.grad = None
+        f.filled += 1
+        self._launch_ready()
+
+    def _complete(self, u: Unit) -> bool:
+        return sum(f.filled for f in u.flats) >= u.grad_params
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self._rs_next < len(self._rs_order):
+            u = self._rs_order[self._rs_next]
+            if not (force or self._complete(u)):
+                return
+            self._reduce(u)
+            self._rs_next += 1
+
+    def _reduce(self, u: Unit) -> None:
+        """Average the unit's gradients into its shards, then release its parameters."""
+        for f in u.flats:
+            if f.grad_full is None:
+                f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+            if f.grad_shard is None:
+                f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
+            out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
+            if self.group.world > 1:
+                self.stats.add("reduce_scatter", f.grad_full)
+                dist.reduce_scatter_tensor(out, f.grad_full, op=dist.ReduceOp.SUM, group=self.grad_pg)
+                f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+            else:
+                f.grad_shard.add_(f.grad_full)
+            f.grad_full = None
+            f.filled = 0
+        u.reduced = True
+        if u is not self.root:
+            self.release(u)
+
+    def _end_backward(self) -> None:
+        self._launch_ready(force=True)
+        for u in self.units:
+            self.release(u)
+        self._in_backward = False
+
+    # ---------------------------------------------------------------- state
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def full_flat(self, f: UnitFlat) -> torch.Tensor:
+        """The whole flat buffer of one unit dtype (collective), without touching the parameters' storage."""
+        if self.group.world == 1:
+            return f.shard
+        full = torch.empty(f.layout.total, dtype=f.shard.dtype, device=f.shard.device)
+        dist.all_gather_into_tensor(full, f.shard, group=self.group.pg)
+        return full
+
+
+# -------------------------------------------------------------------- construction
+def _is_unit(name: str, module: nn.Module, policy: UnitPolicy) -> bool:
+    if policy is None:
+        if type(module).__name__ in DEFAULT_UNIT_CLASS_NAMES:
+            return True
+        return sum(p.numel() for p in module.parameters()) >= _SIZE_THRESHOLD and any(True for _ in module.children())
+    if callable(policy) and not isinstance(policy, (list, tuple)):
+        return bool(policy(name, module))
+    return isinstance(module, tuple(policy))
+
+
+def _assign_units(model: nn.Module, policy: UnitPolicy) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
+    """(name, module, own parameters) per unit, the root last; a parameter used by several units goes to the root."""
+    unit_modules: list[tuple[str, nn.Module]] = []
+    claimed: set[int] = set()
+    for name, m in model.named_modules():
+        if m is model or any(name.startswith(n + ".") for n, _ in unit_modules):
+            continue
+        if _is_unit(name, m, policy):
+            unit_modules.append((name, m))
+    if policy is not None and not unit_modules:
+        raise ValueError(
+            f"zeroadam.shard_model: units={policy!r} selects no module of {type(model).__name__}; pass the classes "
+            "of its blocks (for example units=[MyBlock]) or a predicate (name, module) -> bool"
+        )
+    owners: dict[nn.Parameter, set[int]] = {}
+    for ui, (_, m) in enumerate(unit_modules):
+        for p in m.parameters():
+            owners.setdefault(p, set()).add(ui)
+    out = []
+    for ui, (name, m) in enumerate(unit_modules):
+        own = [p for p in m.parameters() if owners[p] == {ui}]
+        claimed.update(id(p) for p in own)
+        out.append((name, m, own))
+    rest = [p for p in model.parameters() if id(p) not in claimed]
+    out.append(("", model, rest))
+    return out
+
+
+def _build_flats(
+    params: list[nn.Parameter],
+    group: Group,
+    device: torch.device,
+    fill: Callable[[list[nn.Parameter], FlatLayout, torch.Tensor], None],
+    rebound: dict[nn.Parameter, nn.Parameter],
+) -> list[UnitFlat]:
+    """Flat buffers per dtype: parameters become views of the full buffer, ``fill`` writes their values, this rank
+    keeps its shard and the full buffer is released. A meta parameter cannot view real memory, so it is replaced
+    by a new Parameter (recorded in ``rebound``) that ``_rebind`` installs in every module that held it."""
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    flats = []
+    for dtype, ps in by_dtype.items():
+        layout = FlatLayout.build(ps, group.world)
+        full = torch.zeros(layout.total, dtype=dtype, device=device)
+        views = [full.narrow(0, s.start, s.numel).view(s.shape) for s in layout.slots]
+        live = []
+        with torch.no_grad():
+            for p, v in zip(ps, views):
+                if not p.is_meta:
+                    v.copy_(p.detach())
+                if p.is_meta:
+                    rebound[p] = nn.Parameter(v, requires_grad=p.requires_grad)
+                    live.append(rebound[p])
+                else:
+                    p.data = v
+                    live.append(p)
+            fill(live, layout, full)
+            if group.world > 1:
+                # Like DDP: every rank starts from rank 0's values (and rank 0 alone read a state dict).
+                dist.broadcast(full, src=group.global_rank(0), group=group.pg)
+        lo, hi = layout.shard_range(group.rank)
+        f = UnitFlat(live, layout, full.narrow(0, lo, hi - lo).clone(), full)
+        f.release()
+        flats.append(f)
+    return flats
+
+
+def _rebind(model: nn.Module, rebound: dict[nn.Parameter, nn.Parameter]) -> None:
+    for m in model.modules():
+        for name, q in list(m._parameters.items()):
+            if q is not None and q in rebound:
+                m._parameters[name] = rebound[q]
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    process_group: Optional[Any] = None,
+    units: UnitPolicy = None,
+    reshard_after_forward: bool = True,
+    prefetch: int = 1,
+    device: Optional[Union[str, torch.device]] = None,
+    full_state_dict: Optional[dict[str, torch.Tensor]] = None,
+    init_fn: Optional[Callable[[nn.Module], None]] = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Shard a model's parameters across the ranks of ``process_group`` (ZeRO stage 3), in place.
+
+    Every parameter keeps its name, shape and identity, so param groups built by name or dimension keep working;
+    build ``ZeroAdam(model.parameters(), stage=3)`` afterwards. Units: ``units=None`` picks transformer blocks of
+    torch and Hugging Face models (and any module of >= 50M parameters), or pass classes or a predicate
+    ``(name, module) -> bool``; the root unit holds the rest.
+
+    A model built on the meta device is materialized unit by unit on ``device``, never whole: from
+    ``full_state_dict`` given on rank 0 (the other ranks pass None), or by ``init_fn(submodule)`` applied to every
+    submodule of each unit under ``torch.manual_seed(seed + unit index)`` on every rank.
+    """
+    if hasattr(model, "_zeroadam_sharded"):
+        raise ValueError("zeroadam.shard_model: this model is already sharded")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"zeroadam.shard_model: invalid prefetch={prefetch!r}; expected an integer >= 0")
+    group = Group.resolve(process_group)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and device is None:
+        raise ValueError("zeroadam.shard_model: the model is on the meta device; pass device= to materialize it on")
+    target = torch.device(device) if device is not None else next(model.parameters()).device
+    source = "params"
+    if on_meta:
+        has_sd = [full_state_dict is not None]
+        if group.world > 1:
+            dist.broadcast_object_list(has_sd, src=group.global_rank(0), group=group.pg)
+        if has_sd[0]:
+            source = "state_dict"
+        elif init_fn is not None:
+            source = "init_fn"
+        else:
+            raise ValueError(
+                "zeroadam.shard_model: a meta-device model needs full_state_dict= (on rank 0) or init_fn= to "
+                "initialize its parameters"
+            )
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    built: list[Unit] = []
+    assigned = _assign_units(model, units)
+    rebound: dict[nn.Parameter, nn.Parameter] = {}
+    for ui, (uname, module, own) in enumerate(assigned):
+        def fill(ps: list[nn.Parameter], layout: FlatLayout, full: torch.Tensor, ui: int = ui, module: nn.Module = module, own: list = own) -> None:
+            originals = [p for p in own if p.dtype == full.dtype]
+            if source == "params":
+                return  # _build_flats copied the parameters' values before they became views
+            if source == "state_dict":
+                if group.rank == 0:
+                    for p, slot in zip(originals, layout.slots):
+                        if names[p] not in full_state_dict:  # type: ignore[operator]
+                            raise KeyError(f"zeroadam.shard_model: full_state_dict has no entry {names[p]!r}")
+                        full.narrow(0, slot.start, slot.numel).copy_(full_state_dict[names[p]].reshape(-1))  # type: ignore[index]
+                return
+            torch.manual_seed(seed + ui)
+            live = {id(p) for p in ps}
+            swapped = []
+            for sub in module.modules():
+                for n, q in list(sub._parameters.items()):
+                    if q is not None and q in rebound and id(rebound[q]) in live:
+                        sub._parameters[n] = rebound[q]
+                        swapped.append(sub)
+            for sub in module.modules():
+                if sub in swapped or any(id(q) in live for q in sub.parameters(recurse=False)):
+                    init_fn(sub)  # type: ignore[misc]
+
+        flats = _build_flats(own, group, target, fill, rebound)
+        built.append(Unit(ui, uname or "<root>", module, flats))
+    _rebind(model, rebound)
+    if on_meta:
+        _materialize_buffers(model, target, full_state_dict if source == "state_dict" else None, group)
+    sharded = ShardedModel(model, group, built, reshard_after_forward, prefetch)
+    model._zeroadam_sharded = sharded  # type: ignore[assignment]
+    for p in sharded.unit_of:
+        p._zeroadam_sharded = sharded  # how ZeroAdam(stage=3) finds the shards of the parameters it is given
+    return model
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device, sd: Optional[dict[str, torch.Tensor]], group: Group) -> None:
+    for mname, m in model.named_modules():
+        for bname, b in list(m._buffers.items()):
+            if b is None or not b.is_meta:
+                continue
+            key = f"{mname}.{bname}" if mname else bname
+            nb = torch.zeros(b.shape, dtype=b.dtype, device=device)
+            if sd is not None and group.rank == 0 and key in sd:
+                nb.copy_(sd[key])
+            if group.world > 1:
+                dist.broadcast(nb, src=group.global_rank(0), group=group.pg)
+            m._buffers[bname] = nb
+
+
+def sharded_state(model: nn.Module) -> ShardedModel:
+    st = getattr(model, "_zeroadam_sharded", None)
+    if st is None:
+        raise ValueError(
+            f"zeroadam: {type(model).__name__} is not sharded; call zeroadam.shard_model(model) first "
+            "(for an unsharded model use model.state_dict())"
+        )
+    return st
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on the CPU, keys as ``model.state_dict()`` (collective on every rank).
+
+    With ``rank0_only`` the other ranks get an empty dict.
+    """
+    st = sharded_state(model)
+    out: dict[str, torch.Tensor] = {}
+    keep = not rank0_only or st.group.rank == 0
+    seen: dict[nn.Parameter, torch.Tensor] = {}
+    for u in st.units:
+        for f in u.flats:
+            full = st.full_flat(f)
+            for p, slot in zip(f.params, f.layout.slots):
+                seen[p] = full.narrow(0, slot.start, slot.numel).view(slot.shape).cpu().clone()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not keep:
+            continue
+        out[name] = seen[t] if t in seen else t.detach().cpu().clone()
+    return out

@@ -1,0 +1,252 @@
+"""The optimizer side of ZeRO stage 3: state for the pieces of parameters that this rank's unit shards hold.
+
+``shard_model`` (``sharded_model.py``) owns the parameter shards and fills an fp32 gradient shard per unit flat
+during backward. Here each parameter's local piece — its intersection with this rank's shard, block-aligned —
+gets moments and master storage in the parameter's own format, and is updated in place in the shard with the
+fused kernel. No all-gather follows the step: the next forward gathers the updated shards. Communication per
+step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a reduce-scatter of gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from . import quant
+from .collectives import Group, all_gather_objects, all_reduce_sum
+from .fused import Run, StepScalars, fused_update
+from .options import BLOCK_SIZE, GroupHyper, betas_of
+from .sharded_model import ShardedModel, UnitFlat
+from .state import Master, Moments
+from .state_dict import convert_master, convert_moments, entry_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import ZeroAdam
+
+__all__ = ["Zero3Engine", "Piece"]
+
+
+@dataclass(eq=False)
+class Piece:
+    """This rank's part of one parameter: elements [start, start + numel) of its flattened value."""
+
+    param: torch.nn.Parameter
+    group_index: int
+    flat: UnitFlat
+    offset: int  # position of the piece in flat.shard
+    start: int  # position of the piece in the parameter (a block boundary)
+    numel: int
+    index_base: int  # hash index of element 0 (see [Note: stochastic rounding])
+    moments: Moments
+    master: Master
+    param_host: Optional[torch.Tensor] = None  # 1D [numel] host copy when offloading from a GPU
+    step: int = 0
+
+    def param_view(self) -> torch.Tensor:
+        return self.flat.shard.narrow(0, self.offset, self.numel)
+
+
+def narrow_entry(entry: dict[str, Any], start: int, numel: int) -> dict[str, Any]:
+    """The part [start, start + numel) of a whole-parameter state entry, flattened (start on a block)."""
+    out: dict[str, Any] = {"step": entry["step"]}
+    b0, nb = start // BLOCK_SIZE, quant.num_blocks(numel)
+    for k, t in entry.items():
+        if k == "step":
+            continue
+        if k.endswith("_scale"):
+            out[k] = t.reshape(-1).narrow(0, b0, nb)
+        else:
+            out[k] = t.reshape(-1).narrow(0, start, numel)
+    return out
+
+
+class Zero3Engine:
+    def __init__(self, opt: "ZeroAdam", sharded: ShardedModel) -> None:
+        self.opt = opt
+        self.sharded = sharded
+        self.group: Group = sharded.group
+        self.offload = opt.options.offload
+        self._last_stats: dict[str, Any] = sharded.stats.snapshot()
+        self.pieces: list[Piece] = []
+        self.flats: list[UnitFlat] = [f for u in sharded.units for f in u.flats]
+        state_dev = torch.device("cpu") if self.offload == "cpu" else None
+        for gi, group in enumerate(opt.param_groups):
+            offsets = opt._layout_offsets(group)
+            for p in group["params"]:
+                u, f, i = sharded.unit_of[p]
+                slot = f.layout.slots[i]
+                lo, hi = f.layout.shard_range(self.group.rank)
+                a, b = max(slot.start, lo), min(slot.end, hi)
+                if a >= b:
+                    continue
+                view = f.shard.narrow(0, a - lo, b - a)
+                dev = state_dev or view.device
+                host = None
+                if self.offload == "cpu" and view.device.type != "cpu":
+                    host = torch.empty(b - a, dtype=view.dtype, pin_memory=True)
+                self.pieces.append(
+                    Piece(
+                        param=p,
+                        group_index=gi,
+                        flat=f,
+                        offset=a - lo,
+                        start=a - slot.start,
+                        numel=b - a,
+                        index_base=offsets[p] + (a - slot.start),
+                        moments=Moments.zeros(opt._moment_format(p.numel()), b - a, dev),  # type: ignore[arg-type]
+                        master=Master.create(opt._master_kind(p), view, device=dev),
+                        param_host=host,
+                    )
+                )
+
+    @staticmethod
+    def create(opt: "ZeroAdam", process_group: Optional[Any]) -> "Zero3Engine":
+        params = [p for g in opt.param_groups for p in g["params"]]
+        owners = {getattr(p, "_zeroadam_sharded", None) for p in params}
+        if None in owners or len(owners) != 1:
+            raise ValueError(
+                "ZeroAdam: stage=3 needs parameters of a model sharded by zeroadam.shard_model(model); "
+                "call it before building the optimizer (or use stage=1 or 2)"
+            )
+        sharded: ShardedModel = owners.pop()  # type: ignore[assignment]
+        if process_group is not None and process_group is not sharded.group.pg:
+            raise ValueError(
+                "ZeroAdam: stage=3 uses the process group the model was sharded with; pass the same "
+                "process_group to shard_model and ZeroAdam (or none to either)"
+            )
+        return Zero3Engine(opt, sharded)
+
+    # ---------------------------------------------------------------- gradients
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        old = self.sharded.sync
+        self.sharded.sync = False
+        try:
+            yield
+        finally:
+            self.sharded.sync = old
+
+    def _grad_of(self, piece: Piece) -> torch.Tensor:
+        g = piece.flat.grad_shard
+        if g is None:
+            return torch.zeros(piece.numel, dtype=torch.float32, device=piece.flat.shard.device)
+        return g.narrow(0, piece.offset, piece.numel)
+
+    def before_step(self) -> None:
+        leftover = [p for p in self.sharded.unit_of if p.grad is not None]
+        if leftover:
+            raise RuntimeError(
+                "ZeroAdam(stage=3): parameters still hold local gradients from backward passes run under "
+                "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced"
+            )
+
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
+        for f in self.flats:
+            if f.grad_shard is not None:
+                total += torch.dot(f.grad_shard, f.grad_shard)
+        return total
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self.group, t, self.sharded.stats)
+
+    # ---------------------------------------------------------------- step
+    def step(self, scale: float) -> None:
+        opt = self.opt
+        for piece in self.pieces:
+            group = opt.param_groups[piece.group_index]
+            b1, b2 = betas_of(group["betas"])
+            hyper = GroupHyper(
+                lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
+            )
+            piece.step += 1
+            view = piece.param_view()
+            param = view if piece.param_host is None else piece.param_host.copy_(view)
+            grad = self._grad_of(piece)
+            if piece.moments.exp_avg.device != grad.device:
+                grad = grad.to(piece.moments.exp_avg.device)
+            run = Run(param=param, grad=grad, moments=piece.moments, master=piece.master, index_base=piece.index_base)
+            fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), opt._backend)
+            if piece.param_host is not None:
+                view.copy_(piece.param_host, non_blocking=True)
+        self._end_step()
+
+    def _clear_grads(self) -> None:
+        for f in self.flats:
+            if f.grad_shard is not None:
+                f.grad_shard.zero_()
+
+    def _end_step(self) -> None:
+        self._clear_grads()
+        self._last_stats = self.sharded.stats.snapshot()
+        self.sharded.stats.reset()
+
+    def after_skip(self) -> None:
+        self._end_step()
+
+    def zero_grad(self) -> None:
+        self._clear_grads()
+
+    # ---------------------------------------------------------------- introspection
+    def comm_stats(self) -> dict[str, Any]:
+        return self._last_stats
+
+    def memory_stats(self) -> dict[str, int]:
+        st = self.sharded
+        grads = sum(f.grad_shard.numel() * 4 for f in self.flats if f.grad_shard is not None)
+        grads += sum(f.grad_full.numel() * 4 for f in self.flats if f.grad_full is not None)
+        grads += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
+        return {
+            "param_bytes": sum(f.shard.numel() * f.shard.element_size() for f in self.flats) + st.live_bytes,
+            "grad_bytes": grads,
+            "state_bytes": sum(pc.moments.nbytes() for pc in self.pieces),
+            "master_bytes": sum(pc.master.nbytes() for pc in self.pieces),
+        }
+
+    # ---------------------------------------------------------------- state dicts
+    def full_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Every parameter's whole state entry (collective: pieces travel as objects to every rank)."""
+        index = {p: i for i, p in enumerate(p for g in self.opt.param_groups for p in g["params"])}
+        mine = [
+            (index[pc.param], pc.start, pc.step, {k: t.cpu() for k, t in {**pc.moments.tensors(), **pc.master.tensors()}.items()})
+            for pc in self.pieces
+            if pc.step > 0
+        ]
+        by_index = {i: p for p, i in index.items()}
+        parts: dict[int, list[tuple[int, int, dict[str, torch.Tensor]]]] = {}
+        for theirs in all_gather_objects(self.group, mine):
+            for i, start, step, tensors in theirs:
+                parts.setdefault(i, []).append((start, step, tensors))
+        out: dict[torch.Tensor, dict[str, Any]] = {}
+        for i, pieces in parts.items():
+            p = by_index[i]
+            pieces.sort(key=lambda x: x[0])
+            keys = pieces[0][2].keys()
+            whole = {k: torch.cat([pt[2][k] for pt in pieces]) for k in keys}
+            fmt = self.opt._moment_format(p.numel())
+            moments = Moments(fmt, whole["exp_avg"], whole["exp_avg_sq"], whole.get("exp_avg_scale"), whole.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
+            master = Master(self.opt._master_kind(p), fp32=whole.get("master"), residual=whole.get("master_residual"))
+            out[p] = entry_of(pieces[0][1], moments, master, p.shape)
+        return out
+
+    def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+        by_param = {p: (step, entry) for p, _gi, step, entry in checked}
+        staged = []
+        for pc in self.pieces:
+            if pc.param not in by_param:
+                staged.append((pc, 0, None, None))
+                continue
+            step, entry = by_param[pc.param]
+            part = narrow_entry(entry, pc.start, pc.numel)
+            dev = pc.moments.exp_avg.device
+            moments = convert_moments(part, pc.moments.fmt, pc.numel, dev, step)
+            master = convert_master(part, pc.master.kind, pc.param_view().to(dev))
+            staged.append((pc, step, moments, master))
+        for pc, step, moments, master in staged:
+            if moments is None:
+                pc.moments = Moments.zeros(pc.moments.fmt, pc.numel, pc.moments.exp_avg.device)  # type: ignore[arg-type]
+            else:
+                pc.moments, pc.master = moments, master
+            pc.step = step
