@@ -15,7 +15,7 @@ gradient instead of leaving a collective unmatched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -53,6 +53,7 @@ class GradBuckets:
         self.group = group
         self.stats = stats
         self.sync = True
+        self.takes_grads: Callable[[], bool] = lambda: True  # False: a DDP wrapper averages p.grad (grad_sync.py)
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
         # Backward visits parameters roughly in reverse order of definition: fill buckets from the end.
@@ -89,7 +90,7 @@ class GradBuckets:
 
     # ---------------------------------------------------------------- backward
     def _on_grad(self, p: torch.Tensor) -> None:
-        if not self.sync or p.grad is None:
+        if not self.sync or p.grad is None or not self.takes_grads():
             return
         if not self._in_pass:
             self._in_pass = True

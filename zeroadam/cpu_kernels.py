@@ -1,17 +1,643 @@
-"""The fast CPU update.
+"""The fast CPU update: a C++ kernel compiled at first use, and the choice between it and torch's kernels.
 
-fp32 moments on an fp32 parameter use torch's fused CPU AdamW kernel (vectorized, multi-threaded). The other
-formats (int8 blocks, bf16 moments, 16-bit parameters with compact or no master) fall back to the torch
-composition until the compiled kernel below is available.
+The kernel makes one pass over memory for every format. OpenMP threads take 256-element blocks; a block's
+gradient (times grad_scale), master values and moments are brought to fp32 (in L1 scratch, or in place where
+they are fp32 already), updated in the reference's operation order, and written back in their formats: int8
+blocks requantized from the block's new absmax, bf16 moments and master-less 16-bit parameters rounded
+stochastically with the bits of ``state.hash_uniform``, compact masters split into a 16-bit value and an int8
+residual. Each format is a small policy struct; a run is one composition of them, chosen once per call.
+
+The C++ source includes no torch header: a plain function over raw pointers, called through ctypes, compiles
+in under 2 s of CPU time where ``torch/extension.h`` alone takes about 40 s on this project's 2-core machines.
+Python checks every tensor (device, dtype, contiguity, length) before it hands over a pointer.
+
+[Note: matching update_torch]
+``update_torch`` is the definition; the kernel repeats its fp32 operations in its order, with FMA exactly
+where torch's vectorized CPU kernels use it (``lerp_`` and ``addcmul_``) and nowhere else (-ffp-contract=off).
+What remains different: torch's CPU ``sqrt`` is not correctly rounded (on torch 2.13 it is 1 ulp off for ~20%
+of inputs), the kernel's is. So fp32 parameters agree to an ulp or two, moments exactly, and an int8 code or
+a 16-bit rounding that lies on a boundary can rarely differ by one step.
+
+When the kernel cannot be built (no compiler, no ninja), ``update_cpu`` warns once and falls back to torch:
+its fused AdamW for plain fp32, ``update_torch`` for everything else.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import platform
+import warnings
+from typing import Callable, Optional
+
 import torch
 
-from . import _compat
+from . import _compat, quant
 from .fused import Run, StepScalars, update_torch
+from .reference import bias_corrections
 
-__all__ = ["update_cpu", "update_fused_fp32"]
+__all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel"]
+
+_CPP_SOURCE = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" {
+// Mirrored field for field by the ctypes structures _RunArgs and _Coefficients in cpu_kernels.py.
+struct ZaRun {
+  int64_t numel;
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  float* exp_avg_scale;     // int8 moments only: [ceil(numel / 256)]
+  float* exp_avg_sq_scale;  // int8 moments only
+  float* master;            // master kind fp32 only
+  int8_t* residual;         // master kind compact only
+  int32_t param_dtype, grad_dtype, moments_format, master_kind;
+  int64_t index_base;
+  uint32_t seed_exp_avg, seed_exp_avg_sq, seed_param;
+  int32_t threads;
+};
+struct ZaCoefficients {  // fp64 as Python computes them; cast to fp32 where torch casts a Python scalar
+  double decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, grad_scale;
+};
+int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* coefficients);
+}
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+// Runs shorter than this stay on the calling thread: an OpenMP fork costs a few us, a block 0.3-1 us.
+constexpr int64_t kParallelBlocks = 64;
+
+enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum MomentsFormat : int32_t { kMomentsFp32 = 0, kMomentsBf16 = 1, kMomentsInt8 = 2 };
+enum MasterKind : int32_t { kMasterParam = 0, kMasterFp32 = 1, kMasterCompact = 2, kMasterNone = 3 };
+
+struct Coef32 {
+  float decay, lerp_coeff, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, grad_scale;
+  // torch's vectorized lerp: fma(w, end - start, start) when |w| < 0.5, else fma(w - 1, end - start, end)
+  bool lerp_small;
+};
+
+// Loops copy n to a local: a store through int8_t* may alias s.n, and a reloaded bound blocks vectorization.
+struct Span {
+  int64_t block, begin, n;  // block index, first element, element count (< 256 only in the last block)
+};
+
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// Storage formats of gradients and parameters. A 16-bit value travels as its bit pattern in a uint32_t:
+// packing to 16-bit lanes only at loads and stores keeps the vectorized loops free of shuffles.
+// round() is torch's fp32 -> 16-bit cast (nearest even).
+struct F32 {
+  using T = float;
+  static inline float load(float f) { return f; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(uint32_t b) { return float_of(b << 16); }
+  static inline uint32_t round(float f) {  // c10::BFloat16
+    const uint32_t u = bits_of(f);
+    return f != f ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  }
+};
+
+// Bit arithmetic rather than F16C's scalar _cvtss_sh: written without branches, GCC vectorizes it (it does not
+// vectorize the intrinsic), and the same code runs on every CPU. Exhaustively checked against torch's casts.
+struct FP16 {
+  using T = uint16_t;
+  static inline float load(uint32_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    const uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);
+    const uint32_t inf_nan = sign | 0x7F800000u | (m << 13);
+    const uint32_t subnormal = sign | bits_of(float(m) * 0x1p-24f);
+    return float_of(e == 0x1F ? inf_nan : (e == 0 ? subnormal : normal));
+  }
+  static inline uint32_t round(float f) {
+    const uint32_t x = bits_of(f), a = x & 0x7FFFFFFFu, sign = (x >> 16) & 0x8000u;
+    // Below 2**-14 the half is subnormal: adding 0.5 rounds |f| to a multiple of 2**-24 in the fp32 adder.
+    const uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+    // Rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even.
+    const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;
+    // NaN; |f| >= 65520 rounds to inf.
+    return sign | (a > 0x7F800000u ? 0x7E00u : (a >= 0x477FF000u ? 0x7C00u : (a < 0x38800000u ? subnormal : normal)));
+  }
+};
+
+// state._mix32 of (element index ^ seed); the index is taken modulo 2**32 as state.hash_uniform does.
+inline uint32_t hash32(uint32_t index, uint32_t seed) {
+  uint32_t x = index ^ seed;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x5BD1E995u;
+  x ^= x >> 16;
+  return x;
+}
+
+// state.hash_uniform: u in [0, 1) from the top 24 bits.
+inline float hash_uniform(uint32_t index, uint32_t seed) {
+  return float(hash32(index, seed) >> 8) * (1.0f / 16777216.0f);
+}
+
+// state.stochastic_round, operation for operation.
+template <class F>
+inline uint32_t stochastic_round(float x, float u) {
+  const float a = std::fabs(x);
+  const uint32_t y0 = F::round(a);
+  const float y0f = F::load(y0);
+  const float err = a - y0f;
+  const uint32_t nb_bits = (err > 0 ? y0 + 1 : (err != 0 ? y0 - 1 : y0)) & 0xFFFFu;
+  const float nb = F::load(nb_bits);
+  const float r = u * std::fabs(nb - y0f) < std::fabs(err) ? nb : y0f;
+  return F::round(std::copysign(r, x));
+}
+
+// stochastic_round of x[0, n) into out, with u = hash_uniform(base + i, seed).
+template <class F>
+void stochastic_round_floats(const float* __restrict__ x, uint16_t* __restrict__ out, int64_t n, uint32_t base,
+                             uint32_t seed) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = uint16_t(stochastic_round<F>(x[i], hash_uniform(base + uint32_t(i), seed)));
+  }
+}
+
+template <class F>
+void stochastic_round_block(const float* __restrict__ x, uint16_t* __restrict__ out, int64_t n, uint32_t base,
+                            uint32_t seed) {
+  stochastic_round_floats<F>(x, out, n, base, seed);
+}
+
+// [Note: bf16 stochastic rounding in integers]
+// For bf16 the float steps of stochastic_round reduce to integers on the fp32 bits A of |x|. Let lo = A >> 16
+// (|x| truncated to bf16), low = A & 0xFFFF (|x| - lo in fp32 ulps of x) and r = hash >> 16. The two
+// candidates lo and lo + 1 lie 65536 ulps apart, so u * |nb - y0| = (hash >> 8) / 256 ulps, and the float
+// test "u * |nb - y0| < |err|" becomes
+//   nearest is lo:      round up to lo + 1  iff  r < low
+//   nearest is lo + 1:  round down to lo    iff  r < 65536 - low.
+// This holds while u * 65536 ulps is exact in fp32 (|x| >= 2**-118) and the nearest value is finite
+// (A < 0x7F7F8000). A block holding any other value (zero aside: it stays zero) is redone by the float steps;
+// the integer form is ~2x faster on the block.
+template <>
+void stochastic_round_block<BF16>(const float* __restrict__ x, uint16_t* __restrict__ out, int64_t n64,
+                                  uint32_t base, uint32_t seed) {
+  const int32_t n = int32_t(n64);  // <= 256; 32-bit lanes vectorize twice as wide as 64-bit ones
+  uint32_t outside = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    const uint32_t bits = bits_of(x[i]), a = bits & 0x7FFFFFFFu, lo = a >> 16, low = a & 0xFFFFu;
+    const uint32_t r = hash32(base + uint32_t(i), seed) >> 16;
+    const bool nearest_hi = low > 0x8000u || (low == 0x8000u && (lo & 1u));
+    const uint32_t up = nearest_hi ? uint32_t(r + low >= 0x10000u) : uint32_t(r < low);
+    out[i] = uint16_t(((bits >> 16) & 0x8000u) | (lo + up));
+    outside |= uint32_t(a >= 0x7F7F8000u) | uint32_t(a < 0x04800000u && low != 0);
+  }
+  if (outside) stochastic_round_floats<BF16>(x, out, n64, base, seed);
+}
+
+// state.ulp_up: the distance from |p| to the next larger 16-bit magnitude.
+template <class F>
+inline float ulp_up(uint32_t p) {
+  const uint32_t a = p & 0x7FFFu;
+  return F::load(a + 1) - F::load(a);
+}
+
+// quant.decode of every code (indexed by the code's byte), so dequantizing is one load and one multiply.
+struct Tables {
+  float exp_avg[256], exp_avg_sq[256];
+  Tables() {
+    for (int k = 0; k < 256; ++k) {
+      const float c = float(int8_t(uint8_t(k)));
+      const float t = std::fabs(c) / 127.0f;
+      exp_avg[k] = (c > 0 ? 1.0f : (c < 0 ? -1.0f : 0.0f)) * (t * t);
+      const float s = float(k) / 255.0f;
+      const float s2 = s * s;
+      exp_avg_sq[k] = s2 * s2;
+    }
+  }
+};
+const Tables kTables;
+
+// ---- gradient: g = grad * grad_scale
+template <class F>
+void load_grad(const ZaRun& r, const Span& s, float scale, float* __restrict__ g) {
+  const auto* src = static_cast<const typename F::T*>(r.grad) + s.begin;
+  for (int64_t i = 0, n = s.n; i < n; ++i) g[i] = F::load(src[i]) * scale;
+}
+
+// ---- master: read gives the fp32 values to update (the storage itself or scratch), write stores them back
+struct MasterParam {  // an fp32 parameter is its own master
+  static float* read(const ZaRun& r, const Span& s, float*) { return static_cast<float*>(r.param) + s.begin; }
+  static void write(const ZaRun&, const Span&, const float*) {}
+};
+
+template <class F>
+struct MasterFp32 {  // an fp32 copy; the 16-bit parameter is its nearest value
+  static float* read(const ZaRun& r, const Span& s, float*) { return r.master + s.begin; }
+  static void write(const ZaRun& r, const Span& s, const float* __restrict__ x) {
+    uint16_t* out = static_cast<uint16_t*>(r.param) + s.begin;
+    for (int64_t i = 0, n = s.n; i < n; ++i) out[i] = uint16_t(F::round(x[i]));
+  }
+};
+
+template <class F>
+struct MasterCompact {  // state.compact_decode / compact_encode
+  static float* read(const ZaRun& r, const Span& s, float* __restrict__ x) {
+    const uint16_t* in = static_cast<const uint16_t*>(r.param) + s.begin;
+    const int8_t* res = r.residual + s.begin;
+    const float inv254 = float(1.0 / 254.0);
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      x[i] = F::load(in[i]) + (float(res[i]) * ulp_up<F>(in[i])) * inv254;
+    }
+    return x;
+  }
+  static void write(const ZaRun& r, const Span& s, const float* __restrict__ x) {
+    uint16_t* out = static_cast<uint16_t*>(r.param) + s.begin;
+    int8_t* res = r.residual + s.begin;
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      const uint32_t q = F::round(x[i]);
+      float c = std::rint((x[i] - F::load(q)) * 254.0f / ulp_up<F>(q));
+      c = c != c ? 0.0f : std::min(std::max(c, -127.0f), 127.0f);
+      out[i] = uint16_t(q);
+      res[i] = int8_t(c);
+    }
+  }
+};
+
+template <class F>
+struct MasterNone {  // the 16-bit parameter alone, rounded stochastically
+  static float* read(const ZaRun& r, const Span& s, float* __restrict__ x) {
+    const uint16_t* in = static_cast<const uint16_t*>(r.param) + s.begin;
+    for (int64_t i = 0, n = s.n; i < n; ++i) x[i] = F::load(in[i]);
+    return x;
+  }
+  static void write(const ZaRun& r, const Span& s, const float* __restrict__ x) {
+    uint16_t* out = static_cast<uint16_t*>(r.param) + s.begin;
+    stochastic_round_block<F>(x, out, s.n, uint32_t(r.index_base + s.begin), r.seed_param);
+  }
+};
+
+// reference.adamw_reference on one element, in its operation order; m and v in, updated m and v out.
+inline float adamw(float g, float x, float& m, float& v, const Coef32& c) {
+  const float xd = x * c.decay;
+  m = std::fma(c.lerp_coeff, g - m, c.lerp_small ? m : g);
+  v = std::fma(c.one_minus_beta2 * g, g, v * c.beta2);
+  const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
+  return xd + (c.step_size * m) / denom;
+}
+
+// ---- moments: update runs adamw over a block, reading and writing the moments in their format
+struct MomentsFp32 {  // in place
+  static void update(const ZaRun& r, const Span& s, const float* __restrict__ g, float* __restrict__ x,
+                     const Coef32& c) {
+    float* __restrict__ m = static_cast<float*>(r.exp_avg) + s.begin;
+    float* __restrict__ v = static_cast<float*>(r.exp_avg_sq) + s.begin;
+    for (int64_t i = 0, n = s.n; i < n; ++i) x[i] = adamw(g[i], x[i], m[i], v[i], c);
+  }
+};
+
+struct MomentsBf16 {  // stochastic rounding on the way out
+  static void update(const ZaRun& r, const Span& s, const float* __restrict__ g, float* __restrict__ x,
+                     const Coef32& c) {
+    uint16_t* bm = static_cast<uint16_t*>(r.exp_avg) + s.begin;
+    uint16_t* bv = static_cast<uint16_t*>(r.exp_avg_sq) + s.begin;
+    alignas(64) float m[kBlock], v[kBlock];
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      m[i] = BF16::load(bm[i]);
+      v[i] = BF16::load(bv[i]);
+      x[i] = adamw(g[i], x[i], m[i], v[i], c);
+    }
+    const uint32_t base = uint32_t(r.index_base + s.begin);
+    stochastic_round_block<BF16>(m, bm, s.n, base, r.seed_exp_avg);
+    stochastic_round_block<BF16>(v, bv, s.n, base, r.seed_exp_avg_sq);
+  }
+};
+
+struct MomentsInt8 {  // quant.dequantize, then quant.quantize from the block's new absmax
+  static void update(const ZaRun& r, const Span& s, const float* __restrict__ g, float* __restrict__ x,
+                     const Coef32& c) {
+    int8_t* cm = static_cast<int8_t*>(r.exp_avg) + s.begin;
+    uint8_t* cv = static_cast<uint8_t*>(r.exp_avg_sq) + s.begin;
+    alignas(64) float m[kBlock], v[kBlock];
+    const float sm = r.exp_avg_scale[s.block], sv = r.exp_avg_sq_scale[s.block];
+    // The lookups get a loop of their own: a table load vectorizes only as a gather, and would hold back the
+    // arithmetic of the loop below.
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      m[i] = kTables.exp_avg[uint8_t(cm[i])] * sm;
+      v[i] = kTables.exp_avg_sq[cv[i]] * sv;
+    }
+    // Non-negative floats order as their bit patterns, and an integer max vectorizes where a float max with
+    // NaN semantics does not; a NaN (bits above inf) wins, as in torch's amax.
+    uint32_t am = 0, av = 0;
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      x[i] = adamw(g[i], x[i], m[i], v[i], c);
+      am = std::max(am, bits_of(m[i]) & 0x7FFFFFFFu);
+      av = std::max(av, bits_of(v[i]) & 0x7FFFFFFFu);
+    }
+    const float scale_m = float_of(am), scale_v = float_of(av);
+    r.exp_avg_scale[s.block] = scale_m;
+    r.exp_avg_sq_scale[s.block] = scale_v;
+    // quant.quantize maps a block whose scale is 0 to y = 0; dividing its zeros by 1 does the same.
+    const float dm = scale_m > 0 ? scale_m : 1.0f, dv = scale_v > 0 ? scale_v : 1.0f;
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      const float y = m[i] / dm;
+      const float q = std::rint(std::sqrt(std::fabs(y)) * 127.0f);
+      cm[i] = int8_t(int32_t(q * (y > 0 ? 1.0f : (y < 0 ? -1.0f : 0.0f))));
+    }
+    for (int64_t i = 0, n = s.n; i < n; ++i) {
+      const float y = v[i] / dv;
+      const float q = std::rint(std::sqrt(std::sqrt(y)) * 255.0f);
+      cv[i] = uint8_t(int32_t(y > 0 ? std::max(q, 1.0f) : q));
+    }
+  }
+};
+
+// A run is a fixed composition of phases, chosen once per call and applied to every block:
+// gradient -> fp32 master value -> AdamW with the moments in their format -> parameter and master written back.
+struct Kernel {
+  void (*load_grad)(const ZaRun&, const Span&, float, float*) = nullptr;
+  float* (*read_master)(const ZaRun&, const Span&, float*) = nullptr;
+  void (*write_master)(const ZaRun&, const Span&, const float*) = nullptr;
+  void (*update_moments)(const ZaRun&, const Span&, const float*, float*, const Coef32&) = nullptr;
+};
+
+template <class M>
+void use_master(Kernel& k) {
+  k.read_master = &M::read;
+  k.write_master = &M::write;
+}
+
+template <class F>
+bool use_master16(Kernel& k, int32_t kind) {
+  switch (kind) {
+    case kMasterFp32: use_master<MasterFp32<F>>(k); return true;
+    case kMasterCompact: use_master<MasterCompact<F>>(k); return true;
+    case kMasterNone: use_master<MasterNone<F>>(k); return true;
+    default: return false;
+  }
+}
+
+// 0, or 1 for a combination of formats that has no kernel (Python checks first; this is the backstop).
+int compose(const ZaRun& r, Kernel& k) {
+  switch (r.grad_dtype) {
+    case kF32: k.load_grad = &load_grad<F32>; break;
+    case kBF16: k.load_grad = &load_grad<BF16>; break;
+    case kF16: k.load_grad = &load_grad<FP16>; break;
+    default: return 1;
+  }
+  bool master_ok = false;
+  switch (r.param_dtype) {
+    case kF32:
+      master_ok = r.master_kind == kMasterParam;
+      use_master<MasterParam>(k);
+      break;
+    case kBF16: master_ok = use_master16<BF16>(k, r.master_kind); break;
+    case kF16: master_ok = use_master16<FP16>(k, r.master_kind); break;
+    default: break;
+  }
+  if (!master_ok) return 1;
+  switch (r.moments_format) {
+    case kMomentsFp32: k.update_moments = &MomentsFp32::update; break;
+    case kMomentsBf16: k.update_moments = &MomentsBf16::update; break;
+    case kMomentsInt8: k.update_moments = &MomentsInt8::update; break;
+    default: return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
+  const ZaRun& r = *run;
+  Kernel k;
+  if (compose(r, k) != 0) return 1;
+  const float w = float(co->lerp_weight);
+  const bool small = std::fabs(w) < 0.5f;
+  const Coef32 c{float(co->decay),     small ? w : w - 1.0f,  float(co->beta2),      float(co->one_minus_beta2),
+                 float(co->bc2_sqrt),  float(co->eps),        float(co->step_size),  float(co->grad_scale),
+                 small};
+  const int64_t n = r.numel, nblocks = (n + kBlock - 1) / kBlock;
+  #pragma omp parallel for schedule(static) num_threads(r.threads) if (nblocks >= kParallelBlocks)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    alignas(64) float g[kBlock], scratch_x[kBlock];
+    const Span s{b, b * kBlock, std::min(kBlock, n - b * kBlock)};
+    k.load_grad(r, s, c.grad_scale, g);
+    float* x = k.read_master(r, s, scratch_x);
+    k.update_moments(r, s, g, x, c);
+    k.write_master(r, s, x);
+  }
+  return 0;
+}
+"""
+
+# -ffp-contract=off: FMA only where written (see [Note: matching update_torch]); -fno-math-errno lets sqrt
+# vectorize. Without OpenMP the kernel runs on one thread; without -march=native on SSE2.
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_OPENMP = "-fopenmp"
+_NATIVE = "-march=native"
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MOMENTS_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
+_MASTER_CODE = {"param": 0, "fp32": 1, "compact": 2, "none": 3}
+
+
+class _RunArgs(ctypes.Structure):
+    """ZaRun in _CPP_SOURCE, field for field."""
+
+    _fields_ = [
+        ("numel", ctypes.c_int64),
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("exp_avg", ctypes.c_void_p),
+        ("exp_avg_sq", ctypes.c_void_p),
+        ("exp_avg_scale", ctypes.c_void_p),
+        ("exp_avg_sq_scale", ctypes.c_void_p),
+        ("master", ctypes.c_void_p),
+        ("residual", ctypes.c_void_p),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("moments_format", ctypes.c_int32),
+        ("master_kind", ctypes.c_int32),
+        ("index_base", ctypes.c_int64),
+        ("seed_exp_avg", ctypes.c_uint32),
+        ("seed_exp_avg_sq", ctypes.c_uint32),
+        ("seed_param", ctypes.c_uint32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
+class _Coefficients(ctypes.Structure):
+    """ZaCoefficients in _CPP_SOURCE: the fp64 scalars of reference.adamw_reference."""
+
+    _fields_ = [
+        (name, ctypes.c_double)
+        for name in ("decay", "lerp_weight", "beta2", "one_minus_beta2", "bc2_sqrt", "eps", "step_size", "grad_scale")
+    ]
+
+
+Kernel = Callable[[_RunArgs, _Coefficients], int]
+"""The compiled entry point: (run, coefficients) -> 0, or 1 for a combination of formats it has no code for."""
+
+
+def _cpu_tag() -> str:
+    """A short digest of this CPU's feature flags.
+
+    A module built with -march=native must not be loaded on another CPU (SIGILL) when the torch extension cache
+    is in a shared home directory; the tag gives each CPU kind its own build folder.
+    """
+    text = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = next((line for line in f if line.startswith(("flags", "Features"))), text)
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _build() -> Kernel:
+    """Compile the kernel, or load it from torch's extension cache; raises when no set of flags builds."""
+    from torch.utils.cpp_extension import load_inline
+
+    attempts = [  # (module name, extra flags): the fastest first, then without what the compiler may reject
+        (f"zeroadam_cpu_{_cpu_tag()}", [_NATIVE, _OPENMP]),
+        ("zeroadam_cpu_openmp", [_OPENMP]),
+        ("zeroadam_cpu_serial", []),
+    ]
+    errors = []
+    for name, extra in attempts:
+        try:
+            path = load_inline(
+                name=name,
+                cpp_sources=[_CPP_SOURCE],
+                extra_cflags=_BASE_FLAGS + extra,
+                extra_ldflags=[_OPENMP] if _OPENMP in extra else [],
+                is_python_module=False,
+                no_implicit_headers=True,  # the source includes no torch header (see the module docstring)
+                verbose=False,
+            )
+        except Exception as e:  # no compiler, no ninja, or a rejected flag
+            errors.append(f"[{' '.join(extra) or 'plain'}] {type(e).__name__}: {str(e).strip()[-300:]}")
+            continue
+        fn = ctypes.CDLL(path).zeroadam_adamw_step
+        fn.argtypes = [ctypes.POINTER(_RunArgs), ctypes.POINTER(_Coefficients)]
+        fn.restype = ctypes.c_int
+        return lambda run, coefficients: fn(ctypes.byref(run), ctypes.byref(coefficients))
+    raise RuntimeError("\n".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel() -> Optional[Kernel]:
+    """The compiled kernel, built once per process; None, after one warning, when it cannot be built here."""
+    try:
+        return _build()
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        warnings.warn(
+            "zeroadam: the compiled CPU kernel could not be built, so CPU updates use torch operations instead "
+            "(same results, several times slower for int8 / bf16 / 16-bit state). It needs a C++ compiler and "
+            f"ninja (pip install 'zeroadam[cpu]'). Cause: {lines[0] if lines else type(e).__name__}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check_lengths(run: Run) -> None:
+    """The kernel trusts every length and dtype with raw pointers: a mismatch is a bug upstream, never clipped."""
+    mo, n = run.moments, run.param.numel()
+    expect: dict[str, tuple[int, Optional[torch.dtype]]] = {
+        "grad": (n, None),
+        "master": (n, torch.float32),
+        "master_residual": (n, torch.int8),
+    }
+    if mo.fmt == "int8":
+        nb = quant.num_blocks(n)
+        expect.update(exp_avg=(n, torch.int8), exp_avg_sq=(n, torch.uint8))
+        expect.update(exp_avg_scale=(nb, torch.float32), exp_avg_sq_scale=(nb, torch.float32))
+    else:
+        dtype = torch.float32 if mo.fmt == "fp32" else torch.bfloat16
+        expect.update(exp_avg=(n, dtype), exp_avg_sq=(n, dtype))
+    for name, t in {"grad": run.grad, **mo.tensors(), **run.master.tensors()}.items():
+        numel, dtype = expect[name]
+        if t.numel() != numel or (dtype is not None and t.dtype != dtype):
+            raise RuntimeError(
+                f"zeroadam: a run's {name} holds {t.numel()} x {t.dtype}; expected {numel} x {dtype or 'a float'}"
+            )
+    if (run.master.kind == "param") != (run.param.dtype == torch.float32):
+        raise RuntimeError(f"zeroadam: master kind {run.master.kind!r} does not fit a {run.param.dtype} parameter")
+
+
+def _run_args(run: Run, sc: StepScalars) -> Optional[_RunArgs]:
+    """The kernel's view of a run, or None when the kernel does not take it (the caller falls back)."""
+    mo, ma = run.moments, run.master
+    tensors = [run.param, run.grad, *mo.tensors().values(), *ma.tensors().values()]
+    if not all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() for t in tensors):
+        return None
+    if run.param.dtype not in _DTYPE_CODE or run.grad.dtype not in _DTYPE_CODE:
+        return None
+    _check_lengths(run)
+    seed_m, seed_v, seed_p = sc.seeds()
+    return _RunArgs(
+        numel=run.param.numel(),
+        param=_ptr(run.param),
+        grad=_ptr(run.grad),
+        exp_avg=_ptr(mo.exp_avg),
+        exp_avg_sq=_ptr(mo.exp_avg_sq),
+        exp_avg_scale=_ptr(mo.exp_avg_scale),
+        exp_avg_sq_scale=_ptr(mo.exp_avg_sq_scale),
+        master=_ptr(ma.fp32),
+        residual=_ptr(ma.residual),
+        param_dtype=_DTYPE_CODE[run.param.dtype],
+        grad_dtype=_DTYPE_CODE[run.grad.dtype],
+        moments_format=_MOMENTS_CODE[mo.fmt],
+        master_kind=_MASTER_CODE[ma.kind],
+        index_base=run.index_base,
+        seed_exp_avg=seed_m,
+        seed_exp_avg_sq=seed_v,
+        seed_param=seed_p,
+        threads=torch.get_num_threads(),
+    )
+
+
+def _coefficients(sc: StepScalars) -> _Coefficients:
+    """The fp64 expressions of reference.adamw_reference; the kernel casts them to fp32 as torch does."""
+    h = sc.hyper
+    inv_bc1, bc2_sqrt = bias_corrections(h.beta1, h.beta2, sc.step)
+    return _Coefficients(
+        decay=1.0 - h.lr * h.weight_decay,
+        lerp_weight=1.0 - h.beta1,
+        beta2=h.beta2,
+        one_minus_beta2=1.0 - h.beta2,
+        bc2_sqrt=bc2_sqrt,
+        eps=h.eps,
+        step_size=-h.lr * inv_bc1,
+        grad_scale=sc.grad_scale,
+    )
+
+
+def update_compiled(run: Run, sc: StepScalars) -> bool:
+    """The C++ kernel on one run, in place; False, with nothing done, when the kernel cannot take the run."""
+    kernel = compiled_kernel()
+    if kernel is None:
+        return False
+    args = _run_args(run, sc)
+    if args is None:
+        return False
+    if args.numel > 0 and kernel(args, _coefficients(sc)) != 0:
+        raise RuntimeError(  # _run_args let through a combination that the kernel does not compose
+            f"zeroadam: no CPU kernel for param {run.param.dtype}, grad {run.grad.dtype}, "
+            f"moments {run.moments.fmt!r}, master {run.master.kind!r}"
+        )
+    return True
 
 
 def update_fused_fp32(run: Run, sc: StepScalars) -> None:
@@ -39,6 +665,14 @@ def update_fused_fp32(run: Run, sc: StepScalars) -> None:
 
 
 def update_cpu(run: Run, sc: StepScalars) -> None:
+    """The compiled kernel; without it, torch's fused AdamW for plain fp32 and ``update_torch`` for the rest.
+
+    The kernel also takes plain fp32, where it matches torch's fused AdamW and beats it once a gradient scale
+    is set: 20M fp32 elements, 2 threads, min of 12 steps on a shared 2-core EPYC VM: 64.7 ms vs 70.2 ms with
+    grad_scale 1, 69.1 ms vs 267.1 ms with grad_scale 0.5 (the fused path first writes a scaled gradient copy).
+    """
+    if update_compiled(run, sc):
+        return
     if (
         run.moments.fmt == "fp32"
         and run.master.kind == "param"

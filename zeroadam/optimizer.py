@@ -46,9 +46,17 @@ class ZeroAdam(torch.optim.Optimizer):
         max_grad_norm: clip the global gradient norm to this value inside the update (None: no clipping).
         stage: ZeRO stage 0-3; process_group: the data-parallel group (default: the world).
         offload: None or "cpu" (state and update on the host).
+        gradient_sync: stages 1-2: "optimizer" (ZeroAdam averages the gradients), "wrapper" (the model is wrapped in
+            DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
     """
 
-    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf; the unscale is fused
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler hands us grad_scale / found_inf and the unscale is fused. Not when a DDP wrapper averages the
+        # gradients: p.grad then holds all of them, and GradScaler's own unscale and skip (a step it does not
+        # call) keep Accelerate's step_was_skipped right, as with torch.optim.AdamW.
+        zero = getattr(self, "_zero", None)
+        return zero is None or not getattr(zero, "grads_from_wrapper", lambda: False)()
 
     def __init__(
         self,
@@ -66,6 +74,7 @@ class ZeroAdam(torch.optim.Optimizer):
         offload: Optional[str] = None,
         bucket_size: int = 25_000_000,
         backend: Optional[str] = None,
+        gradient_sync: str = "auto",
     ) -> None:
         check_hyper(lr, betas, eps, weight_decay)
         self.options = ZeroOptions(
@@ -75,6 +84,7 @@ class ZeroAdam(torch.optim.Optimizer):
             stage=stage,
             offload=offload,  # type: ignore[arg-type]
             bucket_size=bucket_size,
+            gradient_sync=gradient_sync,  # type: ignore[arg-type]
         )
         if backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")
@@ -330,9 +340,20 @@ class ZeroAdam(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state (see [Note: full state and shards] in state_dict.py): the whole state with
+        stage 0; with sharded stages, when every rank calls it, the whole state on rank 0 and this rank's shard
+        on the others (a rank that calls it alone gets a RuntimeError naming the fix within seconds)."""
         from .state_dict import build_state_dict
 
         return build_state_dict(self)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the whole state to rank ``to`` of the process group (collective: every rank calls it); until the
+        next ``step()``, ``state_dict()`` returns it on that rank, and this rank's shard elsewhere, with no
+        communication. The convention of ``torch.distributed.optim.ZeroRedundancyOptimizer`` (Lightning calls it)."""
+        from .state_dict import consolidate_state_dict
+
+        consolidate_state_dict(self, to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from .state_dict import apply_state_dict

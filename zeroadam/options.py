@@ -15,6 +15,7 @@ __all__ = [
     "StateDtype",
     "MasterWeights",
     "Offload",
+    "GradientSync",
     "ZeroOptions",
     "GroupHyper",
     "check_hyper",
@@ -25,6 +26,7 @@ __all__ = [
 StateDtype = Literal["int8", "bf16", "fp32"]
 MasterWeights = Literal["auto", "fp32", "compact", "none"]
 Offload = Literal["cpu"]
+GradientSync = Literal["auto", "optimizer", "wrapper"]
 
 # Quantization block along a parameter's flattened (global) index. Shard boundaries fall on block boundaries,
 # so the int8 state never depends on how a parameter is later split across ranks.
@@ -92,10 +94,15 @@ class ZeroOptions:
     """Where the shard's state lives and is updated: None (with the parameters) or "cpu"."""
     bucket_size: int = 25_000_000
     """Elements per stage-2 gradient bucket; larger buckets mean fewer, larger collectives."""
+    gradient_sync: GradientSync = "auto"
+    """Stages 1-2: who averages gradients over ranks: "optimizer" (ZeroAdam's collectives; the model is not wrapped
+    in DDP), "wrapper" (a DDP-wrapped model already holds the average in p.grad), or "auto" ("wrapper" when
+    Accelerate wraps models in DDP); see [Note: gradients averaged by a wrapper] in grad_sync.py."""
 
     def __post_init__(self) -> None:
         _check_choice("state_dtype", self.state_dtype, StateDtype)
         _check_choice("master_weights", self.master_weights, MasterWeights)
+        _check_choice("gradient_sync", self.gradient_sync, GradientSync)
         if self.offload is not None:
             _check_choice("offload", self.offload, Offload)
         if self.max_grad_norm is not None:

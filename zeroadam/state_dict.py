@@ -7,20 +7,59 @@ or ``master_residual`` (int8). Everything is a tensor, a number or a string, so 
 reads it. A ``torch.optim.AdamW`` state dict loads too (migration): its fp32 moments are converted.
 
 Loading validates every entry before anything changes; a mismatch raises ``ValueError`` naming the parameter.
+
+[Note: full state and shards]
+With sharded stages no rank holds the whole state. ``state_dict()`` called by every rank (Accelerate's
+``save_state`` does) gathers it to rank 0, one shard in flight at a time, into CPU memory; the other ranks get their
+own *shard*: the same per-parameter entries, 1D, holding only elements [start, end) of the flattened parameter,
+with ``shard_elements = (start, end)`` (start on a 256-element block, so int8 scales cover whole blocks), and
+``zeroadam["shard"] = {"rank", "world"}`` at the top. Every parameter with state has an entry in a shard, empty
+when the rank owns none of it, so that each rank knows every step count. ``consolidate_state_dict(to=r)`` (every
+rank; the torch ``ZeroRedundancyOptimizer`` convention Lightning uses) gathers to rank r and keeps it until the
+next ``step()``, so ``state_dict()`` then needs no communication on any rank. Before the first step there is no
+state, so ``state_dict()`` never communicates (Accelerate calls it inside ``prepare``). ``load_state_dict``
+accepts a full state dict from any world size or stage, or a shard that covers this rank's elements.
+
+[Note: check-in]
+A rank that calls a collective alone blocks until the process group's timeout (30 minutes for NCCL by default).
+Before a gather, every rank therefore checks in through the process group's key-value store (an atomic counter
+per call) and waits at most ``ZEROADAM_CHECK_IN_TIMEOUT`` seconds (default 10) for the others; a rank that waits
+in vain takes its check-in back and raises ``RuntimeError`` naming the fix. The take-back is one atomic add; if
+it shows that every other rank arrived meanwhile, the rank checks in again and proceeds, so no rank enters the
+gather alone. Ranks number their check-ins in order, per process group: that order is the order of their
+collectives, which every rank shares, and a failed check-in does not advance it.
 """
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import quant
+from .collectives import Group
 from .state import Master, MasterKind, Moments, compact_decode, ulp_up
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import ZeroAdam
 
-__all__ = ["build_state_dict", "apply_state_dict", "entry_of", "decode_entry", "FORMAT_VERSION"]
+__all__ = [
+    "build_state_dict",
+    "apply_state_dict",
+    "validate_state_dict",
+    "consolidate_state_dict",
+    "entry_of",
+    "piece_entry",
+    "entry_range",
+    "entry_piece",
+    "decode_entry",
+    "local_ranges",
+    "check_in",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
 _UNSUPPORTED_FLAGS = {"amsgrad": False, "maximize": False}
@@ -34,6 +73,41 @@ def entry_of(step: int, moments: Moments, master: Master, shape: torch.Size) -> 
         out[k] = t.view(shape) if k in ("exp_avg", "exp_avg_sq") else t
     for k, t in master.tensors().items():
         out[k] = t.view(shape)
+    return out
+
+
+def piece_entry(step: int, moments: Moments, master: Master, start: int, end: int) -> dict[str, Any]:
+    """The shard entry of elements [start, end) of one parameter: 1D tensors (see [Note: full state and shards])."""
+    out: dict[str, Any] = {"step": torch.tensor(float(step))}
+    out.update(moments.tensors())
+    out.update(master.tensors())
+    out["shard_elements"] = (int(start), int(end))
+    return out
+
+
+def entry_range(entry: dict[str, Any], numel: int) -> tuple[int, int]:
+    """The elements [start, end) of its parameter that an entry holds: all of them unless it is a shard entry."""
+    r = entry.get("shard_elements")
+    return (0, numel) if r is None else (int(r[0]), int(r[1]))
+
+
+def entry_piece(entry: dict[str, Any], start: int, end: int, numel: int) -> dict[str, Any]:
+    """The flattened elements [start, end) of a validated entry, as a shard entry (views, no copies).
+
+    ``start`` must lie on a block boundary of the parameter and [start, end) inside what the entry holds.
+    """
+    s, e = entry_range(entry, numel)
+    assert s <= start <= end <= e and (start - s) % quant.BLOCK_SIZE == 0, (s, e, start, end)
+    a, n = start - s, end - start
+    out: dict[str, Any] = {"step": entry["step"], "shard_elements": (start, end)}
+    for k, t in entry.items():
+        if not isinstance(t, torch.Tensor) or k == "step":
+            continue
+        flat = t.reshape(-1)
+        if k in ("exp_avg_scale", "exp_avg_sq_scale"):
+            out[k] = flat.narrow(0, a // quant.BLOCK_SIZE, quant.num_blocks(n))
+        else:
+            out[k] = flat.narrow(0, a, n)
     return out
 
 
@@ -63,13 +137,32 @@ def _check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
         raise ValueError(f"ZeroAdam.load_state_dict: {where}: has 'max_exp_avg_sq' (amsgrad), which ZeroAdam does not support")
     fmt = _fmt_of(entry, where)
     n = p.numel()
+    # A whole entry is shaped like its parameter; a shard entry is 1D over its shard_elements.
+    shape: tuple[int, ...] = tuple(p.shape)
+    if "shard_elements" in entry:
+        r = entry["shard_elements"]
+        ok = (
+            isinstance(r, (tuple, list))
+            and len(r) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            and 0 <= r[0] <= r[1] <= n
+            and r[0] % quant.BLOCK_SIZE == 0
+        )
+        if not ok:
+            raise ValueError(
+                f"ZeroAdam.load_state_dict: {where}: shard_elements={r!r} is not a range (start, end) of the "
+                f"parameter's {n} elements with start on a {quant.BLOCK_SIZE}-element block"
+            )
+        n = r[1] - r[0]
+        shape = (n,)
     for key in ("exp_avg", "exp_avg_sq"):
         t = entry[key]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"ZeroAdam.load_state_dict: {where}: '{key}' has shape {got}, but the parameter has shape "
-                f"{tuple(p.shape)}; was this state saved for another model?"
+                f"ZeroAdam.load_state_dict: {where}: '{key}' has shape {got}, but the "
+                f"{'parameter' if 'shard_elements' not in entry else 'shard'} has shape {shape}; "
+                "was this state saved for another model?"
             )
     if fmt == "int8":
         if entry["exp_avg_sq"].dtype != torch.uint8:
@@ -85,8 +178,8 @@ def _check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
         raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg and exp_avg_sq have different dtypes")
     for key, dtype in (("master", torch.float32), ("master_residual", torch.int8)):
         t = entry.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape) or t.dtype != dtype):
-            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{key}' must be {dtype} of shape {tuple(p.shape)}")
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype):
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{key}' must be {dtype} of shape {shape}")
     step = entry["step"]
     s = float(step) if isinstance(step, (torch.Tensor, int, float)) else None
     if s is None or s < 0 or s != int(s):
@@ -106,8 +199,13 @@ def decode_entry(entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return m.float(), v.float()
 
 
-def convert_moments(entry: dict[str, Any], fmt: str, numel: int, device: torch.device, step: int) -> Moments:
-    """Moments in format ``fmt`` from an entry in any format; same-format entries are copied bit for bit."""
+def convert_moments(
+    entry: dict[str, Any], fmt: str, numel: int, device: torch.device, step: int, *, index_base: int = 0
+) -> Moments:
+    """Moments in format ``fmt`` from an entry in any format; same-format entries are copied bit for bit.
+
+    ``index_base``: the flattened index of the entry's first element in its parameter (stochastic rounding draws
+    by element index, so a piece converts to the same bits as the whole parameter would)."""
     out = Moments.zeros(fmt, numel, device)  # type: ignore[arg-type]
     src = _fmt_of(entry, "")
     if src == fmt:
@@ -120,7 +218,7 @@ def convert_moments(entry: dict[str, Any], fmt: str, numel: int, device: torch.d
     out.store(
         m.to(device),
         v.to(device),
-        index_base=0,
+        index_base=index_base,
         seed_m=mix_seed(step, 0, STREAM_EXP_AVG),
         seed_v=mix_seed(step, 0, STREAM_EXP_AVG_SQ),
     )
@@ -153,9 +251,161 @@ def _group_hypers(saved: dict[str, Any], where: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k != "params" and k not in _IGNORED_KEYS}
 
 
+# ---------------------------------------------------------------------------------------------- check-in
+CHECK_IN_TIMEOUT_S = 10.0
+"""Seconds a rank waits for the others before a gather (see [Note: check-in]); ZEROADAM_CHECK_IN_TIMEOUT overrides.
+Ranks leave ``step()`` within milliseconds of each other (its all-gather syncs them), so ten seconds is ample
+for an honest collective call and short enough to report a lone caller promptly."""
+
+# Per process group (its global ranks), how many check-ins this process has completed: see [Note: check-in].
+_check_in_counts: dict[tuple[int, ...], int] = {}
+
+
+def _check_in_timeout() -> float:
+    raw = os.environ.get("ZEROADAM_CHECK_IN_TIMEOUT")
+    if raw is None:
+        return CHECK_IN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"ZeroAdam: invalid ZEROADAM_CHECK_IN_TIMEOUT={raw!r}; expected a number of seconds > 0")
+    return value
+
+
+def _group_store(group: Group) -> Optional[Any]:
+    """The key-value store of the process group, or None where torch does not expose it."""
+    c10d = dist.distributed_c10d
+    get = getattr(c10d, "_get_process_group_store", None)
+    try:
+        return get(group.pg if group.pg is not None else c10d._get_default_group()) if get is not None else None
+    except (KeyError, RuntimeError, ValueError):
+        return None
+
+
+def check_in(group: Group, what: str, fix: str) -> None:
+    """Return once every rank of ``group`` has reached this call; raise RuntimeError naming ``fix`` if they do not
+    within the check-in timeout (see [Note: check-in]). Call it right before a collective a rank may reach alone."""
+    if group.world == 1:
+        return
+    store = _group_store(group)
+    if store is None:  # pragma: no cover - every torch this project supports exposes the store
+        return
+    ranks = tuple(dist.get_process_group_ranks(group.pg)) if group.pg is not None else tuple(range(group.world))
+    seq = _check_in_counts.get(ranks, 0)
+    key = f"zeroadam/check_in/{'-'.join(map(str, ranks))}/{seq}"
+    timeout = _check_in_timeout()
+    deadline = time.monotonic() + timeout
+    arrived = store.add(key, 1)
+    pause = 0.001
+    while arrived < group.world:
+        if time.monotonic() > deadline:
+            left = store.add(key, -1)  # take the check-in back, atomically
+            if left < group.world - 1:
+                raise RuntimeError(
+                    f"{what} is collective: every rank of the process group must call it, but only {left + 1} of "
+                    f"{group.world} ranks did within {timeout:g} s (this is rank {group.rank}). {fix} If the other "
+                    "ranks are only slow to get there, raise the limit with ZEROADAM_CHECK_IN_TIMEOUT=<seconds>."
+                )
+            # Every other rank arrived meanwhile, and one may already be in the collective: check in again, go on.
+            arrived = store.add(key, 1)
+            continue
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+        arrived = store.add(key, 0)
+    _check_in_counts[ranks] = seq + 1
+
+
+_STATE_DICT_FIX = (
+    "Call optimizer.state_dict() on every rank (rank 0 gets the full state, the others their shard), or call "
+    "optimizer.consolidate_state_dict(to=0) on every rank first: then state_dict() on rank 0 alone needs no "
+    "communication. zeroadam.checkpoint.save(path, model, optimizer) on every rank writes a sharded checkpoint. "
+    "The Hugging Face Trainer saves from rank 0 alone: pass it "
+    "callbacks=[zeroadam.integrations.transformers.ZeroAdamCallback()]."
+)
+
+
+# ---------------------------------------------------------------------------------------------- building
+@dataclass
+class _Consolidated:
+    """The state gathered by consolidate_state_dict, served by state_dict() until the next step."""
+
+    to: int
+    entries: Optional[dict[torch.Tensor, dict[str, Any]]]  # whole entries on rank ``to``, None elsewhere
+    hook: Any  # the step pre-hook that drops this
+
+
+def _drop_consolidated(opt: "ZeroAdam") -> None:
+    c: Optional[_Consolidated] = getattr(opt, "_consolidated", None)
+    if c is not None:
+        c.hook.remove()
+    opt._consolidated = None  # type: ignore[attr-defined]
+
+
+def _has_state(opt: "ZeroAdam") -> bool:
+    # Every rank steps every space together, so every rank gives the same answer without asking the others.
+    return any(sp.step > 0 for sp in opt._zero.spaces)
+
+
+def _flat_engine(opt: "ZeroAdam") -> bool:
+    """Whether the engine is the stage 1-2 one (flat spaces), which gathers to one rank and hands out shards."""
+    return opt._zero is not None and hasattr(opt._zero, "shard_entries")
+
+
+def consolidate_state_dict(opt: "ZeroAdam", to: int) -> None:
+    """Gather the full state to rank ``to`` (collective); see [Note: full state and shards]."""
+    zero = opt._zero
+    world = 1 if zero is None else zero.group.world
+    if not isinstance(to, int) or isinstance(to, bool) or not 0 <= to < world:
+        raise ValueError(
+            f"ZeroAdam.consolidate_state_dict: invalid to={to!r}; expected a rank of the optimizer's process group, "
+            f"0 .. {world - 1}"
+        )
+    _drop_consolidated(opt)
+    if not _flat_engine(opt) or world == 1:
+        return  # state_dict() needs no communication, or gathers everything to every rank itself
+    entries: Optional[dict[torch.Tensor, dict[str, Any]]] = {} if zero.group.rank == to else None
+    if _has_state(opt):
+        check_in(
+            zero.group,
+            "ZeroAdam.consolidate_state_dict()",
+            "Call optimizer.consolidate_state_dict(to=...) on every rank, then optimizer.state_dict() on that rank.",
+        )
+        entries = zero.full_entries(to)
+    # The gathered copy would go stale (and hold memory) after the next update: drop it then.
+    hook = opt.register_step_pre_hook(lambda *_: _drop_consolidated(opt))
+    opt._consolidated = _Consolidated(to, entries, hook)  # type: ignore[attr-defined]
+
+
+def _sharded_entries(opt: "ZeroAdam") -> tuple[dict[torch.Tensor, dict[str, Any]], Optional[dict[str, int]]]:
+    """(entries this rank returns, shard description or None when they are whole)."""
+    zero = opt._zero
+    g = zero.group
+    shard = {"rank": g.rank, "world": g.world}
+    c: Optional[_Consolidated] = getattr(opt, "_consolidated", None)
+    if c is not None:
+        if g.rank == c.to:
+            return {p: dict(e) for p, e in c.entries.items()}, None
+        return zero.shard_entries(), shard
+    if not _has_state(opt):
+        return {}, None
+    if g.world == 1:
+        return zero.full_entries(0), None
+    check_in(g, "ZeroAdam.state_dict()", _STATE_DICT_FIX)
+    full = zero.full_entries(0)
+    if g.rank == 0:
+        return full, None
+    return zero.shard_entries(), shard
+
+
 def build_state_dict(opt: "ZeroAdam") -> dict[str, Any]:
     groups, state, idx = [], {}, 0
-    entries = opt._zero.full_entries() if opt._zero is not None else None
+    entries, shard = None, None
+    if _flat_engine(opt):
+        entries, shard = _sharded_entries(opt)
+    elif opt._zero is not None:
+        entries = opt._zero.full_entries()
     for group in opt.param_groups:
         g = {k: v for k, v in group.items() if k != "params"}
         g["params"] = []
@@ -170,15 +420,45 @@ def build_state_dict(opt: "ZeroAdam") -> dict[str, Any]:
                     state[idx] = entry_of(st.step, st.moments, st.master, p.shape)
             idx += 1
         groups.append(g)
-    return {
-        "state": state,
-        "param_groups": groups,
-        "zeroadam": {"format_version": FORMAT_VERSION, "state_dtype": opt.options.state_dtype},
-    }
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "state_dtype": opt.options.state_dtype}
+    if shard is not None:
+        meta["shard"] = shard
+    return {"state": state, "param_groups": groups, "zeroadam": meta}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def local_ranges(opt: "ZeroAdam") -> dict[torch.Tensor, tuple[int, int]]:
+    """The flattened elements [start, end) of each parameter whose state this rank keeps: all of them in stage 0,
+    the part inside its shard otherwise (parameters outside the shard are absent)."""
+    if opt._zero is None:
+        return {p: (0, p.numel()) for g in opt.param_groups for p in g["params"]}
+    if not hasattr(opt._zero, "spaces"):  # stage 3: one piece per parameter
+        return {pc.param: (pc.start, pc.start + pc.numel) for pc in opt._zero.pieces}
+    out = {}
+    for sp in opt._zero.spaces:
+        for p, slot in zip(sp.params, sp.layout.slots):
+            a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+            if a < b:
+                out[p] = (a - slot.start, b - slot.start)
+    return out
+
+
+def _check_sharded_steps(opt: "ZeroAdam", checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+    step_of = {p: step for p, _gi, step, _e in checked}
+    for sp in opt._zero.spaces:
+        steps = {step_of[p] for p in sp.params if p in step_of}
+        if len(steps) > 1:
+            raise ValueError(
+                f"ZeroAdam.load_state_dict: parameters of param_groups[{sp.group_index}] have different step "
+                f"counts {sorted(steps)}; a sharded ZeroAdam steps a whole group together"
+            )
 
 
 def validate_state_dict(opt: "ZeroAdam", sd: Any) -> list[tuple[torch.Tensor, int, int, dict[str, Any]]]:
-    """Check a state dict against the optimizer; returns (param, group index, step, entry) per saved entry."""
+    """Check a state dict against the optimizer; returns (param, group index, step, entry) per saved entry.
+
+    Pure: nothing changes. Also checks that shard entries cover the elements this rank keeps.
+    """
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("ZeroAdam.load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)")
     saved_groups = sd["param_groups"]
@@ -197,18 +477,33 @@ def validate_state_dict(opt: "ZeroAdam", sd: Any) -> list[tuple[torch.Tensor, in
         _group_hypers(sg, f"param_groups[{gi}]")
         for i, (key, p) in enumerate(zip(sg["params"], group["params"])):
             index[key] = (p, gi, _param_name(gi, i, p))
+    shard = (sd.get("zeroadam") or {}).get("shard")
+    source = f"a shard saved by rank {shard['rank']} of {shard['world']}" if isinstance(shard, dict) else "a shard"
+    need = local_ranges(opt)
     out = []
     for key, entry in sd["state"].items():
         if key not in index:
             raise ValueError(f"ZeroAdam.load_state_dict: state for parameter {key!r}, which no param group lists")
         p, gi, where = index[key]
         _check_entry(entry, p, where)
+        s, e = entry_range(entry, p.numel())
+        a, b = need.get(p, (0, 0))
+        if a < b and not (s <= a and b <= e):
+            raise ValueError(
+                f"ZeroAdam.load_state_dict: {where}: this state dict is {source} and holds elements [{s}, {e}) of "
+                f"the parameter, but this rank keeps [{a}, {b}). Load a full state dict instead (call "
+                "optimizer.consolidate_state_dict(to=0) on every rank, then state_dict() on rank 0), or save and "
+                "load with zeroadam.checkpoint, which reshards to any world size"
+            )
         out.append((p, gi, int(float(entry["step"])), entry))
+    if _flat_engine(opt):
+        _check_sharded_steps(opt, out)
     return out
 
 
 def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
     checked = validate_state_dict(opt, sd)
+    _drop_consolidated(opt)
     if opt._zero is not None:
         opt._zero.load_entries(checked)
     else:
@@ -217,10 +512,11 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
         new_state = {}
         for p, _gi, step, entry in checked:
             flat = p.detach().reshape(-1)
+            whole = entry_piece(entry, 0, p.numel(), p.numel())
             new_state[p] = ParamState(
                 step=step,
-                moments=convert_moments(entry, opt._moment_format(p.numel()), p.numel(), p.device, step),
-                master=convert_master(entry, opt._master_kind(p), flat),
+                moments=convert_moments(whole, opt._moment_format(p.numel()), p.numel(), p.device, step),
+                master=convert_master(whole, opt._master_kind(p), flat),
             )
         opt.state.clear()
         opt.state.update(new_state)

@@ -28,9 +28,10 @@ from .collectives import (
     reduce_scatter_avg,
 )
 from .fused import Run, StepScalars, fused_update
+from .grad_sync import ResolvedSync, copy_local_shards, replicated, warn_not_replicated, wrapper_averages_gradients
 from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
-from .options import GroupHyper, betas_of
+from .options import BLOCK_SIZE, GroupHyper, betas_of
 from .state import Master, MasterKind, Moments
 from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
@@ -61,6 +62,22 @@ class FlatSpace:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
 
 
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view`` through a storage object of its own that aliases the same memory (DLPack). Views of one flat buffer
+    share a storage, and tools that take tensors sharing a storage for duplicates drop all but one of them
+    (safetensors' save_model, used by Accelerate's save_state, silently; transformers' save_pretrained)."""
+    return torch.from_dlpack(view)
+
+
+def _copy_grads(sp: FlatSpace, lo: int, dst: torch.Tensor) -> None:
+    """dst = the gradients of flat range [lo, lo + len(dst)) (zeros where there is none)."""
+    hi = lo + dst.numel()
+    for p, slot in zip(sp.params, sp.layout.slots):
+        a, b = max(lo, slot.start), min(hi, slot.end)
+        if a < b and p.grad is not None:
+            dst.narrow(0, a - lo, b - a).copy_(p.grad.detach().reshape(-1).narrow(0, a - slot.start, b - a))
+
+
 class ZeroEngine:
     """The sharded half of ZeroAdam; the optimizer delegates every stage >= 1 (or offload) operation here."""
 
@@ -72,6 +89,10 @@ class ZeroEngine:
         self.stats = CommStats(group.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
+        # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
+        sync = opt.options.gradient_sync
+        self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
+        self._warned_not_replicated = False
         self._check_fingerprint()
         self.spaces: list[FlatSpace] = []
         for gi, pg in enumerate(opt.param_groups):
@@ -80,6 +101,7 @@ class ZeroEngine:
         self.buckets: Optional[GradBuckets] = None
         if self.stage >= 2:
             self.buckets = GradBuckets(self.spaces, group, opt.options.bucket_size, self.stats)
+            self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
 
     @staticmethod
     def create(opt: "ZeroAdam", process_group: Optional[Any]) -> Optional["ZeroEngine"]:
@@ -88,6 +110,8 @@ class ZeroEngine:
 
             return Zero3Engine.create(opt, process_group)  # type: ignore[return-value]
         group = Group.resolve(process_group)
+        if opt.options.stage == 0:
+            group = Group(None, 0, 1)  # offload alone: every rank keeps (and offloads) the whole state
         if group.world == 1 and opt.options.offload is None:
             return None  # one rank: stage 0 is the same computation without the flat buffers
         return ZeroEngine(opt, group)
@@ -142,7 +166,7 @@ class ZeroEngine:
                 # Like DDP: every rank starts from rank 0's values.
                 dist.broadcast(flat, src=g.global_rank(0), group=g.pg)
             for p, slot in zip(params, layout.slots):
-                p.data = flat.narrow(0, slot.start, slot.numel).view(slot.shape)
+                p.data = _own_storage(flat.narrow(0, slot.start, slot.numel).view(slot.shape))
         lo, hi = layout.shard_range(g.rank)
         state_dev = torch.device("cpu") if self.offload == "cpu" else dev
         pin = self.offload == "cpu" and dev.type == "cuda"
@@ -187,24 +211,72 @@ class ZeroEngine:
             self.buckets.sync = old
 
     def _reduce_stage1(self) -> None:
-        """Average every parameter's gradient into the shards (one reduce-scatter per space)."""
+        """Average every parameter's gradient into the shards, without a full-size copy of the gradients: each
+        reduce-scatter covers the same slice [k, k + c) of every rank's shard, c * world <= bucket_size."""
+        world = self.group.world
         for sp in self.spaces:
-            full = torch.zeros(sp.layout.total, dtype=torch.float32, device=sp.flat.device)
-            for p, slot in zip(sp.params, sp.layout.slots):
-                if p.grad is not None:
-                    full.narrow(0, slot.start, slot.numel).copy_(p.grad.detach().reshape(-1))
-            if self.group.world > 1:
-                out = torch.empty(sp.hi - sp.lo, dtype=torch.float32, device=sp.flat.device)
-                reduce_scatter_avg(self.group, out, full, self.stats)
-            else:
-                out = full
-            sp.sink.add(0, out, 1.0)
+            shard = sp.hi - sp.lo
+            c = min(shard, max(BLOCK_SIZE, self.opt.options.bucket_size // world // BLOCK_SIZE * BLOCK_SIZE))
+            for k in range(0, shard, c):
+                n = min(c, shard - k)
+                buf = torch.zeros(world, n, dtype=torch.float32, device=sp.flat.device)
+                for r in range(world):
+                    _copy_grads(sp, r * shard + k, buf[r])
+                if world > 1:
+                    out = torch.empty(n, dtype=torch.float32, device=sp.flat.device)
+                    reduce_scatter_avg(self.group, out, buf.view(-1), self.stats)
+                else:
+                    out = buf[0]
+                sp.sink.add(k, out, 1.0)
             sp.sink.drain()
+
+    def grads_from_wrapper(self) -> bool:
+        """Whether a DDP wrapper averages the gradients (see [Note: gradients averaged by a wrapper])."""
+        if self.group.world == 1:
+            return False
+        if self._grad_sync is None:
+            self._grad_sync = "wrapper" if wrapper_averages_gradients() else "optimizer"
+        return self._grad_sync == "wrapper"
+
+    def set_gradient_sync(self, sync: ResolvedSync) -> None:
+        """Decide who averages gradients before the first backward (an integration that knows it does)."""
+        self._grad_sync = sync
+
+    def rebind_moved_params(self) -> None:
+        """Make every parameter view its flat buffer again after ``Module.to()`` gave it new storage.
+
+        Accelerate's device placement does that even on the same device (``.to("cpu:0")`` copies CPU tensors);
+        ZeroAdam would then update buffers the model no longer reads. Values are taken back from the parameters,
+        so this is exact; a move to another device or dtype cannot be followed and raises."""
+        for sp in self.spaces:
+            base, esz = sp.flat.data_ptr(), sp.flat.element_size()
+            for p, slot in zip(sp.params, sp.layout.slots):
+                if p.data_ptr() == base + slot.start * esz and p.device == sp.flat.device:
+                    continue
+                if p.device != sp.flat.device or p.dtype != sp.flat.dtype:
+                    raise RuntimeError(
+                        f"ZeroAdam: a parameter of shape {tuple(p.shape)} moved from {sp.flat.device} ({sp.flat.dtype}) "
+                        f"to {p.device} ({p.dtype}) after ZeroAdam(stage={self.opt.options.stage}) was built; build "
+                        "the optimizer after moving the model (with Accelerate: model.to(accelerator.device) first)"
+                    )
+                view = sp.flat.narrow(0, slot.start, slot.numel)
+                with torch.no_grad():
+                    view.copy_(p.detach().reshape(-1))
+                p.data = _own_storage(view.view(slot.shape))
 
     def ensure_reduced(self) -> None:
         if self._reduced:
             return
-        if self.buckets is not None:
+        self.rebind_moved_params()
+        if self.grads_from_wrapper():
+            if replicated(self.group, self.spaces, self.stats):
+                copy_local_shards(self.spaces, self.group.rank)
+            else:
+                if not self._warned_not_replicated:
+                    self._warned_not_replicated = True
+                    warn_not_replicated()
+                self._reduce_stage1()
+        elif self.buckets is not None:
             # Gradients still in p.grad (produced under no_sync, or by a backward that bypassed the hooks).
             leftover = [p for sp in self.spaces for p in sp.params if p.grad is not None]
             for p in leftover:

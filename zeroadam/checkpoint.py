@@ -1,0 +1,466 @@
+"""Checkpoints: sharded directories that any world size, stage (0-2) or offload setting loads, written atomically,
+validated before anything changes, and convertible to plain PyTorch files.
+
+    from zeroadam import checkpoint
+    checkpoint.save("ckpt/latest", model, optimizer)   # every rank (collective)
+    checkpoint.load("ckpt/latest", model, optimizer)   # every rank, any world size, stage or state format
+
+    zeroadam consolidate ckpt/latest model.pt --optimizer   # plain model state dict (+ torch.optim.AdamW state)
+    zeroadam inspect ckpt/latest
+
+The directory's contents are described in [Note: checkpoint layout] (checkpoint_format.py).
+
+[Note: atomic save]
+Rank 0 prepares ``.<name>.partial`` beside the target, every rank writes into it, rank 0 writes zeroadam.json
+last and renames: the old checkpoint to ``.<name>.previous``, the new one into place, then deletes the old one.
+A crash before the renames leaves the previous checkpoint untouched (the next save clears the partial
+directory); a crash between them leaves it under ``.<name>.previous``, where ``load`` and the next ``save`` find
+it. Every rank must see the same filesystem (as DCP requires).
+
+Loading reads zeroadam.json and DCP's metadata, checks every expected tensor's size and dtype, every file's length,
+the model's keys and shapes and the param groups' names, reads what this rank needs, compares checksums, and
+validates the optimizer state dict; the ranks then agree (one collective) before any rank changes the model or the
+optimizer, so a truncated, corrupted or mismatched checkpoint raises on every rank and changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint_format import (
+    INFO_FILE,
+    PathLike,
+    SCALE_KEYS,
+    CheckpointError,
+    CheckpointInfo,
+    ParamRecord,
+    assemble,
+    build_info,
+    crc32_of,
+    dtype_name,
+    piece_key,
+    previous_dir,
+    read_info,
+    read_tensors,
+    wanted_pieces,
+)
+from .collectives import Group, all_gather_objects
+from .state_dict import check_in, decode_entry, entry_of, local_ranges, validate_state_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import ZeroAdam
+
+__all__ = [
+    "save",
+    "load",
+    "consolidate",
+    "describe",
+    "read_info",
+    "CheckpointError",
+    "CheckpointInfo",
+    "ParamRecord",
+    "add_consolidate_arguments",
+    "run_consolidate",
+    "add_inspect_arguments",
+    "run_inspect",
+]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _group_of(opt: "ZeroAdam") -> Group:
+    if opt._zero is not None:
+        return opt._zero.group
+    return Group.resolve(None)  # stage 0: every rank holds the same state; DCP writes it once
+
+
+def _refuse_stage3(opt: "ZeroAdam") -> None:
+    if opt._zero is not None and not hasattr(opt._zero, "spaces"):
+        raise NotImplementedError(
+            "zeroadam.checkpoint: stage 3 is not supported yet; save with stage=0, 1 or 2 (a checkpoint from any of "
+            "them loads at any world size)"
+        )
+
+
+def _param_names(model: torch.nn.Module, opt: "ZeroAdam") -> dict[torch.Tensor, str]:
+    by_param = {p: n for n, p in model.named_parameters()}
+    names: dict[torch.Tensor, str] = {}
+    for gi, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p not in by_param:
+                raise CheckpointError(
+                    f"zeroadam.checkpoint: param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)}) is not a "
+                    "parameter of the model; pass the model whose parameters the optimizer updates"
+                )
+            names[p] = by_param[p]
+    return names
+
+
+def _local_entries(opt: "ZeroAdam") -> dict[torch.Tensor, tuple[int, int, dict[str, Any]]]:
+    """param -> (start, end, entry) for every parameter with state: the elements this rank writes (empty when it
+    owns none of the parameter; the entry still tells its step and formats)."""
+    out = {}
+    if opt._zero is None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state.get(p)
+                if st is not None and hasattr(st, "moments"):
+                    out[p] = (0, p.numel(), entry_of(st.step, st.moments, st.master, p.shape))
+        return out
+    for p, entry in opt._zero.shard_entries().items():
+        a, b = entry["shard_elements"]
+        out[p] = (a, b, entry)
+    return out
+
+
+def _agree(group: Group, error: Optional[BaseException], what: str) -> None:
+    """Raise on every rank if any rank failed (collective); a rank re-raises its own error."""
+    if group.world == 1:
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_objects(group, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise CheckpointError(f"zeroadam.checkpoint: {what} failed on rank {r} (nothing was changed): {m}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _partial(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial"
+
+
+def _prepare(target: Path) -> Path:
+    """Rank 0: recover an interrupted swap, refuse to replace what is not a checkpoint, clear the partial dir."""
+    prev = previous_dir(target)
+    if not target.exists() and (prev / INFO_FILE).exists():
+        os.rename(prev, target)  # a crash between the two renames of the last save
+    if target.exists():
+        if not target.is_dir() or (any(target.iterdir()) and not (target / INFO_FILE).exists()):
+            raise CheckpointError(
+                f"zeroadam.checkpoint.save: {target} exists and is not a zeroadam checkpoint; refusing to replace it"
+            )
+    tmp = _partial(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    prev = previous_dir(target)
+    if prev.exists():
+        shutil.rmtree(prev)
+    if target.exists():
+        os.rename(target, prev)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(prev, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
+    """Write ``model`` and ``optimizer`` to the checkpoint directory ``path`` (collective: every rank of the
+    optimizer's process group calls it). Replaces an existing checkpoint there atomically (see [Note: atomic save])."""
+    import torch.distributed.checkpoint as dcp
+
+    _refuse_stage3(optimizer)
+    target = Path(path)
+    group = _group_of(optimizer)
+    names = _param_names(model, optimizer)
+    check_in(group, "zeroadam.checkpoint.save()", "Call checkpoint.save(path, model, optimizer) on every rank.")
+
+    tmp, error = _partial(target), None
+    if group.rank == 0:
+        try:
+            _prepare(target)
+        except (OSError, CheckpointError) as e:
+            error = e
+    _agree(group, error, "preparing the checkpoint directory")
+
+    tensors: dict[str, torch.Tensor] = {}
+    pieces: list[tuple[str, str, int, int, int]] = []  # (name, key, a, b, crc) written by this rank
+    local = _local_entries(optimizer)
+    for p, (a, b, entry) in local.items():
+        if a == b:
+            continue
+        for k, t in entry.items():
+            if k in ("step", "shard_elements"):
+                continue
+            cpu = t.detach().reshape(-1).cpu()
+            key = piece_key(names[p], k, a, b)
+            tensors[key] = cpu
+            pieces.append((names[p], k, a, b, crc32_of(cpu)))
+    model_crc: dict[str, int] = {}
+    model_sd = model.state_dict()
+    if group.rank == 0:
+        # Only rank 0 writes the model: ranks may differ in buffers, and its copy is the one the checksums describe.
+        for k, t in model_sd.items():
+            tensors[f"model/{k}"] = t.detach()
+            model_crc[k] = crc32_of(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it runs without torch.distributed
+        dcp.save(
+            tensors,
+            storage_writer=dcp.FileSystemWriter(tmp),
+            process_group=group.pg if group.world > 1 else None,
+            no_dist=group.world == 1,
+        )
+    everyone = [pieces]
+    if group.world > 1:
+        everyone = [None] * group.world if group.rank == 0 else None  # type: ignore[assignment]
+        dist.gather_object(pieces, everyone, dst=group.global_rank(0), group=group.pg)
+
+    error = None
+    if group.rank == 0:
+        try:
+            info = build_info(optimizer, names, local, model_sd, model_crc, everyone, group.world)
+            with open(tmp / INFO_FILE, "w") as f:
+                json.dump(info, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            _swap_into_place(tmp, target)
+        except (OSError, CheckpointError) as e:
+            error = e
+    _agree(group, error, "writing the checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _check_model(info: CheckpointInfo, model_sd: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(model_sd) - set(info.model))
+    unexpected = sorted(set(info.model) - set(model_sd))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"zeroadam.checkpoint: {info.path} holds another model: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for k, t in model_sd.items():
+        shape, dtype = info.model[k]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise CheckpointError(
+                f"zeroadam.checkpoint: {info.path} holds another model: {k!r} is {shape} {dtype} in the checkpoint "
+                f"and {tuple(t.shape)} {t.dtype} here"
+            )
+
+
+def _check_groups(info: CheckpointInfo, opt: "ZeroAdam", names: dict[torch.Tensor, str]) -> None:
+    if len(info.param_groups) != len(opt.param_groups):
+        raise CheckpointError(
+            f"zeroadam.checkpoint: {info.path} has {len(info.param_groups)} param groups, the optimizer "
+            f"{len(opt.param_groups)}; build the optimizer with the groups it was saved with"
+        )
+    for gi, (saved, group) in enumerate(zip(info.param_groups, opt.param_groups)):
+        mine = [names[p] for p in group["params"]]
+        if sorted(saved["params"]) != sorted(mine):
+            only_saved = sorted(set(saved["params"]) - set(mine))
+            only_here = sorted(set(mine) - set(saved["params"]))
+            raise CheckpointError(
+                f"zeroadam.checkpoint: param_groups[{gi}] differs from the checkpoint's: only in the checkpoint "
+                f"{only_saved[:5]}, only in the optimizer {only_here[:5]}"
+            )
+
+
+def _stage_load(
+    path: PathLike, model: torch.nn.Module, opt: "ZeroAdam", names: dict[torch.Tensor, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate everything this rank needs; returns (model state dict, optimizer state dict). Pure."""
+    info = read_info(path)
+    model_sd = model.state_dict()
+    _check_model(info, model_sd)
+    _check_groups(info, opt, names)
+    need = local_ranges(opt)
+    wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
+    for p, (a, b) in need.items():
+        rec = info.params[names[p]]
+        if rec.step > 0:
+            wanted.update(wanted_pieces(rec, a, b))
+    data = read_tensors(info, wanted)
+
+    state: dict[int, dict[str, Any]] = {}
+    groups, idx = [], 0
+    for gi, group in enumerate(opt.param_groups):
+        g = dict(info.param_groups[gi]["options"])
+        g["params"] = []
+        for p in group["params"]:
+            g["params"].append(idx)
+            rec = info.params[names[p]]
+            if rec.step > 0:
+                a, b = need.get(p, (0, 0))  # outside this rank's shard: an empty piece that carries the step
+                state[idx] = assemble(rec, a, b, data)
+            idx += 1
+        groups.append(g)
+    sd = {"state": state, "param_groups": groups}
+    validate_state_dict(opt, sd)
+    return {k: data[f"model/{k}"] for k in info.model}, sd
+
+
+def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
+    """Load a checkpoint saved at any world size and stage into ``model`` and ``optimizer`` (collective: every
+    rank of the optimizer's process group calls it). Validates everything on every rank first; on any problem
+    raises CheckpointError on every rank and leaves the model and the optimizer as they were."""
+    _refuse_stage3(optimizer)
+    group = _group_of(optimizer)
+    check_in(group, "zeroadam.checkpoint.load()", "Call checkpoint.load(path, model, optimizer) on every rank.")
+    staged, error = None, None
+    try:
+        staged = _stage_load(path, model, optimizer, _param_names(model, optimizer))
+    except Exception as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
+        error = e
+    _agree(group, error, "loading")
+    model_sd, opt_sd = staged  # type: ignore[misc]
+    # The model first: master residuals are relative to the parameter values they were saved with.
+    with torch.no_grad():
+        model.load_state_dict(model_sd)
+    optimizer.load_state_dict(opt_sd)
+
+
+# ---------------------------------------------------------------------------------------------- leaving zeroadam
+def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
+    """(plain model state dict, ``torch.optim.AdamW`` state dict or None) from a checkpoint, in one process.
+
+    The AdamW state keeps the checkpoint's param groups (with ``param_names``) and hyperparameters; its moments
+    are fp32, decoded from whatever format was saved."""
+    info = read_info(path)
+    wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
+    if optimizer:
+        for rec in info.params.values():
+            if rec.step > 0:
+                wanted.update(wanted_pieces(rec, 0, rec.numel))
+    data = read_tensors(info, wanted)
+    model_sd = {k: data[f"model/{k}"] for k in info.model}
+    if not optimizer:
+        return model_sd, None
+    defaults = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults
+    state: dict[int, dict[str, Any]] = {}
+    groups, idx = [], 0
+    for saved in info.param_groups:
+        options = {k: v for k, v in saved["options"].items() if k in defaults or k == "initial_lr"}
+        g = {**defaults, **options, "betas": tuple(options.get("betas", defaults["betas"]))}
+        g["params"], g["param_names"] = [], list(saved["params"])
+        for name in saved["params"]:
+            g["params"].append(idx)
+            rec = info.params[name]
+            if rec.step > 0:
+                m, v = decode_entry(assemble(rec, 0, rec.numel, data))
+                state[idx] = {"step": torch.tensor(float(rec.step)), "exp_avg": m.view(rec.shape), "exp_avg_sq": v.view(rec.shape)}
+            idx += 1
+        groups.append(g)
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def describe(path: PathLike) -> dict[str, Any]:
+    """A summary of a checkpoint: world size, stage, formats, parameter and state counts, bytes on disk."""
+    info = read_info(path)
+    numel = sum(r.numel for r in info.params.values())
+    by_kind = {"model": 0, "moments": 0, "scales": 0, "master": 0}
+    for key, n in info.stored_bytes.items():
+        if key.startswith("model/"):
+            by_kind["model"] += n
+        else:
+            k = key.split("/")[-2]
+            by_kind["scales" if k in SCALE_KEYS else "master" if k.startswith("master") else "moments"] += n
+    formats: dict[str, int] = {}
+    for r in info.params.values():
+        if r.step > 0:
+            label = f"{dtype_name(r.dtype)} params, {r.moments} moments, master {r.master}"
+            formats[label] = formats.get(label, 0) + r.numel
+    return {
+        "path": str(info.path),
+        "world_size": info.world_size,
+        "stage": info.stage,
+        "offload": info.offload,
+        "state_dtype": info.state_dtype,
+        "master_weights": info.master_weights,
+        "param_groups": len(info.param_groups),
+        "params": len(info.params),
+        "numel": numel,
+        "steps": sorted({r.step for r in info.params.values()}),
+        "formats_numel": formats,
+        "bytes": {**by_kind, "total_on_disk": info.file_bytes},
+        "bytes_per_param": {k: (v / numel if numel else 0.0) for k, v in {**by_kind, "total_on_disk": info.file_bytes}.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
+    parser.add_argument("out", metavar="OUT_FILE", help="where to write the model state dict (torch.save)")
+    parser.add_argument(
+        "--optimizer",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="OPT_FILE",
+        help="also write a torch.optim.AdamW state dict with fp32 moments, to OPT_FILE "
+        "(default: OUT_FILE with .optim before its suffix, e.g. model.optim.pt)",
+    )
+
+
+def _save_file(obj: Any, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, out)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        model_sd, opt_sd = consolidate(args.checkpoint, optimizer=args.optimizer is not None)
+    except CheckpointError as e:
+        print(f"zeroadam consolidate: error: {e}", file=sys.stderr)
+        return 1
+    _save_file(model_sd, out)
+    print(f"wrote the model state dict ({len(model_sd)} tensors) to {out}")
+    if opt_sd is not None:
+        opt_out = Path(args.optimizer) if args.optimizer else out.with_name(f"{out.stem}.optim{out.suffix or '.pt'}")
+        _save_file(opt_sd, opt_out)
+        print(f"wrote a torch.optim.AdamW state dict ({len(opt_sd['state'])} parameters with state) to {opt_out}")
+    return 0
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        d = describe(args.checkpoint)
+    except CheckpointError as e:
+        print(f"zeroadam inspect: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"checkpoint     {d['path']}")
+    print(f"saved by       {d['world_size']} rank(s), stage {d['stage']}, offload {d['offload']}")
+    print(f"options        state_dtype={d['state_dtype']}, master_weights={d['master_weights']}")
+    print(f"parameters     {d['params']} in {d['param_groups']} group(s), {d['numel']:,} elements, steps {d['steps']}")
+    for label, n in d["formats_numel"].items():
+        print(f"  {n:>14,} elements: {label}")
+    print("bytes on disk  " + ", ".join(f"{k} {v:,} ({d['bytes_per_param'][k]:.3f}/param)" for k, v in d["bytes"].items()))
+    return 0

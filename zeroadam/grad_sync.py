@@ -1,0 +1,95 @@
+"""Who averages the gradients of ZeRO stages 1 and 2: ZeroAdam's own collectives, or a DDP wrapper of the model.
+
+[Note: gradients averaged by a wrapper]
+Accelerate and the HF Trainer wrap every prepared model in ``DistributedDataParallel`` when several processes train,
+and DDP's backward all-reduces each gradient into ``p.grad``. A ZeroAdam that reduced them again would move every
+gradient twice; worse, stage 2's post-accumulate-grad hooks run before DDP's and would take each ``p.grad`` away
+before DDP sees it (DDP then averages zeros and writes them back). With ``gradient_sync="wrapper"`` ZeroAdam leaves
+``p.grad`` to the wrapper and, at ``step()``, copies its own shard of it without communicating: the state is still
+sharded and the parameters are still all-gathered, but stage 2 keeps full gradients like stage 1 (DDP holds them
+anyway). ``"auto"`` decides at the first backward (or step): "wrapper" when an Accelerate state that wraps prepared
+models in DDP is active, else "optimizer". ``zeroadam.integrations.accelerate.ZeroAccelerator`` keeps models
+unwrapped and sets "optimizer", which brings back stage 2's gradient memory savings.
+
+A wrong guess would silently step each shard with one rank's gradients, so every step in "wrapper" mode first checks
+that ``p.grad`` is the same on every rank: one all-reduce (MAX) of (s1, s2, -s1, -s2), where s1 and s2 are the sum
+and the sum of squares of all local gradients. DDP's averages are bitwise identical on every rank and the sums are
+computed by the same code on the same kind of device, so DDP always passes. Gradients that differ are reduced by
+ZeroAdam instead, which is correct at the usual cost, and a warning (once) names the likely cause.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .collectives import CommStats, Group, all_reduce_sum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .zero import FlatSpace
+
+__all__ = ["ResolvedSync", "wrapper_averages_gradients", "replicated", "copy_local_shards", "warn_not_replicated"]
+
+ResolvedSync = Literal["optimizer", "wrapper"]
+
+
+def wrapper_averages_gradients() -> bool:
+    """Whether the process runs under a framework that wraps prepared models in DistributedDataParallel.
+
+    Only Accelerate is known (the HF Trainer runs on it); it is consulted only if already imported."""
+    if "accelerate" not in sys.modules:
+        return False
+    from zeroadam.integrations.accelerate import wraps_models_in_ddp
+
+    return wraps_models_in_ddp()
+
+
+def replicated(group: Group, spaces: list["FlatSpace"], stats: CommStats) -> bool:
+    """Whether every rank holds the same ``p.grad`` for every parameter of ``spaces`` (collective).
+
+    Compares the fp64 sums of the gradients and of their squares across ranks (see [Note: gradients averaged by a
+    wrapper]); a missing gradient counts as zeros."""
+    dev = spaces[0].flat.device
+    s1 = torch.zeros((), dtype=torch.float64, device=dev)
+    s2 = torch.zeros((), dtype=torch.float64, device=dev)
+    for sp in spaces:
+        for p in sp.params:
+            if p.grad is None:
+                continue
+            g = p.grad.detach().reshape(-1)
+            s1 += g.sum(dtype=torch.float32).to(torch.float64)
+            s2 += torch.dot(g.float(), g.float()).to(torch.float64)
+    # An all-reduce of MAX over (s, -s) gives (max, -min): equal exactly when every rank has the same sums.
+    # NaN compares unequal to itself; it means non-finite gradients, which the step skips anyway.
+    t = torch.stack([s1, s2, -s1, -s2])
+    if group.world > 1:
+        stats.add("all_reduce", t)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group.pg)
+    mx, neg_mn = t[:2], t[2:]
+    same = bool(torch.equal(mx, -neg_mn))
+    return same or not bool(torch.isfinite(t).all())
+
+
+def copy_local_shards(spaces: list["FlatSpace"], rank: int) -> None:
+    """Add this rank's part of every ``p.grad`` (already averaged by the wrapper) into the gradient shards."""
+    for sp in spaces:
+        grads = {slot.index: p.grad for p, slot in zip(sp.params, sp.layout.slots)}
+        for slot, a, b in sp.layout.local_slots(rank):
+            g = grads[slot.index]
+            if g is None:
+                continue
+            sp.sink.add(a - sp.lo, g.detach().reshape(-1).narrow(0, a - slot.start, b - a), 1.0)
+        sp.sink.drain()
+
+
+def warn_not_replicated() -> None:
+    warnings.warn(
+        "ZeroAdam(gradient_sync='wrapper'): p.grad differs between ranks, so no DistributedDataParallel wrapper "
+        "averaged it; ZeroAdam averages the gradients itself (correct, with its own communication). Wrap the model "
+        "with accelerator.prepare(model) (DDP), or pass gradient_sync='optimizer' (or use "
+        "zeroadam.integrations.accelerate.ZeroAccelerator) for an unwrapped model. This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
