@@ -3,8 +3,7 @@ offload), continue, and match the uninterrupted run; a truncated, corrupted or m
 during save, consolidation to plain PyTorch files; state_dict() gathering to rank 0, consolidate_state_dict, a lone
 caller, and shards.
 
-Stage 3 is not covered: zeroadam.checkpoint raises NotImplementedError for it (its engine hands out no shard
-entries yet, and its model parameters live in unit shards that model.state_dict() does not see).
+Stage 3: the stage-2 checkpoints also load into a model sharded by shard_model on 3 ranks, and continue the same.
 
 Starting ranks dominates the cost (about 50 s for 3 ranks on a loaded 2-core machine), so one spawn of 3 ranks
 runs everything: the 2-rank scenarios on a process group of ranks 0 and 1 while rank 2 waits, then the 3-rank
@@ -22,6 +21,8 @@ from typing import Any, Callable
 
 import pytest
 import torch
+
+import zeroadam
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -260,6 +261,26 @@ def three_ranks(rank: int, world: int, root: Path) -> dict:
         train(model, opt, range(BEFORE, BEFORE + AFTER), rank, world)
         out[f"{fmt}/final"] = params_of(model)
 
+    # The same checkpoints into stage 3: parameters sharded per Linear layer.
+    for fmt in FORMATS:
+        torch.manual_seed(1)
+        model = zeroadam.shard_model(make_model(seed=1), units=[torch.nn.Linear])
+        opt = ZeroAdam(groups(model), lr=1e-2, weight_decay=0.0, state_dtype=fmt, stage=3)
+        checkpoint.load(root / fmt, model, opt)
+        train(model, opt, range(BEFORE, BEFORE + AFTER), rank, world)
+        full = zeroadam.full_state_dict(model)
+        out[f"{fmt}/stage3_final"] = [full[n] for n, _ in model.named_parameters()]
+        # Saved from stage 3, loaded into stage 2: the same parameters, and one more step agrees too.
+        checkpoint.save(root / f"{fmt}_from_stage3", model, opt)
+        train(model, opt, range(BEFORE + AFTER, BEFORE + AFTER + 1), rank, world)
+        full = zeroadam.full_state_dict(model)
+        out[f"{fmt}/stage3_next"] = [full[n] for n, _ in model.named_parameters()]
+        model2, opt2 = build(fmt, stage=2, seed=2)
+        checkpoint.load(root / f"{fmt}_from_stage3", model2, opt2)
+        out[f"{fmt}/stage3_to_stage2_loaded"] = params_of(model2)
+        train(model2, opt2, range(BEFORE + AFTER, BEFORE + AFTER + 1), rank, world)
+        out[f"{fmt}/stage3_to_stage2_next"] = params_of(model2)
+
     # A truncated data file: an error on every rank, and nothing changes.
     if rank == 0:
         shutil.copytree(root / "fp32", root / "truncated")
@@ -281,6 +302,19 @@ def three_ranks(rank: int, world: int, root: Path) -> dict:
     opt.consolidate_state_dict(to=0)
     out["regathered"] = cloned(opt.state_dict())
     return out
+
+
+def test_save_on_2_load_into_stage3_on_3_continues_the_same(runs: dict) -> None:
+    for fmt, tol in (("fp32", 1e-5), ("int8", 2e-3)):
+        for r in runs["three"]:
+            assert rel_err(r[f"{fmt}/stage3_final"], runs["two"][0][f"{fmt}/final"]) <= tol
+
+
+def test_save_from_stage3_loads_into_stage2(runs: dict) -> None:
+    for fmt in ("fp32", "int8"):
+        for r in runs["three"]:
+            assert rel_err(r[f"{fmt}/stage3_to_stage2_loaded"], r[f"{fmt}/stage3_final"]) == 0.0
+            assert rel_err(r[f"{fmt}/stage3_to_stage2_next"], r[f"{fmt}/stage3_next"]) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -54,6 +54,7 @@ from .checkpoint_format import (
     wanted_pieces,
 )
 from .collectives import Group, all_gather_objects
+from .sharded_model import full_state_dict, load_full_state_dict
 from .state_dict import check_in, decode_entry, entry_of, local_ranges, validate_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,12 +83,19 @@ def _group_of(opt: "ZeroAdam") -> Group:
     return Group.resolve(None)  # stage 0: every rank holds the same state; DCP writes it once
 
 
-def _refuse_stage3(opt: "ZeroAdam") -> None:
-    if opt._zero is not None and not hasattr(opt._zero, "spaces"):
-        raise NotImplementedError(
-            "zeroadam.checkpoint: stage 3 is not supported yet; save with stage=0, 1 or 2 (a checkpoint from any of "
-            "them loads at any world size)"
-        )
+def _model_state(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """What rank 0 writes for the model: its state dict, gathered from the shards for a stage-3 model (collective
+    then, so every rank calls this); the other ranks get their own (unread) state dict or nothing."""
+    if getattr(model, "_zeroadam_sharded", None) is not None:
+        return full_state_dict(model, rank0_only=True)
+    return model.state_dict()
+
+
+def _load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    if getattr(model, "_zeroadam_sharded", None) is not None:
+        load_full_state_dict(model, sd)
+    else:
+        model.load_state_dict(sd)
 
 
 def _param_names(model: torch.nn.Module, opt: "ZeroAdam") -> dict[torch.Tensor, str]:
@@ -187,7 +195,6 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     optimizer's process group calls it). Replaces an existing checkpoint there atomically (see [Note: atomic save])."""
     import torch.distributed.checkpoint as dcp
 
-    _refuse_stage3(optimizer)
     target = Path(path)
     group = _group_of(optimizer)
     names = _param_names(model, optimizer)
@@ -215,7 +222,7 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
             tensors[key] = cpu
             pieces.append((names[p], k, a, b, crc32_of(cpu)))
     model_crc: dict[str, int] = {}
-    model_sd = model.state_dict()
+    model_sd = _model_state(model, group.rank)
     if group.rank == 0:
         # Only rank 0 writes the model: ranks may differ in buffers, and its copy is the one the checksums describe.
         for k, t in model_sd.items():
@@ -322,7 +329,6 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     """Load a checkpoint saved at any world size and stage into ``model`` and ``optimizer`` (collective: every
     rank of the optimizer's process group calls it). Validates everything on every rank first; on any problem
     raises CheckpointError on every rank and leaves the model and the optimizer as they were."""
-    _refuse_stage3(optimizer)
     group = _group_of(optimizer)
     check_in(group, "zeroadam.checkpoint.load()", "Call checkpoint.load(path, model, optimizer) on every rank.")
     staged, error = None, None
@@ -334,7 +340,7 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     model_sd, opt_sd = staged  # type: ignore[misc]
     # The model first: master residuals are relative to the parameter values they were saved with.
     with torch.no_grad():
-        model.load_state_dict(model_sd)
+        _load_model_state(model, model_sd)
     optimizer.load_state_dict(opt_sd)
 
 

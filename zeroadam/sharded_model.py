@@ -512,3 +512,33 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
             continue
         out[name] = seen[t] if t in seen else t.detach().cpu().clone()
     return out
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) state dict into a sharded model: each rank copies the pieces of its shards;
+    buffers load as usual. Not collective. Keys and shapes must match ``model.state_dict()`` exactly."""
+    st = sharded_state(model)
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"zeroadam.load_full_state_dict: keys differ from the model's: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, t in own.items():
+        if tuple(state_dict[name].shape) != tuple(t.shape):
+            raise ValueError(
+                f"zeroadam.load_full_state_dict: {name!r} has shape {tuple(state_dict[name].shape)}, the model {tuple(t.shape)}"
+            )
+    name_of = {p: n for n, p in own.items() if isinstance(p, nn.Parameter)}
+    with torch.no_grad():
+        for u in st.units:
+            for f in u.flats:
+                lo, hi = f.layout.shard_range(st.group.rank)
+                for p, slot in zip(f.params, f.layout.slots):
+                    a, b = max(slot.start, lo), min(slot.end, hi)
+                    if a < b:
+                        src = state_dict[name_of[p]].reshape(-1).narrow(0, a - slot.start, b - a)
+                        f.shard.narrow(0, a - lo, b - a).copy_(src)
+        for name, t in own.items():
+            if not isinstance(t, nn.Parameter):
+                t.copy_(state_dict[name])

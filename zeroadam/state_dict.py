@@ -344,8 +344,7 @@ def _drop_consolidated(opt: "ZeroAdam") -> None:
 
 
 def _has_state(opt: "ZeroAdam") -> bool:
-    # Every rank steps every space together, so every rank gives the same answer without asking the others.
-    return any(sp.step > 0 for sp in opt._zero.spaces)
+    return opt._zero.has_state()
 
 
 def _flat_engine(opt: "ZeroAdam") -> bool:
@@ -444,6 +443,8 @@ def local_ranges(opt: "ZeroAdam") -> dict[torch.Tensor, tuple[int, int]]:
 
 
 def _check_sharded_steps(opt: "ZeroAdam", checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+    if not hasattr(opt._zero, "spaces"):
+        return  # stage 3 keeps a step count per parameter piece
     step_of = {p: step for p, _gi, step, _e in checked}
     for sp in opt._zero.spaces:
         steps = {step_of[p] for p in sp.params if p in step_of}

@@ -402,6 +402,10 @@ class ZeroEngine:
                 )
         return out
 
+    def has_state(self) -> bool:
+        # Every rank steps every space together, so every rank answers alike without asking the others.
+        return any(sp.step > 0 for sp in self.spaces)
+
     def shard_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
         """This rank's shard entry of every parameter with state: the elements inside [lo, hi), views of the live
         state (no communication). A parameter outside the shard gets an empty piece, which still carries its step

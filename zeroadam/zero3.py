@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from . import quant
 from .collectives import Group, all_gather_objects, all_reduce_sum
 from .fused import Run, StepScalars, fused_update
-from .options import BLOCK_SIZE, GroupHyper, betas_of
+from .options import GroupHyper, betas_of
 from .sharded_model import ShardedModel, UnitFlat
 from .state import Master, Moments
-from .state_dict import convert_master, convert_moments, entry_of
+from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import ZeroAdam
@@ -48,20 +47,6 @@ class Piece:
         return self.flat.shard.narrow(0, self.offset, self.numel)
 
 
-def narrow_entry(entry: dict[str, Any], start: int, numel: int) -> dict[str, Any]:
-    """The part [start, start + numel) of a whole-parameter state entry, flattened (start on a block)."""
-    out: dict[str, Any] = {"step": entry["step"]}
-    b0, nb = start // BLOCK_SIZE, quant.num_blocks(numel)
-    for k, t in entry.items():
-        if k == "step":
-            continue
-        if k.endswith("_scale"):
-            out[k] = t.reshape(-1).narrow(0, b0, nb)
-        else:
-            out[k] = t.reshape(-1).narrow(0, start, numel)
-    return out
-
-
 class Zero3Engine:
     def __init__(self, opt: "ZeroAdam", sharded: ShardedModel) -> None:
         self.opt = opt
@@ -70,6 +55,7 @@ class Zero3Engine:
         self.offload = opt.options.offload
         self._last_stats: dict[str, Any] = sharded.stats.snapshot()
         self.pieces: list[Piece] = []
+        self.step_count = 0  # steps taken (or loaded); every piece steps together
         self.flats: list[UnitFlat] = [f for u in sharded.units for f in u.flats]
         state_dev = torch.device("cpu") if self.offload == "cpu" else None
         for gi, group in enumerate(opt.param_groups):
@@ -171,6 +157,7 @@ class Zero3Engine:
             fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), opt._backend)
             if piece.param_host is not None:
                 view.copy_(piece.param_host, non_blocking=True)
+        self.step_count += 1
         self._end_step()
 
     def _clear_grads(self) -> None:
@@ -206,25 +193,49 @@ class Zero3Engine:
         }
 
     # ---------------------------------------------------------------- state dicts
-    def full_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """Every parameter's whole state entry (collective: pieces travel as objects to every rank)."""
+    def has_state(self) -> bool:
+        # Every rank steps every piece together, so every rank answers alike without asking the others.
+        return self.step_count > 0
+
+    def shard_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """This rank's piece of every parameter's state (views, no communication); a parameter this rank holds
+        nothing of gets an empty piece that still carries its step."""
+        out: dict[torch.Tensor, dict[str, Any]] = {}
+        if not self.has_state():
+            return out
+        for pc in self.pieces:
+            out[pc.param] = piece_entry(pc.step, pc.moments, pc.master, pc.start, pc.start + pc.numel)
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p not in out:
+                    fmt = self.opt._moment_format(p.numel())
+                    empty = Moments.zeros(fmt, 0, p.device)  # type: ignore[arg-type]
+                    out[p] = piece_entry(self.step_count, empty, Master.create(self.opt._master_kind(p), p.detach().reshape(-1)[:0]), 0, 0)
+        return out
+
+    def full_entries(self, to: int = 0) -> Optional[dict[torch.Tensor, dict[str, Any]]]:
+        """Every parameter's whole state entry on rank ``to`` (CPU tensors; None elsewhere). Collective: the
+        pieces travel as objects, which is simple and fine for state dicts, not for checkpoints of big models
+        (``zeroadam.checkpoint`` writes pieces where they are)."""
         index = {p: i for i, p in enumerate(p for g in self.opt.param_groups for p in g["params"])}
         mine = [
             (index[pc.param], pc.start, pc.step, {k: t.cpu() for k, t in {**pc.moments.tensors(), **pc.master.tensors()}.items()})
             for pc in self.pieces
             if pc.step > 0
         ]
+        everyone = all_gather_objects(self.group, mine)
+        if self.group.rank != to:
+            return None
         by_index = {i: p for p, i in index.items()}
         parts: dict[int, list[tuple[int, int, dict[str, torch.Tensor]]]] = {}
-        for theirs in all_gather_objects(self.group, mine):
+        for theirs in everyone:
             for i, start, step, tensors in theirs:
                 parts.setdefault(i, []).append((start, step, tensors))
         out: dict[torch.Tensor, dict[str, Any]] = {}
         for i, pieces in parts.items():
             p = by_index[i]
             pieces.sort(key=lambda x: x[0])
-            keys = pieces[0][2].keys()
-            whole = {k: torch.cat([pt[2][k] for pt in pieces]) for k in keys}
+            whole = {k: torch.cat([pt[2][k] for pt in pieces]) for k in pieces[0][2]}
             fmt = self.opt._moment_format(p.numel())
             moments = Moments(fmt, whole["exp_avg"], whole["exp_avg_sq"], whole.get("exp_avg_scale"), whole.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
             master = Master(self.opt._master_kind(p), fp32=whole.get("master"), residual=whole.get("master_residual"))
@@ -232,21 +243,20 @@ class Zero3Engine:
         return out
 
     def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+        """Install validated entries (whole, or pieces covering this rank's part) into the pieces; nothing
+        changes until every piece is converted."""
         by_param = {p: (step, entry) for p, _gi, step, entry in checked}
         staged = []
         for pc in self.pieces:
+            dev = pc.moments.exp_avg.device
             if pc.param not in by_param:
-                staged.append((pc, 0, None, None))
+                staged.append((pc, 0, Moments.zeros(pc.moments.fmt, pc.numel, dev), pc.master))  # type: ignore[arg-type]
                 continue
             step, entry = by_param[pc.param]
-            part = narrow_entry(entry, pc.start, pc.numel)
-            dev = pc.moments.exp_avg.device
+            part = entry_piece(entry, pc.start, pc.start + pc.numel, pc.param.numel())
             moments = convert_moments(part, pc.moments.fmt, pc.numel, dev, step)
             master = convert_master(part, pc.master.kind, pc.param_view().to(dev))
             staged.append((pc, step, moments, master))
         for pc, step, moments, master in staged:
-            if moments is None:
-                pc.moments = Moments.zeros(pc.moments.fmt, pc.numel, pc.moments.exp_avg.device)  # type: ignore[arg-type]
-            else:
-                pc.moments, pc.master = moments, master
-            pc.step = step
+            pc.moments, pc.master, pc.step = moments, master, step
+        self.step_count = max((step for _, step, _, _ in staged), default=0)
