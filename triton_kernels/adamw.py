@@ -1,0 +1,398 @@
+"""The fused AdamW update of one run in Triton: one kernel per moment storage format (fp32, bf16, int8 blocks).
+
+Each kernel reads and writes every tensor of the run once: it loads the gradient (fp32 / bf16 / fp16) times the
+step's gradient scale, rebuilds the fp32 master value (fp32 parameter, fp32 master copy, 16-bit parameter plus
+int8 residual, or 16-bit parameter alone), dequantizes the moments, applies the update of
+``zeroadam.reference.adamw_reference`` in fp32, and writes the moments and the parameter back in their formats.
+The master kind and the dtypes are compile-time specializations; ``update_torch`` in ``zeroadam.fused`` is the
+definition these kernels must match (``tests/test_triton_kernels.py``).
+
+[Note: matching the reference]
+* Each torch op of the reference rounds once, and the fmas that torch's CPU kernels use (checked bit for bit on
+  this project's AVX2 build) are spelled out with ``tl.fma`` (lerp: fma(w, g - m, m); addcmul:
+  fma((1 - beta2) * g, g, v)); launches turn LLVM's fp contraction off so that no other multiply-add fuses
+  (``_launch.launch_options``).
+* Division and square root use ``tl.div_rn`` / ``tl.sqrt_rn``: plain ``/`` and ``tl.sqrt`` are approximate on
+  NVIDIA GPUs. torch's CPU ``sqrt`` is itself not correctly rounded (about 1 in 6 fp32 results is one ulp off,
+  measured on this project's AVX2 build), so the fp32 results agree to about an ulp, not exactly.
+* Rounding to a 16-bit float and back goes through the bits. The Triton interpreter converts fp32 to bf16 by
+  truncation, not to nearest even as GPUs and torch do, so ``x.to(tl.bfloat16)`` cannot serve both.
+* ``torch.round`` (half to even) is written with ``tl.floor``: libdevice's ``rint`` has no interpreter version.
+* The stochastic-rounding bits are the hash of ``zeroadam.state.hash_uniform`` in uint32 arithmetic, on the
+  element's index ``run.index_base + i`` (see [Note: stochastic rounding] in ``zeroadam/state.py``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from zeroadam import _compat, quant
+from zeroadam.fused import Run, StepScalars
+from zeroadam.options import BLOCK_SIZE
+from zeroadam.reference import bias_corrections
+
+triton = _compat.require("triton", "the Triton AdamW kernels")
+tl = _compat.require("triton.language", "the Triton AdamW kernels")
+
+from . import _launch  # noqa: E402  (imports triton itself: after the check above)
+
+__all__ = ["update_triton"]
+
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# Hash multipliers of zeroadam.state._mix32.
+_H1 = tl.constexpr(0x7FEB352D)
+_H2 = tl.constexpr(0x5BD1E995)
+_INV254 = tl.constexpr(1.0 / 254.0)
+# Seeds and the hash base vary per step: keep them out of Triton's value specialization (a seed equal to 1 would
+# otherwise become a compile-time constant, and divisibility by 16 a second compiled variant).
+_NO_SPECIALIZE = ["index_base", "seed_m", "seed_v", "seed_p"]
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit floats
+@triton.jit
+def _from_bits(bits, DTYPE: tl.constexpr):
+    """The 16-bit float whose bit pattern is the low 16 bits of an int32 / uint32 tensor."""
+    return bits.to(tl.uint16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _to_f32(x):
+    """Exact widening of an fp32 / bf16 / fp16 tensor to fp32."""
+    if x.dtype == tl.bfloat16:
+        out = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _round_nearest(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE rounded to nearest even, as torch's ``.to(dtype)``; NaN becomes bf16's canonical 0x7FC0."""
+    if DTYPE == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        out = _from_bits(tl.where(x != x, 0x7FC0, r), DTYPE)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (torch.round) of fp32 values below 2**22 in magnitude."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f.to(tl.int32) & 1) == 1
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _hash_index(index_base, offs):
+    """(index_base + offs) mod 2**32 as uint32: the element's hash index."""
+    return tl.add(index_base.to(tl.uint32), offs.to(tl.uint32), sanitize_overflow=False)
+
+
+@triton.jit
+def _hash_uniform(idx, seed):
+    """u in [0, 1) from 24 hash bits, as zeroadam.state.hash_uniform (idx: uint32 tensor, seed: integer)."""
+    # The products wrap modulo 2**32 by design. sanitize_overflow=False says so: debug builds and the interpreter
+    # otherwise check every integer product for overflow (a sixth of an interpreted launch, measured).
+    h = idx ^ seed.to(tl.uint32)
+    h = h ^ (h >> 16)
+    h = tl.mul(h, _H1, sanitize_overflow=False)
+    h = h ^ (h >> 15)
+    h = tl.mul(h, _H2, sanitize_overflow=False)
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _stochastic_round(x, u, DTYPE: tl.constexpr):
+    """zeroadam.state.stochastic_round: the magnitude goes to the next DTYPE value away from the nearest one
+    with probability distance / spacing (u uniform in [0, 1)); the sign is copied from x."""
+    a = tl.abs(x)
+    near = _round_nearest(a, DTYPE)
+    near_f = _to_f32(near)
+    err = a - near_f  # exact: near is within one ulp of a
+    near_bits = near.to(tl.uint16, bitcast=True).to(tl.int32)
+    other_bits = near_bits + tl.where(err > 0, 1, tl.where(err != 0, -1, 0))
+    other_f = _to_f32(_from_bits(other_bits, DTYPE))
+    take = u * tl.abs(other_f - near_f) < tl.abs(err)
+    sign = ((x.to(tl.uint32, bitcast=True) >> 16) & 0x8000).to(tl.int32)
+    return _from_bits(tl.where(take, other_bits, near_bits) | sign, DTYPE)
+
+
+@triton.jit
+def _ulp_up(p):
+    """fp32 distance from |p| (16-bit) to the next larger magnitude of its dtype (zeroadam.state.ulp_up)."""
+    bits = p.to(tl.uint16, bitcast=True).to(tl.int32) & 0x7FFF
+    return _to_f32(_from_bits(bits + 1, p.dtype)) - _to_f32(_from_bits(bits, p.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- loads and stores
+@triton.jit
+def _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG: tl.constexpr):
+    """fp32 gradient times grad_scale; sets *nonfinite_ptr to 1 if any of it is inf or nan."""
+    g = _to_f32(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * grad_scale
+    if HAS_FLAG:
+        n_bad = tl.sum((~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))  # NaN fails every comparison
+        # Every program that sees one writes the same 1: the race is benign.
+        tl.store(nonfinite_ptr, 1, mask=n_bad > 0)
+    return g
+
+
+@triton.jit
+def _load_master(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
+    """fp32 master values: zeroadam.state.Master.read."""
+    if MASTER == "fp32":
+        x = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    elif MASTER == "compact":
+        p = tl.load(param_ptr + offs, mask=mask, other=0.0)
+        r = tl.load(master_ptr + offs, mask=mask, other=0).to(tl.float32)
+        x = _to_f32(p) + (r * _ulp_up(p)) * _INV254
+    else:  # "param" (the parameter is its own master) or "none" (a 16-bit parameter alone)
+        x = _to_f32(tl.load(param_ptr + offs, mask=mask, other=0.0))
+    return x
+
+
+@triton.jit
+def _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER: tl.constexpr):
+    """Write fp32 values x to the parameter and its master: zeroadam.state.Master.write."""
+    P_DTYPE = param_ptr.dtype.element_ty
+    if MASTER == "compact":
+        p = _round_nearest(x, P_DTYPE)
+        q = tl.div_rn((x - _to_f32(p)) * 254.0, _ulp_up(p))
+        r = tl.where(q == q, _rint(tl.minimum(tl.maximum(q, -127.0), 127.0)), 0.0)
+        tl.store(param_ptr + offs, p, mask=mask)
+        tl.store(master_ptr + offs, r.to(tl.int8), mask=mask)
+    elif MASTER == "none":
+        u = _hash_uniform(_hash_index(index_base, offs), seed_p)
+        tl.store(param_ptr + offs, _stochastic_round(x, u, P_DTYPE), mask=mask)
+    else:
+        if MASTER == "fp32":
+            tl.store(master_ptr + offs, x, mask=mask)
+        tl.store(param_ptr + offs, _round_nearest(x, P_DTYPE), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- the update
+@triton.jit
+def _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps):
+    """zeroadam.reference.adamw_reference on fp32 tiles, op for op (see [Note: matching the reference])."""
+    x = x * decay
+    d = g - m
+    # torch's lerp: weight < 0.5 ? fma(w, end - self, self) : fma(w - 1, end - self, end)
+    m = tl.where(lerp_weight < 0.5, tl.fma(lerp_weight, d, m), tl.fma(lerp_weight - 1.0, d, g))
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    x = x + tl.div_rn(step_size * m, denom)
+    return x, m, v
+
+
+@triton.jit
+def _decode_signed(codes, scale):
+    """exp_avg from int8 codes and a per-element scale: sign(c) * (|c| / 127)^2 * scale (quant.decode)."""
+    c = codes.to(tl.float32)
+    t = tl.div_rn(tl.abs(c), 127.0)
+    return tl.where(c < 0, -(t * t), t * t) * scale
+
+
+@triton.jit
+def _decode_unsigned(codes, scale):
+    """exp_avg_sq from uint8 codes and a per-element scale: ((c / 255)^2)^2 * scale (quant.decode)."""
+    t = tl.div_rn(codes.to(tl.float32), 255.0)
+    t2 = t * t
+    return t2 * t2 * scale
+
+
+@triton.jit
+def _normalize(x, absmax):
+    """x / absmax, or 0 where the block is all zeros (quant.quantize)."""
+    nonzero = absmax > 0
+    return tl.where(nonzero, tl.div_rn(x, tl.where(nonzero, absmax, 1.0)), 0.0)
+
+
+@triton.jit
+def _encode_signed(y):
+    """int8 codes of normalized exp_avg: sign(y) * round(127 * sqrt(|y|)) (quant.encode)."""
+    c = _rint(tl.sqrt_rn(tl.abs(y)) * 127.0)
+    return tl.where(y < 0, -c, c).to(tl.int8)
+
+
+@triton.jit
+def _encode_unsigned(y):
+    """uint8 codes of normalized exp_avg_sq: round(255 * y^(1/4)), at least 1 where y > 0 (quant.encode)."""
+    c = _rint(tl.sqrt_rn(tl.sqrt_rn(y)) * 255.0)
+    return tl.where(y > 0, tl.maximum(c, 1.0), c).to(tl.uint8)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_fp32_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, nonfinite_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    mask = offs < n
+    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_bf16_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, nonfinite_ptr,
+    n, index_base, seed_m, seed_v, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    mask = offs < n
+    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
+    m = _to_f32(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0))
+    v = _to_f32(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0))
+    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    idx = _hash_index(index_base, offs)
+    tl.store(exp_avg_ptr + offs, _stochastic_round(m, _hash_uniform(idx, seed_m), tl.bfloat16), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _stochastic_round(v, _hash_uniform(idx, seed_v), tl.bfloat16), mask=mask)
+    _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_int8_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+    nonfinite_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    # A [ROWS, QBLOCK] tile of whole quantization blocks: each row's new absmax is a reduction along axis 1.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = offs < n
+    row_mask = rows * QBLOCK < n
+    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
+    m_scale = tl.load(exp_avg_scale_ptr + rows, mask=row_mask, other=0.0)
+    v_scale = tl.load(exp_avg_sq_scale_ptr + rows, mask=row_mask, other=0.0)
+    m = _decode_signed(tl.load(exp_avg_ptr + offs, mask=mask, other=0), m_scale[:, None])
+    v = _decode_unsigned(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0), v_scale[:, None])
+    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    m_absmax = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)
+    v_absmax = tl.max(tl.where(mask, v, 0.0), axis=1)  # v >= 0
+    tl.store(exp_avg_ptr + offs, _encode_signed(_normalize(m, m_absmax[:, None])), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _encode_unsigned(_normalize(v, v_absmax[:, None])), mask=mask)
+    tl.store(exp_avg_scale_ptr + rows, m_absmax, mask=row_mask)
+    tl.store(exp_avg_sq_scale_ptr + rows, v_absmax, mask=row_mask)
+    _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+class _Scalars(NamedTuple):
+    """The step's floats in kernel-argument order, computed in float64 as the reference computes them (the
+    kernels receive them as fp32, as torch's ops round a Python scalar)."""
+
+    grad_scale: float
+    decay: float  # 1 - lr * weight_decay
+    lerp_weight: float  # 1 - beta1
+    beta2: float
+    one_minus_beta2: float
+    step_size: float  # -lr / (1 - beta1^t)
+    bc2_sqrt: float  # sqrt(1 - beta2^t)
+    eps: float
+
+
+def _scalars(sc: StepScalars) -> _Scalars:
+    h = sc.hyper
+    inv_bc1, bc2_sqrt = bias_corrections(h.beta1, h.beta2, sc.step)
+    return _Scalars(
+        grad_scale=float(sc.grad_scale),
+        decay=1.0 - h.lr * h.weight_decay,
+        lerp_weight=1.0 - h.beta1,
+        beta2=h.beta2,
+        one_minus_beta2=1.0 - h.beta2,
+        step_size=-h.lr * inv_bc1,
+        bc2_sqrt=bc2_sqrt,
+        eps=h.eps,
+    )
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _check_run(run: Run, nonfinite_flag: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Validate the run's tensors; returns the master tensor the kernel takes (or None)."""
+    n, dev = run.param.numel(), run.param.device
+    _launch.check_flat("param", run.param, n, _FLOATS, dev)
+    _launch.check_flat("grad", run.grad, n, _FLOATS, dev)
+    mom = run.moments
+    if mom.fmt == "int8":
+        _launch.check_flat("exp_avg", mom.exp_avg, n, (torch.int8,), dev)
+        _launch.check_flat("exp_avg_sq", mom.exp_avg_sq, n, (torch.uint8,), dev)
+        nb = quant.num_blocks(n)
+        _launch.check_flat("exp_avg_scale", mom.exp_avg_scale, nb, (torch.float32,), dev)
+        _launch.check_flat("exp_avg_sq_scale", mom.exp_avg_sq_scale, nb, (torch.float32,), dev)
+    else:
+        dtype = torch.bfloat16 if mom.fmt == "bf16" else torch.float32
+        _launch.check_flat("exp_avg", mom.exp_avg, n, (dtype,), dev)
+        _launch.check_flat("exp_avg_sq", mom.exp_avg_sq, n, (dtype,), dev)
+    if nonfinite_flag is not None:
+        _launch.check_flat("nonfinite_flag", nonfinite_flag, 1, (torch.int32,), dev)
+    kind = run.master.kind
+    if kind in ("compact", "none") and run.param.dtype not in _HALF:
+        raise ValueError(
+            f"zeroadam Triton update: master kind {kind!r} needs a 16-bit parameter, got {run.param.dtype}"
+        )
+    if kind == "fp32":
+        _launch.check_flat("master", run.master.fp32, n, (torch.float32,), dev)
+        return run.master.fp32
+    if kind == "compact":
+        _launch.check_flat("master_residual", run.master.residual, n, (torch.int8,), dev)
+        return run.master.residual
+    return None
+
+
+def update_triton(run: Run, sc: StepScalars, *, nonfinite_flag: Optional[torch.Tensor] = None) -> None:
+    """Update one run in place with one launch of the fused kernel of its moment format.
+
+    ``nonfinite_flag``: an optional int32 tensor of one element on the run's device. The kernel sets it to 1 when
+    any scaled gradient is inf or nan and never clears it; the update is applied either way.
+    """
+    n = run.param.numel()
+    if n == 0:
+        return
+    master = _check_run(run, nonfinite_flag)
+    seed_m, seed_v, seed_p = sc.seeds()
+    scalars = _scalars(sc)
+    mom = run.moments
+    flags = dict(MASTER=run.master.kind, HAS_FLAG=nonfinite_flag is not None)
+    head = (run.param, run.grad, master, mom.exp_avg, mom.exp_avg_sq)
+    # Triton launches on the current CUDA device; for CPU tensors (the interpreter) this is a no-op.
+    with torch.cuda.device_of(run.param):
+        if mom.fmt == "int8":
+            tile = _launch.block_tile(n)
+            _adamw_int8_kernel[(tile.programs,)](
+                *head, mom.exp_avg_scale, mom.exp_avg_sq_scale, nonfinite_flag,
+                n, run.index_base, seed_p, *scalars,
+                **flags, ROWS=tile.rows, QBLOCK=BLOCK_SIZE, **_launch.launch_options(tile),
+            )  # fmt: skip
+        elif mom.fmt == "bf16":
+            tile = _launch.elementwise_tile(n)
+            _adamw_bf16_kernel[(tile.programs,)](
+                *head, nonfinite_flag, n, run.index_base, seed_m, seed_v, seed_p, *scalars,
+                **flags, TILE=tile.size, **_launch.launch_options(tile),
+            )  # fmt: skip
+        else:
+            tile = _launch.elementwise_tile(n)
+            _adamw_fp32_kernel[(tile.programs,)](
+                *head, nonfinite_flag, n, run.index_base, seed_p, *scalars,
+                **flags, TILE=tile.size, **_launch.launch_options(tile),
+            )  # fmt: skip
