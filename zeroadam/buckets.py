@@ -49,15 +49,26 @@ class Bucket:
 
 
 class GradBuckets:
-    def __init__(self, spaces: list["FlatSpace"], group: Group, bucket_size: int, stats: CommStats) -> None:
+    def __init__(
+        self,
+        spaces: list["FlatSpace"],
+        group: Group,
+        bucket_size: int,
+        stats: CommStats,
+        position: dict[torch.Tensor, float],  # each parameter's relative place in its param group, 0 .. 1
+    ) -> None:
         self.group = group
         self.stats = stats
         self.sync = True
         self.takes_grads: Callable[[], bool] = lambda: True  # False: a DDP wrapper averages p.grad (grad_sync.py)
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
-        # Backward visits parameters roughly in reverse order of definition: fill buckets from the end.
-        for space in reversed(spaces):
+        # Backward visits parameters roughly in reverse order of definition: fill each space's buckets from the
+        # end, then launch them in the order they are expected to complete, judged by the earliest-defined member
+        # (its relative position in its param group), so that a space of small tensors spread over the whole
+        # model (norms, biases) goes last instead of holding back every bucket behind it. The order depends only
+        # on the param groups, so it is the same on every rank.
+        for space in spaces:
             current: list[tuple[torch.Tensor, Slot]] = []
             size = 0
             for p, slot in reversed(list(zip(space.params, space.layout.slots))):
@@ -68,6 +79,7 @@ class GradBuckets:
                     current, size = [], 0
             if current:
                 self._add(space, current)
+        self.buckets.sort(key=lambda b: -min(position[p] for p, _ in b.members))
         self.peak_live_bytes = 0  # most bytes of bucket buffers alive at once (full gradients held)
         self._next = 0  # index of the next bucket to launch in this pass
         self._in_pass = False

@@ -17,7 +17,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older releases have only the old ones.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 __all__ = [
+    "all_gather_single",
+    "reduce_scatter_single",
     "CommStats",
     "Group",
     "reduce_scatter_avg",
@@ -85,7 +91,7 @@ class Group:
 def reduce_scatter_avg(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
     """out = mean over ranks of this rank's chunk of ``full`` (synchronous)."""
     stats.add("reduce_scatter", full)
-    dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group.pg)
+    reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg)
     out.mul_(1.0 / group.world)
 
 
@@ -98,7 +104,7 @@ def reduce_to(group: Group, piece: torch.Tensor, dst: int, stats: CommStats) -> 
 def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: CommStats) -> Any:
     """Async all-gather of equal shards into ``full``; returns the work handle."""
     stats.add("all_gather", full)
-    return dist.all_gather_into_tensor(full, shard, group=group.pg, async_op=True)
+    return all_gather_single(full, shard, group=group.pg, async_op=True)
 
 
 def all_reduce_sum(group: Group, t: torch.Tensor, stats: Optional[CommStats] = None) -> torch.Tensor:

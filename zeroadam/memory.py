@@ -126,7 +126,7 @@ class Setup:
     param_dtype: ParamDtype = "bf16"
     """Storage of the model's parameters; bf16 is the usual choice for large models."""
     offload: Optional[Offload] = None
-    bucket_size: int = 25_000_000
+    bucket_size: int = 5_000_000
     """Elements per stage-2 gradient bucket (ZeroAdam's default)."""
 
     def __post_init__(self) -> None:
@@ -391,7 +391,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-weights", default="auto", choices=get_args(MasterWeights), help="default auto (compact)")
     parser.add_argument("--param-dtype", default="bf16", choices=get_args(ParamDtype), help="default bf16")
     parser.add_argument("--offload", default=None, choices=get_args(Offload), help="keep the optimizer state on the host")
-    parser.add_argument("--bucket-size", type=int, default=25_000_000, help="elements per gradient bucket")
+    parser.add_argument("--bucket-size", type=int, default=5_000_000, help="elements per gradient bucket")
     parser.add_argument("--gpus-per-host", type=int, default=None, help="default min(world size, 8)")
     parser.add_argument(
         "--gpu-memory-gib", type=float, nargs="+", default=[], help="more card sizes to check, in GiB"

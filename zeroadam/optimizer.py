@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from . import _compat
 from .fused import Run, StepScalars, fused_update
 from .layout import FlatLayout, group_spaces
 from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, betas_of, check_hyper
@@ -72,7 +73,7 @@ class ZeroAdam(torch.optim.Optimizer):
         stage: int = 0,
         process_group: Optional[Any] = None,
         offload: Optional[str] = None,
-        bucket_size: int = 25_000_000,
+        bucket_size: int = 5_000_000,
         backend: Optional[str] = None,
         gradient_sync: str = "auto",
     ) -> None:
@@ -95,7 +96,11 @@ class ZeroAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self._zero = None
-        if self.options.stage >= 1 or self.options.offload is not None:
+        if any(_compat.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            from zeroadam.integrations.fsdp2 import DTensorEngine  # FSDP2 (fully_shard) parameters
+
+            self._zero = DTensorEngine.create(self)
+        elif self.options.stage >= 1 or self.options.offload is not None:
             from .zero import ZeroEngine
 
             self._zero = ZeroEngine.create(self, process_group)

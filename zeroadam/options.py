@@ -92,7 +92,7 @@ class ZeroOptions:
     """ZeRO stage: 0 none, 1 state sharded, 2 state and gradients sharded, 3 parameters too."""
     offload: Optional[Offload] = None
     """Where the shard's state lives and is updated: None (with the parameters) or "cpu"."""
-    bucket_size: int = 25_000_000
+    bucket_size: int = 5_000_000
     """Elements per stage-2 gradient bucket; larger buckets mean fewer, larger collectives."""
     gradient_sync: GradientSync = "auto"
     """Stages 1-2: who averages gradients over ranks: "optimizer" (ZeroAdam's collectives; the model is not wrapped
@@ -112,7 +112,7 @@ class ZeroOptions:
         if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
             raise _bad("stage", self.stage, "expected 0, 1, 2 or 3")
         if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
-            raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 25_000_000)")
+            raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 5_000_000)")
 
 
 def betas_of(betas: object) -> Tuple[float, float]:

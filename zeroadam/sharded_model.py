@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .collectives import CommStats, Group
+from .collectives import CommStats, Group, all_gather_single, reduce_scatter_single
 from .layout import FlatLayout
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
@@ -158,7 +158,7 @@ class ShardedModel:
                 self.live_bytes += f.full_bytes
             if self.group.world > 1:
                 self.stats.add("all_gather", f.full)
-                u.handles.append(dist.all_gather_into_tensor(f.full, f.shard, group=self.group.pg, async_op=True))
+                u.handles.append(all_gather_single(f.full, f.shard, group=self.group.pg, async_op=True))
             else:
                 f.full.copy_(f.shard)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
@@ -266,7 +266,7 @@ class ShardedModel:
             out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
             if self.group.world > 1:
                 self.stats.add("reduce_scatter", f.grad_full)
-                dist.reduce_scatter_tensor(out, f.grad_full, op=dist.ReduceOp.SUM, group=self.grad_pg)
+                reduce_scatter_single(out, f.grad_full, op=dist.ReduceOp.SUM, group=self.grad_pg)
                 f.grad_shard.add_(out, alpha=1.0 / self.group.world)
             else:
                 f.grad_shard.add_(f.grad_full)
@@ -293,7 +293,7 @@ class ShardedModel:
         if self.group.world == 1:
             return f.shard
         full = torch.empty(f.layout.total, dtype=f.shard.dtype, device=f.shard.device)
-        dist.all_gather_into_tensor(full, f.shard, group=self.group.pg)
+        all_gather_single(full, f.shard, group=self.group.pg)
         return full
 
 

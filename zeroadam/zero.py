@@ -70,7 +70,7 @@ def _own_storage(view: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_grads(sp: FlatSpace, lo: int, dst: torch.Tensor) -> None:
-    """dst = the gradients of flat range [lo, lo + len(dst)) (zeros where there is none)."""
+    """Copy the gradients of flat range [lo, lo + len(dst)) into dst (other elements are left as they are)."""
     hi = lo + dst.numel()
     for p, slot in zip(sp.params, sp.layout.slots):
         a, b = max(lo, slot.start), min(hi, slot.end)
@@ -89,6 +89,7 @@ class ZeroEngine:
         self.stats = CommStats(group.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
+        self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps
         # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
         sync = opt.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
@@ -100,7 +101,8 @@ class ZeroEngine:
                 self.spaces.append(self._build_space(gi, params))
         self.buckets: Optional[GradBuckets] = None
         if self.stage >= 2:
-            self.buckets = GradBuckets(self.spaces, group, opt.options.bucket_size, self.stats)
+            position = {p: i / len(g["params"]) for g in opt.param_groups for i, p in enumerate(g["params"])}
+            self.buckets = GradBuckets(self.spaces, group, opt.options.bucket_size, self.stats, position)
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
 
     @staticmethod
@@ -212,23 +214,37 @@ class ZeroEngine:
 
     def _reduce_stage1(self) -> None:
         """Average every parameter's gradient into the shards, without a full-size copy of the gradients: each
-        reduce-scatter covers the same slice [k, k + c) of every rank's shard, c * world <= bucket_size."""
+        reduce-scatter covers the same slice [k, k + c) of every rank's shard, c * world <= bucket_size, through
+        one staging buffer kept between steps. One rank (offload alone) adds each gradient in place."""
         world = self.group.world
         for sp in self.spaces:
+            if world == 1:
+                for p, slot in zip(sp.params, sp.layout.slots):
+                    if p.grad is not None:
+                        sp.sink.add(slot.start, p.grad.detach().reshape(-1), 1.0)
+                sp.sink.drain()
+                continue
             shard = sp.hi - sp.lo
             c = min(shard, max(BLOCK_SIZE, self.opt.options.bucket_size // world // BLOCK_SIZE * BLOCK_SIZE))
+            buf = self._staging(world * c, sp.flat.device)
+            out = torch.empty(c, dtype=torch.float32, device=sp.flat.device)
             for k in range(0, shard, c):
                 n = min(c, shard - k)
-                buf = torch.zeros(world, n, dtype=torch.float32, device=sp.flat.device)
+                chunk = buf.narrow(0, 0, world * n).view(world, n)
+                chunk.zero_()  # padding and parameters without a gradient count as zeros
                 for r in range(world):
-                    _copy_grads(sp, r * shard + k, buf[r])
-                if world > 1:
-                    out = torch.empty(n, dtype=torch.float32, device=sp.flat.device)
-                    reduce_scatter_avg(self.group, out, buf.view(-1), self.stats)
-                else:
-                    out = buf[0]
-                sp.sink.add(k, out, 1.0)
+                    _copy_grads(sp, r * shard + k, chunk[r])
+                reduce_scatter_avg(self.group, out.narrow(0, 0, n), chunk.view(-1), self.stats)
+                sp.sink.add(k, out.narrow(0, 0, n), 1.0)
             sp.sink.drain()
+
+    def _staging(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A reusable fp32 buffer of at least ``numel`` elements (allocating ~100 MB each step costs more than
+        the reduction on a CPU: fresh pages are zeroed by the kernel)."""
+        buf = self._stage1_buffer
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self._stage1_buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
 
     def grads_from_wrapper(self) -> bool:
         """Whether a DDP wrapper averages the gradients (see [Note: gradients averaged by a wrapper])."""
