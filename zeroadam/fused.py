@@ -4,8 +4,8 @@ A run is a contiguous 1D range of parameter values with its gradient, moments an
 a block boundary of its parameter. Backends, fastest first:
 
 * CUDA tensors: the Triton kernel for the run's formats (``zeroadam.triton_kernels.adamw``).
-* CPU tensors: the compiled CPU kernel (``zeroadam.cpu_kernels``): torch's fused CPU AdamW for plain fp32,
-  a C++ loop for int8 / bf16 / compact formats.
+* CPU tensors: the compiled CPU kernel (``zeroadam.cpu_kernels``), one OpenMP pass in C++ for every format
+  (torch's fused CPU AdamW when the kernel cannot be built and the run is plain fp32).
 * Anything else, or when neither is available: ``update_torch``, the reference composed with the formats.
 """
 from __future__ import annotations

@@ -95,6 +95,9 @@ class ZeroEngine:
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
         self._warned_not_replicated = False
         self._check_fingerprint()
+        # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
+        # no gradient is copied at all (see _step_direct).
+        self._direct = group.world == 1 and all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"])
         self.spaces: list[FlatSpace] = []
         for gi, pg in enumerate(opt.param_groups):
             for params in group_spaces(pg["params"], opt._space_of).values():
@@ -178,7 +181,9 @@ class ZeroEngine:
         if self.offload == "cpu" and dev.type != "cpu":
             param_host = host_buffer(hi - lo, flat.dtype, pin=True)
         kind = opt._master_kind(params[0])
-        if pin:
+        if self._direct:
+            grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad
+        elif pin:
             grad_shard = host_buffer(hi - lo, torch.float32, pin=True)
         else:
             grad_shard = torch.zeros(hi - lo, dtype=torch.float32, device=state_dev)
@@ -284,7 +289,9 @@ class ZeroEngine:
         if self._reduced:
             return
         self.rebind_moved_params()
-        if self.grads_from_wrapper():
+        if self._direct:
+            pass
+        elif self.grads_from_wrapper():
             if replicated(self.group, self.spaces, self.stats):
                 copy_local_shards(self.spaces, self.group.rank)
             else:
@@ -304,6 +311,12 @@ class ZeroEngine:
 
     def local_grad_sq_sum(self) -> torch.Tensor:
         self.ensure_reduced()
+        if self._direct:
+            grads = [p.grad for sp in self.spaces for p in sp.params if p.grad is not None]
+            total = torch.zeros((), dtype=torch.float32)
+            for g in grads:
+                total += torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+            return total
         dev = self.spaces[0].grad_shard.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for sp in self.spaces:
@@ -340,6 +353,9 @@ class ZeroEngine:
                 lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
             )
             sp.step += 1
+            if self._direct:
+                self._step_direct(sp, StepScalars(hyper, sp.step, scale, sp.group_index))
+                continue
             shard = sp.param_shard()
             param = shard if sp.param_host is None else sp.param_host.copy_(shard)
             run = Run(param=param, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
@@ -351,6 +367,19 @@ class ZeroEngine:
         for h in handles:
             h.wait()
         self._end_step()
+
+    def _step_direct(self, sp: FlatSpace, sc: StepScalars) -> None:
+        """Update parameter by parameter, reading p.grad in place (a missing gradient counts as zeros)."""
+        for p, slot in zip(sp.params, sp.layout.slots):
+            grad = p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(slot.numel)
+            run = Run(
+                param=sp.flat.narrow(0, slot.start, slot.numel),
+                grad=grad,
+                moments=sp.moments.narrow(slot.start, slot.numel),
+                master=sp.master.narrow(slot.start, slot.numel),
+                index_base=slot.start,
+            )
+            fused_update(run, sc, self.opt._backend)
 
     def zero_grad(self) -> None:
         if self.buckets is not None and self.buckets._in_pass:

@@ -1,0 +1,344 @@
+"""zeroadam.cpu_kernels: the compiled CPU kernel against ``update_torch``, the definition of the update.
+
+Every format combination (moments fp32 / bf16 / int8, fp32 / bf16 / fp16 parameters with their master kinds,
+fp32 / bf16 / fp16 gradients) runs several steps from the same state on both paths, at sizes that cover an
+empty-tail block, whole blocks and one-element tails. What may differ, and how much (see [Note: matching
+update_torch] in the module): fp32 values by an ulp or two of sqrt, and, rarely, an int8 code, a 16-bit
+parameter or a compact residual by one step.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import pytest
+import torch
+
+from zeroadam import cpu_kernels
+from zeroadam.fused import Run, StepScalars, update_torch
+from zeroadam.options import GroupHyper
+from zeroadam.state import Master, Moments, compact_decode, ulp_up
+
+SIZES = [1, 255, 256, 257, 4097, 100_003]
+PARAM_MASTERS = [
+    (torch.float32, "param"),
+    (torch.bfloat16, "fp32"),
+    (torch.bfloat16, "compact"),
+    (torch.bfloat16, "none"),
+    (torch.float16, "fp32"),
+    (torch.float16, "compact"),
+    (torch.float16, "none"),
+]
+GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FP32_RTOL = 1e-6  # relative to |value| + lr: an ulp of sqrt moves an update of size ~lr by ~1e-7 of it
+# Elements allowed to differ by one step (code, 16-bit ulp, residual): sqrt ulps land on a rounding boundary
+# about once in 10^4 - 10^5 elements; 1 in 500 leaves room and still catches any systematic error.
+RARE = 500
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if cpu_kernels.compiled_kernel() is None:
+        pytest.skip("the CPU kernel cannot be built here (no C++ compiler or ninja)")
+
+
+requires_kernel = pytest.mark.usefixtures("kernel")
+
+
+# ----------------------------------------------------------------------------- state and comparisons
+
+
+@dataclass
+class State:
+    param: torch.Tensor  # 1D [n]
+    moments: Moments
+    master: Master
+
+    def clone(self) -> "State":
+        def copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.clone()
+
+        mo, ma = self.moments, self.master
+        tensors = (mo.exp_avg, mo.exp_avg_sq, mo.exp_avg_scale, mo.exp_avg_sq_scale)
+        moments = Moments(mo.fmt, *(copy(t) for t in tensors))
+        return State(self.param.clone(), moments, Master(ma.kind, copy(ma.fp32), copy(ma.residual)))
+
+
+def make_state(n: int, fmt: str, param_dtype: torch.dtype, kind: str, gen: torch.Generator) -> State:
+    param = (torch.randn(n, generator=gen) * 0.5).to(param_dtype)
+    moments = Moments.zeros(fmt, n, torch.device("cpu"))  # type: ignore[arg-type]
+    return State(param, moments, Master.create(kind, param))  # type: ignore[arg-type]
+
+
+def allowed(n: int) -> int:
+    return n // RARE
+
+
+def ordered(t: torch.Tensor) -> torch.Tensor:
+    """Integers whose differences count ulps of a 16-bit tensor across zero."""
+    bits = t.view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def check_fp32(name: str, got: torch.Tensor, want: torch.Tensor, scale: float, spare: int) -> None:
+    bad = (got - want).abs() > FP32_RTOL * (want.abs() + scale)
+    assert int(bad.sum()) <= spare, f"{name}: {int(bad.sum())} of {want.numel()} values differ beyond rtol"
+
+
+def check_steps(name: str, got: torch.Tensor, want: torch.Tensor, spare: int) -> None:
+    """Integer-like tensors (codes, residuals, 16-bit ulps): equal but for `spare` elements one step apart."""
+    if got.dtype in (torch.int8, torch.uint8):
+        d = (got.to(torch.int32) - want.to(torch.int32)).abs()
+    else:
+        d = (ordered(got) - ordered(want)).abs()
+    assert int(d.max()) <= 1, f"{name}: an element differs by {int(d.max())} steps"
+    assert int((d > 0).sum()) <= spare, f"{name}: {int((d > 0).sum())} of {d.numel()} elements differ"
+
+
+def compare(got: State, want: State, lr: float) -> None:
+    n = want.param.numel()
+    fmt, kind = want.moments.fmt, want.master.kind
+    spare = allowed(n)
+    # With int8 moments a differing code changes that element's update, and so its parameter, for good.
+    fp32_spare = spare if fmt == "int8" else 0
+    if fmt == "int8":
+        check_steps("exp_avg codes", got.moments.exp_avg, want.moments.exp_avg, spare)
+        check_steps("exp_avg_sq codes", got.moments.exp_avg_sq, want.moments.exp_avg_sq, spare)
+        for name in ("exp_avg_scale", "exp_avg_sq_scale"):
+            check_fp32(name, getattr(got.moments, name), getattr(want.moments, name), 0.0, spare)
+    else:
+        for name in ("exp_avg", "exp_avg_sq"):
+            g, w = getattr(got.moments, name).float(), getattr(want.moments, name).float()
+            check_fp32(name, g, w, 1e-30, 0)
+    if kind == "param":
+        check_fp32("param", got.param, want.param, lr, fp32_spare)
+        return
+    check_steps("16-bit param", got.param, want.param, spare)
+    if kind == "fp32":
+        check_fp32("master", got.master.fp32, want.master.fp32, lr, fp32_spare)
+    elif kind == "compact":
+        # Residuals are compared through the value they encode: one residual step is ulp / 254.
+        x_got = compact_decode(got.param, got.master.residual)
+        x_want = compact_decode(want.param, want.master.residual)
+        step = ulp_up(want.param) / 254.0
+        bad = (x_got - x_want).abs() > 1.01 * step + FP32_RTOL * (x_want.abs() + lr)
+        assert int(bad.sum()) <= spare, f"compact master: {int(bad.sum())} of {n} values differ by over a step"
+
+
+def run_both(
+    n: int,
+    fmt: str,
+    param_dtype: torch.dtype,
+    kind: str,
+    grad_dtype: torch.dtype,
+    *,
+    hypers: list[tuple[GroupHyper, float]],
+    index_base: int,
+    seed: int,
+) -> tuple[State, State]:
+    """(kernel state, update_torch state) after one step per (hyper, grad_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    want = make_state(n, fmt, param_dtype, kind, gen)
+    got = want.clone()
+    for step, (hyper, grad_scale) in enumerate(hypers, start=1):
+        grad = (torch.randn(n, generator=gen) * 2.0).to(grad_dtype)
+        sc = StepScalars(hyper, step, grad_scale, group_index=1)
+        update_torch(Run(want.param, grad, want.moments, want.master, index_base), sc)
+        assert cpu_kernels.update_compiled(Run(got.param, grad, got.moments, got.master, index_base), sc)
+    return got, want
+
+
+# ----------------------------------------------------------------------------- parity with update_torch
+
+# Weight decay on and off, gradient scales of 1 and not 1, in one trajectory.
+STEPS = [
+    (GroupHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1), 1.0),
+    (GroupHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0), 0.37),
+    (GroupHyper(lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05), 4.0),
+]
+
+
+@requires_kernel
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("param_dtype,kind", PARAM_MASTERS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_matches_update_torch(fmt: str, param_dtype: torch.dtype, kind: str, grad_dtype: torch.dtype) -> None:
+    for i, n in enumerate(SIZES):
+        got, want = run_both(n, fmt, param_dtype, kind, grad_dtype, hypers=STEPS, index_base=512 * i, seed=i)
+        compare(got, want, lr=1e-2)
+
+
+@requires_kernel
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_small_beta1_takes_the_other_lerp_form(fmt: str) -> None:
+    # torch's lerp switches formula at weight 0.5, i.e. beta1 <= 0.5; beta1 = 0 copies the gradient.
+    for beta1 in (0.3, 0.0):
+        hyper = GroupHyper(lr=1e-2, beta1=beta1, beta2=0.9, eps=1e-8, weight_decay=0.1)
+        got, want = run_both(4097, fmt, torch.float32, "param", torch.float32, hypers=[(hyper, 0.5)] * 3,
+                             index_base=0, seed=7)
+        compare(got, want, lr=1e-2)
+
+
+@requires_kernel
+def test_index_base_beyond_32_bits() -> None:
+    # hash_uniform takes the element index modulo 2**32; so must the kernel.
+    for param_dtype, kind in [(torch.bfloat16, "none"), (torch.float16, "none")]:
+        got, want = run_both(4097, "bf16", param_dtype, kind, torch.float32, hypers=STEPS,
+                             index_base=2**32 + 3 * 256, seed=3)
+        compare(got, want, lr=1e-2)
+
+
+@requires_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_extreme_magnitudes(fmt: str) -> None:
+    # Gradients from 1e-40 (subnormal squares) to 1e20 (squares near the fp32 limit) run the bf16 rounding's
+    # float fallback (see [Note: bf16 stochastic rounding in integers]) and the int8 maps' edges.
+    n = 20_000
+    gen = torch.Generator().manual_seed(11)
+    want = make_state(n, fmt, torch.bfloat16, "none", gen)
+    got = want.clone()
+    hyper = GroupHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    for step in range(1, 4):
+        grad = torch.randn(n, generator=gen) * 10 ** (torch.rand(n, generator=gen) * 60 - 40)
+        sc = StepScalars(hyper, step, 1.0, 0)
+        update_torch(Run(want.param, grad, want.moments, want.master, 0), sc)
+        assert cpu_kernels.update_compiled(Run(got.param, grad, got.moments, got.master, 0), sc)
+    for name, t in want.moments.tensors().items():
+        g = got.moments.tensors()[name]
+        if t.dtype == torch.bfloat16:
+            assert torch.equal(ordered(g), ordered(t)), name
+        else:
+            assert int((g != t).sum()) <= allowed(n), name
+    check_steps("16-bit param", got.param, want.param, allowed(n))
+
+
+@requires_kernel
+def test_results_do_not_depend_on_thread_count() -> None:
+    n = 64 * 256 * 3 + 17  # above the kernel's threshold for going parallel
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(5)
+            state = make_state(n, "int8", torch.bfloat16, "none", gen)
+            for step, (hyper, grad_scale) in enumerate(STEPS, start=1):
+                run = Run(state.param, torch.randn(n, generator=gen), state.moments, state.master, 0)
+                assert cpu_kernels.update_compiled(run, StepScalars(hyper, step, grad_scale, 0))
+            results.append(state)
+    finally:
+        torch.set_num_threads(previous)
+    a, b = results
+    assert torch.equal(a.param, b.param)
+    for name, t in a.moments.tensors().items():
+        assert torch.equal(t, b.moments.tensors()[name]), name
+
+
+# ----------------------------------------------------------------------------- 16-bit conversions, exhaustively
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_gradients_load_exactly(dtype: torch.dtype) -> None:
+    # beta1 = 0 makes exp_avg the gradient itself, so fp32 moments show every 16-bit pattern's fp32 value.
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    grad = grad[torch.isfinite(grad.float())]  # fma(0, inf, inf) is NaN in torch's lerp as in the kernel
+    n = grad.numel()
+    state = make_state(n, "fp32", torch.float32, "param", torch.Generator().manual_seed(0))
+    hyper = GroupHyper(lr=0.0, beta1=0.0, beta2=0.5, eps=1e-8, weight_decay=0.0)
+    run = Run(state.param, grad, state.moments, state.master, 0)
+    assert cpu_kernels.update_compiled(run, StepScalars(hyper, 1, 1.0, 0))
+    assert torch.equal(state.moments.exp_avg.view(torch.int32), grad.float().view(torch.int32))
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_parameters_round_to_nearest_like_torch(dtype: torch.dtype) -> None:
+    # An fp32 master with lr = 0 keeps its values, and the parameter becomes their nearest 16-bit value: over
+    # random fp32 bit patterns (every exponent, subnormals, inf) and the exact midpoints between 16-bit values.
+    gen = torch.Generator().manual_seed(1)
+    bits = torch.randint(-(2**31), 2**31, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    halves = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    mids = (halves[:-1] + (halves[1:] - halves[:-1]) / 2).float()
+    x = torch.cat([bits.view(torch.float32), mids, -mids])
+    x = x[torch.isfinite(x) | torch.isinf(x)]  # NaN payloads are not compared
+    param = x.to(dtype)
+    master = Master("fp32", fp32=x.clone())
+    moments = Moments.zeros("fp32", x.numel(), torch.device("cpu"))
+    hyper = GroupHyper(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    param.zero_()  # the kernel must write every element
+    grad = torch.zeros(x.numel())
+    assert cpu_kernels.update_compiled(Run(param, grad, moments, master, 0), StepScalars(hyper, 1, 1.0, 0))
+    assert torch.equal(param.view(torch.int16), x.to(dtype).view(torch.int16))
+
+
+# ----------------------------------------------------------------------------- dispatch and fallback
+
+
+@requires_kernel
+def test_non_contiguous_run_falls_back_to_torch() -> None:
+    base = torch.randn(2 * 4097)
+    param = base[::2]
+    moments = Moments.zeros("int8", 4097, torch.device("cpu"))
+    sc = StepScalars(STEPS[0][0], 1, 1.0, 0)
+    assert not cpu_kernels.update_compiled(Run(param, torch.randn(4097), moments, Master("param"), 0), sc)
+
+
+@requires_kernel
+def test_mismatched_lengths_raise() -> None:
+    moments = Moments.zeros("int8", 4096, torch.device("cpu"))
+    run = Run(torch.randn(4097), torch.randn(4097), moments, Master("param"), 0)
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        cpu_kernels.update_compiled(run, StepScalars(STEPS[0][0], 1, 1.0, 0))
+
+
+@requires_kernel
+def test_build_drops_flags_the_compiler_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_NATIVE", "-march=no-such-cpu")
+    cpu_kernels.compiled_kernel.cache_clear()
+    try:
+        assert cpu_kernels.compiled_kernel() is not None  # built again with -fopenmp alone
+        got, want = run_both(4097, "int8", torch.bfloat16, "none", torch.float16, hypers=STEPS, index_base=0, seed=9)
+        compare(got, want, lr=1e-2)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.compiled_kernel.cache_clear()
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    def fail() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_build", fail)
+    cpu_kernels.compiled_kernel.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_kernels.compiled_kernel.cache_clear()  # the next use loads the built module again
+
+
+def test_fallback_warns_once_and_matches_update_torch(no_compiler: None) -> None:
+    combos = itertools.product(["int8", "fp32"], [(torch.bfloat16, "compact"), (torch.float32, "param")])
+    for fmt, (param_dtype, kind) in combos:
+        gen = torch.Generator().manual_seed(2)
+        want = make_state(4097, fmt, param_dtype, kind, gen)
+        got = want.clone()
+        grad = torch.randn(4097, generator=gen)
+        sc = StepScalars(STEPS[1][0], 1, 0.5, 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cpu_kernels.update_cpu(Run(got.param, grad, got.moments, got.master, 0), sc)
+        update_torch(Run(want.param, grad, want.moments, want.master, 0), sc)
+        first = fmt == "int8" and kind == "compact"
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == (1 if first else 0), messages
+        if first:
+            assert "could not be built" in messages[0] and "Ninja is required" in messages[0]
+        if fmt == "fp32" and kind == "param":  # torch's fused AdamW: the same math in another operation order
+            torch.testing.assert_close(got.param, want.param, rtol=1e-5, atol=1e-7)
+        else:  # update_torch itself
+            assert torch.equal(got.param, want.param)
+            for name, t in want.moments.tensors().items():
+                assert torch.equal(got.moments.tensors()[name], t), name
