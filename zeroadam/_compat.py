@@ -13,7 +13,15 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["has_triton", "triton_interpret", "require", "has_package", "pin_memory_available", "has_fused_cpu_adamw"]
+__all__ = [
+    "has_triton",
+    "triton_interpret",
+    "require",
+    "has_package",
+    "pin_memory_available",
+    "has_fused_cpu_adamw",
+    "is_dtensor",
+]
 
 _EXTRA_OF = {
     "triton": "triton",
@@ -70,3 +78,12 @@ def pin_memory_available() -> bool:
 def has_fused_cpu_adamw() -> bool:
     """torch ships a fused AdamW kernel for CPU tensors (torch >= 2.4)."""
     return hasattr(torch, "_fused_adamw_")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (FSDP2's parameters), without importing it when distributed is absent."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)

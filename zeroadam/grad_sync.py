@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .collectives import CommStats, Group, all_reduce_sum
+from .collectives import CommStats, Group
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zero import FlatSpace
