@@ -220,6 +220,19 @@ class ZeroAdam(torch.optim.Optimizer):
         return torch.tensor(norm)
 
     # ---------------------------------------------------------------- step
+    def _amp_owns_gradients(self) -> bool:
+        """Whether the gradients live in this optimizer's shards (so GradScaler must ask it, see amp.py)."""
+        return self._zero is not None and self._step_supports_amp_scaling
+
+    @torch.no_grad()
+    def _amp_unscale(self, inv_scale: float) -> bool:
+        """For zeroadam.GradScaler: multiply the (sharded) gradients by inv_scale; True when any is non-finite
+        on any rank (collective)."""
+        nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0))).item()
+        if inv_scale != 1.0:
+            self._zero.scale_grads(inv_scale)
+        return bool(nonfinite)
+
     def _loss_scale(self) -> tuple[float, bool]:
         """(loss scale to divide by, found_inf) handed over by torch.amp.GradScaler, if any."""
         scale = getattr(self, "grad_scale", None)

@@ -309,6 +309,18 @@ class ZeroEngine:
             self._reduce_stage1()
         self._reduced = True
 
+    def scale_grads(self, factor: float) -> None:
+        """Multiply every gradient this rank holds for the update (GradScaler.unscale_)."""
+        self.ensure_reduced()
+        if self._direct:
+            for sp in self.spaces:
+                for p in sp.params:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+            return
+        for sp in self.spaces:
+            sp.grad_shard.mul_(factor)
+
     def local_grad_sq_sum(self) -> torch.Tensor:
         self.ensure_reduced()
         if self._direct:

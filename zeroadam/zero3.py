@@ -128,6 +128,12 @@ class Zero3Engine:
                 "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced"
             )
 
+    def scale_grads(self, factor: float) -> None:
+        """Multiply every gradient shard (GradScaler.unscale_)."""
+        for f in self.flats:
+            if f.grad_shard is not None:
+                f.grad_shard.mul_(factor)
+
     def local_grad_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
         for f in self.flats:
