@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from . import _compat
-from .fused import Run, StepScalars, fused_update
+from .fused import Run, StepScalars, fused_update, grad_sq_sum
 from .layout import FlatLayout, group_spaces
 from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, betas_of, check_hyper
 from .state import Master, MasterKind, Moments
@@ -194,7 +194,7 @@ class ZeroAdam(torch.optim.Optimizer):
         dev = grads[0].device
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for g in grads:
-            total += torch.linalg.vector_norm(g, dtype=torch.float32).to(dev) ** 2
+            total += grad_sq_sum(g).to(dev)
         return total
 
     def _global_norm(self, loss_scale: float) -> float:

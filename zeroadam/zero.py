@@ -27,7 +27,7 @@ from .collectives import (
     all_reduce_sum,
     reduce_scatter_avg,
 )
-from .fused import Run, StepScalars, fused_update
+from .fused import Run, StepScalars, fused_update, grad_sq_sum
 from .grad_sync import ResolvedSync, copy_local_shards, replicated, warn_not_replicated, wrapper_averages_gradients
 from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
@@ -327,7 +327,7 @@ class ZeroEngine:
             grads = [p.grad for sp in self.spaces for p in sp.params if p.grad is not None]
             total = torch.zeros((), dtype=torch.float32)
             for g in grads:
-                total += torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+                total += grad_sq_sum(g)
             return total
         dev = self.spaces[0].grad_shard.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
