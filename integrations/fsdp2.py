@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from zeroadam import quant
 from zeroadam.collectives import CommStats, Group, all_reduce_sum
 from zeroadam.fused import Run, StepScalars, fused_update
-from zeroadam.options import BLOCK_SIZE, GroupHyper, betas_of
+from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.state import Master, Moments
 from zeroadam.state_dict import convert_master, convert_moments
@@ -233,10 +233,7 @@ class DTensorEngine:
         pending: list[tuple[Piece, torch.Tensor, torch.Tensor]] = []  # straddling pieces: new fp32 (m, v)
         absmax: Optional[torch.Tensor] = None
         for gi, group in enumerate(opt.param_groups):
-            b1, b2 = betas_of(group["betas"])
-            hyper = GroupHyper(
-                lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
-            )
+            hyper = GroupHyper.of(group)
             offsets = None
             for p in group["params"]:
                 if p.grad is None:

@@ -16,7 +16,7 @@ import torch
 from . import _compat
 from .fused import Run, StepScalars, fused_update, grad_sq_sum
 from .layout import FlatLayout, group_spaces
-from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, betas_of, check_hyper
+from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
 from .state import Master, MasterKind, Moments
 
 __all__ = ["ZeroAdam", "ParamState"]
@@ -287,11 +287,7 @@ class ZeroAdam(torch.optim.Optimizer):
             self._zero.step(scale)
             return loss
         for gi, group in enumerate(self.param_groups):
-            b1, b2 = betas_of(group["betas"])
-            lr = group["lr"]
-            hyper = GroupHyper(
-                lr=float(lr), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
-            )
+            hyper = GroupHyper.of(group)
             offsets = None
             for p in group["params"]:
                 if p.grad is None:

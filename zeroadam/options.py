@@ -56,6 +56,18 @@ class GroupHyper:
     eps: float
     weight_decay: float
 
+    @staticmethod
+    def of(group: dict) -> "GroupHyper":
+        """The hyperparameters of a torch param group, read at step time (schedulers change them)."""
+        b1, b2 = group["betas"]
+        return GroupHyper(
+            lr=float(group["lr"]),
+            beta1=float(b1),
+            beta2=float(b2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+        )
+
 
 def check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
     """Validate AdamW hyperparameters; a tensor lr is allowed (as in torch.optim), any other type is not."""
@@ -113,8 +125,3 @@ class ZeroOptions:
             raise _bad("stage", self.stage, "expected 0, 1, 2 or 3")
         if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 5_000_000)")
-
-
-def betas_of(betas: object) -> Tuple[float, float]:
-    b1, b2 = betas  # type: ignore[misc]
-    return float(b1), float(b2)

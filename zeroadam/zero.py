@@ -31,7 +31,7 @@ from .fused import Run, StepScalars, fused_update, grad_sq_sum
 from .grad_sync import ResolvedSync, copy_local_shards, replicated, warn_not_replicated, wrapper_averages_gradients
 from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
-from .options import BLOCK_SIZE, GroupHyper, betas_of
+from .options import BLOCK_SIZE, GroupHyper
 from .state import Master, MasterKind, Moments
 from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
@@ -359,11 +359,7 @@ class ZeroEngine:
         opt = self.opt
         handles = []
         for sp in self.spaces:
-            group = opt.param_groups[sp.group_index]
-            b1, b2 = betas_of(group["betas"])
-            hyper = GroupHyper(
-                lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
-            )
+            hyper = GroupHyper.of(opt.param_groups[sp.group_index])
             sp.step += 1
             if self._direct:
                 self._step_direct(sp, StepScalars(hyper, sp.step, scale, sp.group_index))

@@ -16,7 +16,7 @@ import torch
 
 from .collectives import Group, all_gather_objects, all_reduce_sum
 from .fused import Run, StepScalars, fused_update
-from .options import GroupHyper, betas_of
+from .options import GroupHyper
 from .sharded_model import ShardedModel, UnitFlat
 from .state import Master, Moments
 from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
@@ -148,11 +148,7 @@ class Zero3Engine:
     def step(self, scale: float) -> None:
         opt = self.opt
         for piece in self.pieces:
-            group = opt.param_groups[piece.group_index]
-            b1, b2 = betas_of(group["betas"])
-            hyper = GroupHyper(
-                lr=float(group["lr"]), beta1=b1, beta2=b2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"])
-            )
+            hyper = GroupHyper.of(opt.param_groups[piece.group_index])
             piece.step += 1
             view = piece.param_view()
             param = view if piece.param_host is None else piece.param_host.copy_(view)
