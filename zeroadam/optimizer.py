@@ -31,6 +31,7 @@ class ParamState:
     step: int
     moments: Moments
     master: Master
+    index_base: int  # the parameter's start in its space's layout: the rounding hash index (fixed for life)
 
 
 class ZeroAdam(torch.optim.Optimizer):
@@ -161,12 +162,13 @@ class ZeroAdam(torch.optim.Optimizer):
                 out[p] = slot.start
         return out
 
-    def _init_state(self, p: torch.Tensor) -> ParamState:
+    def _init_state(self, p: torch.Tensor, index_base: int) -> ParamState:
         flat = p.detach().reshape(-1)
         return ParamState(
             step=0,
             moments=Moments.zeros(self._moment_format(p.numel()), p.numel(), p.device),  # type: ignore[arg-type]
             master=Master.create(self._master_kind(p), flat),
+            index_base=index_base,
         )
 
     # ---------------------------------------------------------------- gradient scale, clipping, finiteness
@@ -294,9 +296,9 @@ class ZeroAdam(torch.optim.Optimizer):
                     continue  # like torch.optim.AdamW: no decay, no moment update, no step count
                 st = self.state.get(p)
                 if not isinstance(st, ParamState):
-                    st = self.state[p] = self._init_state(p)
-                if offsets is None:
-                    offsets = self._layout_offsets(group)
+                    if offsets is None:
+                        offsets = self._layout_offsets(group)
+                    st = self.state[p] = self._init_state(p, offsets[p])
                 st.step += 1
                 # A non-contiguous parameter (channels_last, a transposed view) is updated in a contiguous
                 # copy in its logical order, so its blocks follow the flattened index like every other one.
@@ -307,7 +309,7 @@ class ZeroAdam(torch.optim.Optimizer):
                     grad=p.grad.detach().reshape(-1),
                     moments=st.moments,
                     master=st.master,
-                    index_base=offsets[p],
+                    index_base=st.index_base,
                 )
                 fused_update(run, StepScalars(hyper, st.step, scale, gi), self._backend)
                 if not dense:

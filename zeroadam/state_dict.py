@@ -511,13 +511,15 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
         from .optimizer import ParamState
 
         new_state = {}
-        for p, _gi, step, entry in checked:
+        offsets = [opt._layout_offsets(g) for g in opt.param_groups]
+        for p, gi, step, entry in checked:
             flat = p.detach().reshape(-1)
             whole = entry_piece(entry, 0, p.numel(), p.numel())
             new_state[p] = ParamState(
                 step=step,
                 moments=convert_moments(whole, opt._moment_format(p.numel()), p.numel(), p.device, step),
                 master=convert_master(whole, opt._master_kind(p), flat),
+                index_base=offsets[gi][p],
             )
         opt.state.clear()
         opt.state.update(new_state)
