@@ -642,8 +642,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument(
         "--bucket-size",
         type=int,
-        help="ZeroAdam's bucket_size in elements (default: its own, 25M: one bucket for a model up to 25M "
-        "parameters; DDP's bucket_cap_mb=25 is 6.5M fp32 elements)",
+        help="ZeroAdam's bucket_size in elements (default: its own, 5M elements = 20 MB of fp32; "
+        "DDP's bucket_cap_mb=25 is 6.5M fp32 elements)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed to the whole run")
