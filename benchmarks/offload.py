@@ -37,7 +37,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
@@ -166,10 +166,7 @@ def _measure_cpu(
         row = {
             "candidate": cand.name,
             "status": "ok",
-            "median_s": timing.median_s,
-            "min_s": timing.min_s,
-            "max_s": timing.max_s,
-            "samples_s": timing.samples_s,
+            **asdict(timing),
             "construct_s": construct_s,
             "first_step_s": first_step_s,
             "params_per_s": total / timing.median_s,

@@ -42,7 +42,7 @@ import gc
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
@@ -273,10 +273,7 @@ def measure(
             "family": cand.family,
             "size": size,
             "status": "ok",
-            "median_s": timing.median_s,
-            "min_s": timing.min_s,
-            "max_s": timing.max_s,
-            "samples_s": timing.samples_s,
+            **asdict(timing),
             "construct_s": construct_s,
             "first_step_s": first_step_s,
             "params_per_s": size / timing.median_s,
