@@ -451,8 +451,8 @@ def _store_with_scale(moments: Moments, m: torch.Tensor, v: torch.Tensor, scale_
         (moments.exp_avg, moments.exp_avg_scale, m, scale_m, "signed"),
         (moments.exp_avg_sq, moments.exp_avg_sq_scale, v, scale_v, "unsigned"),
     ):
-        y = x / s if float(s) > 0 else torch.zeros_like(x)
-        codes.copy_(quant.encode(y, kind))  # type: ignore[arg-type]
+        scale = s.reshape(1).to(torch.float32)
+        codes.copy_(quant.encode_blocks(x, scale.expand(quant.num_blocks(x.numel())), kind))  # type: ignore[arg-type]
         scales.fill_(float(s))
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from zeroadam import cpu_kernels
-from zeroadam.fused import Run, StepScalars, update_torch
+from zeroadam.fused import Run, StepScalars, grads_sq_sum, update_torch
 from zeroadam.options import GroupHyper
 from zeroadam.state import Master, Moments, compact_decode, ulp_up
 
@@ -342,3 +342,36 @@ def test_fallback_warns_once_and_matches_update_torch(no_compiler: None) -> None
             assert torch.equal(got.param, want.param)
             for name, t in want.moments.tensors().items():
                 assert torch.equal(got.moments.tensors()[name], t), name
+
+
+# ----------------------------------------------------------------------------- the pre-pass: sum of squares
+@requires_kernel
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 64 * 256 + 3, 1024 * 256 * 2 + 17])
+def test_sq_sum_matches_fp64(dtype: torch.dtype, n: int) -> None:
+    # The last size spans several pre-pass chunks on each of two threads, the one before just starts threads.
+    t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3.0).to(dtype)
+    want = float(torch.sum(t.double() ** 2))
+    got = cpu_kernels.sq_sum_compiled(t)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert cpu_kernels.sq_sum_compiled(t) == got  # the same order every call
+
+
+@requires_kernel
+def test_sq_sum_non_finite_and_extremes() -> None:
+    big = torch.full((300,), 3e38)  # fp32 squares would overflow; fp64 ones do not
+    assert cpu_kernels.sq_sum_compiled(big) == pytest.approx(300 * 9e76, rel=1e-6)
+    for bad, check in ((float("nan"), lambda s: s != s), (float("inf"), lambda s: s == float("inf"))):
+        t = torch.randn(70_000)
+        t[69_999] = bad  # in the second thread's part
+        assert check(cpu_kernels.sq_sum_compiled(t))
+    assert cpu_kernels.sq_sum_compiled(torch.zeros(0)) == 0.0
+    assert cpu_kernels.sq_sum_compiled(torch.randn(8, 8).t()) is None  # not contiguous: the caller uses torch
+
+
+def test_grads_sq_sum_mixes_kernel_and_torch() -> None:
+    grads = [torch.randn(300), torch.randn(20, 30).t(), torch.randn(5000).bfloat16(), torch.zeros(0)]
+    want = sum(float(torch.sum(g.double() ** 2)) for g in grads)
+    got = grads_sq_sum(grads)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(want, rel=1e-6)
+    assert float(grads_sq_sum([])) == 0.0

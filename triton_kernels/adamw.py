@@ -40,6 +40,9 @@ from . import _launch  # noqa: E402  (imports triton itself: after the check abo
 __all__ = ["update_triton"]
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# quant.M_UNIT / quant.V_UNIT, fp32 values held exactly by a Python float.
+_M_UNIT = tl.constexpr(float(quant.M_UNIT))
+_V_UNIT = tl.constexpr(float(quant.V_UNIT))
 # Hash multipliers of zeroadam.state._mix32.
 _H1 = tl.constexpr(0x7FEB352D)
 _H2 = tl.constexpr(0x5BD1E995)
@@ -184,46 +187,45 @@ def _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc
     # torch's lerp: weight < 0.5 ? fma(w, end - self, self) : fma(w - 1, end - self, end)
     m = tl.where(lerp_weight < 0.5, tl.fma(lerp_weight, d, m), tl.fma(lerp_weight - 1.0, d, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    root = tl.sqrt_rn(v)
+    denom = tl.div_rn(root, bc2_sqrt) + eps
     x = x + tl.div_rn(step_size * m, denom)
-    return x, m, v
+    return x, m, v, root
 
 
 @triton.jit
 def _decode_signed(codes, scale):
-    """exp_avg from int8 codes and a per-element scale: sign(c) * (|c| / 127)^2 * scale (quant.decode)."""
+    """exp_avg from int8 codes and a per-element scale: ((c * |c|) * M_UNIT) * scale (quant.dequantize)."""
     c = codes.to(tl.float32)
-    t = tl.div_rn(tl.abs(c), 127.0)
-    return tl.where(c < 0, -(t * t), t * t) * scale
+    return ((c * tl.abs(c)) * _M_UNIT) * scale
 
 
 @triton.jit
 def _decode_unsigned(codes, scale):
-    """exp_avg_sq from uint8 codes and a per-element scale: ((c / 255)^2)^2 * scale (quant.decode)."""
-    t = tl.div_rn(codes.to(tl.float32), 255.0)
-    t2 = t * t
-    return t2 * t2 * scale
+    """exp_avg_sq from uint8 codes and a per-element scale: (((c * c) * (c * c)) * V_UNIT) * scale."""
+    c = codes.to(tl.float32)
+    c2 = c * c
+    return ((c2 * c2) * _V_UNIT) * scale
 
 
 @triton.jit
-def _normalize(x, absmax):
-    """x / absmax, or 0 where the block is all zeros (quant.quantize)."""
-    nonzero = absmax > 0
-    return tl.where(nonzero, tl.div_rn(x, tl.where(nonzero, absmax, 1.0)), 0.0)
-
-
-@triton.jit
-def _encode_signed(y):
-    """int8 codes of normalized exp_avg: sign(y) * round(127 * sqrt(|y|)) (quant.encode)."""
+def _encode_signed(m, absmax):
+    """int8 codes of exp_avg in blocks of this absmax: sign(y) * round(127 * sqrt(|y|)), y = m * (1 / absmax), or
+    m / absmax where the reciprocal overflows (quant.encode_blocks)."""
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    inv = tl.div_rn(1.0, safe)
+    y = tl.where(inv > _FLT_MAX, tl.div_rn(m, safe), m * inv)
     c = _rint(tl.sqrt_rn(tl.abs(y)) * 127.0)
     return tl.where(y < 0, -c, c).to(tl.int8)
 
 
 @triton.jit
-def _encode_unsigned(y):
-    """uint8 codes of normalized exp_avg_sq: round(255 * y^(1/4)), at least 1 where y > 0 (quant.encode)."""
-    c = _rint(tl.sqrt_rn(tl.sqrt_rn(y)) * 255.0)
-    return tl.where(y > 0, tl.maximum(c, 1.0), c).to(tl.uint8)
+def _encode_unsigned(v, root, absmax):
+    """uint8 codes of exp_avg_sq from v and its root sqrt(v): round(255 * sqrt(root * (1 / sqrt(absmax)))), at least
+    1 where v > 0 (quant.encode_blocks)."""
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    c = _rint(tl.sqrt_rn(root * tl.div_rn(1.0, tl.sqrt_rn(safe))) * 255.0)
+    return tl.where(v > 0, tl.maximum(c, 1.0), c).to(tl.uint8)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -239,7 +241,7 @@ def _adamw_fp32_kernel(
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
-    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    x, m, v, _ = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
     tl.store(exp_avg_ptr + offs, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
@@ -258,7 +260,7 @@ def _adamw_bf16_kernel(
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = _to_f32(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0))
     v = _to_f32(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0))
-    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    x, m, v, _ = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
     idx = _hash_index(index_base, offs)
     tl.store(exp_avg_ptr + offs, _stochastic_round(m, _hash_uniform(idx, seed_m), tl.bfloat16), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, _stochastic_round(v, _hash_uniform(idx, seed_v), tl.bfloat16), mask=mask)
@@ -284,11 +286,11 @@ def _adamw_int8_kernel(
     v_scale = tl.load(exp_avg_sq_scale_ptr + rows, mask=row_mask, other=0.0)
     m = _decode_signed(tl.load(exp_avg_ptr + offs, mask=mask, other=0), m_scale[:, None])
     v = _decode_unsigned(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0), v_scale[:, None])
-    x, m, v = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
+    x, m, v, root = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
     m_absmax = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)
     v_absmax = tl.max(tl.where(mask, v, 0.0), axis=1)  # v >= 0
-    tl.store(exp_avg_ptr + offs, _encode_signed(_normalize(m, m_absmax[:, None])), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, _encode_unsigned(_normalize(v, v_absmax[:, None])), mask=mask)
+    tl.store(exp_avg_ptr + offs, _encode_signed(m, m_absmax[:, None]), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _encode_unsigned(v, root, v_absmax[:, None]), mask=mask)
     tl.store(exp_avg_scale_ptr + rows, m_absmax, mask=row_mask)
     tl.store(exp_avg_sq_scale_ptr + rows, v_absmax, mask=row_mask)
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)

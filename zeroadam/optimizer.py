@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from . import _compat
-from .fused import Run, StepScalars, fused_update, grad_sq_sum
+from .fused import Run, StepScalars, fused_update, grads_sq_sum
 from .layout import FlatLayout, group_spaces
 from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
 from .state import Master, MasterKind, Moments
@@ -190,14 +190,7 @@ class ZeroAdam(torch.optim.Optimizer):
         """Sum of squared gradients of this rank's view (fp32 scalar on the first device, or CPU)."""
         if self._zero is not None:
             return self._zero.local_grad_sq_sum()
-        grads = self._grads_stage0()
-        if not grads:
-            return torch.zeros((), dtype=torch.float32)
-        dev = grads[0].device
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        for g in grads:
-            total += grad_sq_sum(g).to(dev)
-        return total
+        return grads_sq_sum(self._grads_stage0())
 
     def _global_norm(self, loss_scale: float) -> float:
         """The true (unscaled) global L2 norm of the gradients, over all ranks; inf/nan when any is non-finite."""

@@ -22,6 +22,19 @@ stress cases matter more than speed.
 
 A non-zero v is never encoded as 0 (its code is at least 1): a zero second moment under a non-zero first
 moment would turn the update into m / eps. Rounding a tiny v up only shrinks that element's step.
+
+[Note: quantizing without divisions or table lookups]
+The kernels repeat these fp32 operations exactly (``quantize`` and ``dequantize`` are their definition):
+
+* decode: m = ((c * |c|) * M_UNIT) * scale and v = (((c * c) * (c * c)) * V_UNIT) * scale, with the fp32 units
+  1 / 127**2 and 1 / 255**4: integer products in fp32 and two multiplies, where a lookup table vectorizes only
+  as a gather. The top codes decode to exactly 1 (127**2 * M_UNIT and fp32(255**4) * V_UNIT round to 1), so
+  the element that sets a block's scale round-trips exactly.
+* encode: y = m * (1 / scale), a per-block reciprocal instead of a division per element (a plain division where
+  the reciprocal of a subnormal scale overflows); and sqrt(v / scale) = sqrt(v) * (1 / sqrt(scale)), where
+  sqrt(v) is the square root the update has already taken for its denominator.
+Measured on one core of the 2-core EPYC (Zen 3), 20M elements, CPU time of the C++ kernel: 49 ms with the tables
+and divisions, 30 ms this way; the gathers alone were 13 ms.
 """
 from __future__ import annotations
 
@@ -34,11 +47,14 @@ from .options import BLOCK_SIZE
 __all__ = [
     "M_POWER",
     "V_POWER",
+    "M_UNIT",
+    "V_UNIT",
     "Quantized",
     "quantize",
     "dequantize",
     "num_blocks",
     "encode",
+    "encode_blocks",
     "decode",
     "encode_power",
     "decode_power",
@@ -127,35 +143,67 @@ def decode_table(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[idx.long()]
 
 
+# fp32 (rounded from fp64, as the kernels round their constants): decode's unit steps, see [Note: quantizing
+# without divisions or table lookups].
+M_UNIT = torch.tensor(1.0 / 127**2, dtype=torch.float32)
+V_UNIT = torch.tensor(1.0 / 255**4, dtype=torch.float32)
+
+
 def quantize(x: torch.Tensor, kind: Kind) -> Quantized:
     """Quantize a 1D fp32 tensor whose element 0 starts a block."""
     assert x.dim() == 1 and x.dtype == torch.float32
     scales = _block_absmax(x)
+    return Quantized(encode_blocks(x, scales, kind), scales)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root, as the kernels take it: torch's vectorized CPU sqrt is 1 ulp off
+    for ~15% of inputs, enough to flip y = 0.25 - 1 ulp (common: a reciprocal and a bf16 gradient) to the other
+    code. An fp64 root rounded to fp32 is correctly rounded."""
+    return torch.sqrt(x.double()).float()
+
+
+def encode_blocks(x: torch.Tensor, scales: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """Codes of a 1D fp32 tensor (element 0 starts a block) under the given per-block scales, normally the blocks'
+    absmax (``quantize``); the kernels repeat exactly these operations."""
     per = _per_element(scales, x.numel())
-    y = torch.where(per > 0, x / torch.where(per > 0, per, torch.ones_like(per)), torch.zeros_like(x))
-    # The floor looks at v itself: v / scale underflows to 0 for v below ~1.4e-45 * scale.
-    return Quantized(encode(y, kind, positive=x > 0), scales)
+    safe = torch.where(per > 0, per, torch.ones_like(per))  # an all-zero block: its zeros stay 0
+    if kind == "signed":
+        inv = torch.reciprocal(safe)
+        y = torch.where(torch.isinf(inv), x / safe, x * inv)
+        return encode(y, kind)
+    y = _sqrt(x) * torch.reciprocal(_sqrt(safe))  # sqrt(v / scale)
+    # The floor looks at v itself: sqrt(v / scale) underflows to 0 for v below ~1e-45 * scale.
+    return _encode_root(y, positive=x > 0)
 
 
 def encode(y: torch.Tensor, kind: Kind, positive: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Codes of normalized moments under the stored maps (the kernels repeat exactly these operations);
-    ``positive`` marks the elements whose v is non-zero (default: y > 0)."""
+    """Codes of normalized moments y = m / scale or v / scale under the stored maps; ``positive`` marks the
+    elements whose v is non-zero (default: y > 0). ``encode_blocks`` is the form the kernels repeat."""
     if kind == "signed":
-        c = torch.round(torch.sqrt(y.abs()) * 127.0)
+        c = torch.round(_sqrt(y.abs()) * 127.0)
         return (c * torch.sign(y)).to(torch.int8)
-    c = torch.round(torch.sqrt(torch.sqrt(y)) * 255.0)
-    c = torch.where(y > 0 if positive is None else positive, c.clamp(min=1.0), c)
-    return c.to(torch.uint8)
+    return _encode_root(_sqrt(y), positive=y > 0 if positive is None else positive)
+
+
+def _encode_root(y: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """uint8 codes from sqrt(v / scale): round(255 * sqrt(y)), at least 1 where v > 0."""
+    c = torch.round(_sqrt(y) * 255.0)
+    return torch.where(positive, c.clamp(min=1.0), c).to(torch.uint8)
+
+
+def _code_products(codes: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """c * |c| (signed) or c**4 (unsigned) in fp32: exact below 2**24, then rounded once."""
+    c = codes.to(torch.float32)
+    if kind == "signed":
+        return c * c.abs()
+    c2 = c * c
+    return c2 * c2
 
 
 def decode(codes: torch.Tensor, kind: Kind) -> torch.Tensor:
-    if kind == "signed":
-        c = codes.to(torch.float32)
-        t = c.abs() / 127.0
-        return torch.sign(c) * (t * t)
-    t = codes.to(torch.float32) / 255.0
-    t2 = t * t
-    return t2 * t2
+    """Normalized values of codes: m / scale or v / scale."""
+    return _code_products(codes, kind) * (M_UNIT if kind == "signed" else V_UNIT)
 
 
 def dequantize(q: Quantized, kind: Kind) -> torch.Tensor:

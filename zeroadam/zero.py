@@ -27,7 +27,7 @@ from .collectives import (
     all_reduce_sum,
     reduce_scatter_avg,
 )
-from .fused import Run, StepScalars, fused_update, grad_sq_sum
+from .fused import Run, StepScalars, fused_update, grads_sq_sum
 from .grad_sync import ResolvedSync, copy_local_shards, replicated, warn_not_replicated, wrapper_averages_gradients
 from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
@@ -324,16 +324,8 @@ class ZeroEngine:
     def local_grad_sq_sum(self) -> torch.Tensor:
         self.ensure_reduced()
         if self._direct:
-            grads = [p.grad for sp in self.spaces for p in sp.params if p.grad is not None]
-            total = torch.zeros((), dtype=torch.float32)
-            for g in grads:
-                total += grad_sq_sum(g)
-            return total
-        dev = self.spaces[0].grad_shard.device
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        for sp in self.spaces:
-            total += torch.dot(sp.grad_shard, sp.grad_shard).to(dev)
-        return total
+            return grads_sq_sum([p.grad for sp in self.spaces for p in sp.params if p.grad is not None])
+        return grads_sq_sum([sp.grad_shard for sp in self.spaces])
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.stats)

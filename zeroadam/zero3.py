@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from .collectives import Group, all_gather_objects, all_reduce_sum
-from .fused import Run, StepScalars, fused_update
+from .fused import Run, StepScalars, fused_update, grads_sq_sum
 from .options import GroupHyper
 from .sharded_model import ShardedModel, UnitFlat
 from .state import Master, Moments
@@ -135,11 +135,10 @@ class Zero3Engine:
                 f.grad_shard.mul_(factor)
 
     def local_grad_sq_sum(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
-        for f in self.flats:
-            if f.grad_shard is not None:
-                total += torch.dot(f.grad_shard, f.grad_shard)
-        return total
+        grads = [f.grad_shard for f in self.flats if f.grad_shard is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
+        return grads_sq_sum(grads)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.sharded.stats)
