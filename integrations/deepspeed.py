@@ -6,9 +6,11 @@ Two ways in:
 * ``zeroadam.integrations.deepspeed.initialize(model=..., model_parameters=..., config=...)`` reads the config's
   optimizer and ZeRO sections into a ``ZeroAdam`` (see ``translate``), hands DeepSpeed the rest with ZeRO off, and
   returns DeepSpeed's ``(engine, optimizer, dataloader, lr_scheduler)``. ZeroAdam shards state and gradients (stage
-  1-2, ``offload_optimizer``), clips by the global norm, and averages gradients itself: the engine's own all-reduce is
-  switched off (``engine.enable_backward_allreduce``), and with gradient accumulation stage 2 communicates on the
-  boundary micro-batch only.
+  1-2, ``offload_optimizer``) and, at stage 3, the parameters (``zeroadam.shard_model``); it clips by the global
+  norm and averages gradients itself: the engine's own all-reduce is switched off
+  (``engine.enable_backward_allreduce``). With gradient accumulation stage 2 communicates on the boundary
+  micro-batch only; stage 3 reduce-scatters every micro-batch into the gradient shards, as DeepSpeed's ZeRO-3
+  does, so that no rank holds whole gradients.
 * ``import zeroadam.integrations.deepspeed`` registers ``ZeroAdam`` where DeepSpeed looks up optimizer types it
   does not know (``torch.optim``) and among the optimizers its ZeRO accepts without
   ``zero_allow_untested_optimizer``. A plain ``deepspeed.initialize`` then builds it from the config; under
@@ -17,16 +19,18 @@ Two ways in:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from zeroadam._compat import require
 from zeroadam.optimizer import ParamState, ZeroAdam
+from zeroadam.sharded_model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
 
@@ -106,20 +110,18 @@ def translate(config: Union[str, dict[str, Any]]) -> Translation:
 
     zero = cfg.pop("zero_optimization", None) or {}
     stage = int(zero.get("stage", 0))
-    if stage == 3:
-        raise _bad(
-            "zero_optimization.stage", 3, "is not supported here: wrap the model with zeroadam.shard_model and build "
-            "ZeroAdam(stage=3) yourself (DeepSpeed's engine broadcasts parameters that stage 3 has released)"
-        )
-    if stage not in (0, 1, 2):
-        raise _bad("zero_optimization.stage", stage, "is not a ZeRO stage (0, 1, 2)")
+    if stage not in (0, 1, 2, 3):
+        raise _bad("zero_optimization.stage", stage, "is not a ZeRO stage (0, 1, 2, 3)")
     zo["stage"] = stage
     for key, value in zero.items():
         where = f"zero_optimization.{key}"
         if key == "stage":
             continue
         if key == "reduce_bucket_size":
-            zo["bucket_size"] = int(value)
+            if stage == 3:
+                out.ignored.append(where)  # stage 3 reduce-scatters each unit of shard_model whole
+            else:
+                zo["bucket_size"] = int(value)
         elif key == "offload_optimizer":
             device = (value or {}).get("device", "none")
             if device == "cpu":
@@ -129,7 +131,9 @@ def translate(config: Union[str, dict[str, Any]]) -> Translation:
             out.ignored += [f"{where}.{k}" for k in (value or {}) if k not in ("device", "pin_memory")]
         elif key == "offload_param":
             if (value or {}).get("device", "none") not in ("none", None):
-                raise _bad(where, value, "is not supported; parameters stay on the device (stage 1-2)")
+                raise _bad(
+                    where, value, "is not supported; ZeroAdam keeps parameters (stage 3: their shards) on the device"
+                )
         elif key in _ZERO_TUNING or key.startswith("stage3_"):
             out.ignored.append(where)
         else:
@@ -164,6 +168,8 @@ def initialize(
     """``deepspeed.initialize`` with ZeroAdam doing the sharding; returns DeepSpeed's
     ``(engine, optimizer, dataloader, lr_scheduler)``, where ``optimizer`` is the ZeroAdam.
 
+    Stage 3 shards the model with ``zeroadam.shard_model`` (its default units); to choose units or prefetch, pass
+    a model already sharded by ``shard_model`` on the accelerator's device (and in bf16 for a bf16 config).
     ``kwargs`` go to ``deepspeed.initialize`` (``training_data``, ``lr_scheduler``, ``collate_fn``, ...).
     """
     if "optimizer" in kwargs:
@@ -178,19 +184,43 @@ def initialize(
         )
     from deepspeed.accelerator import get_accelerator
 
-    # ZeroAdam's flat buffers are made on the parameters' device: move (and cast) the model first.
-    model.to(get_accelerator().current_device_name())
-    if t.dtype is not None:
-        model.to(t.dtype)
+    device = torch.device(get_accelerator().current_device_name())
+    stage = t.zeroadam["stage"]
+    sharded: Optional[ShardedModel] = getattr(model, "_zeroadam_sharded", None)
+    if sharded is not None:
+        _check_sharded(model, stage, device, t.dtype)
+    else:
+        # ZeroAdam's flat buffers (and shard_model's) are made on the parameters' device: move (and cast) first.
+        model.to(device)
+        if t.dtype is not None:
+            model.to(t.dtype)
+        if stage == 3:
+            sharded = shard_model(model)._zeroadam_sharded  # type: ignore[assignment]
     params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
     opt = ZeroAdam(params, **t.zeroadam, gradient_sync="optimizer")
-    engine, optimizer, dataloader, scheduler = deepspeed.initialize(model=model, optimizer=opt, config=t.deepspeed, **kwargs)
+    with _gathered(sharded):
+        engine, optimizer, dataloader, scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, config=t.deepspeed, **kwargs
+        )
     if optimizer is not opt:  # pragma: no cover - DeepSpeed wraps a client optimizer only for ZeRO or fp16 / bf16
         raise RuntimeError(f"zeroadam.integrations.deepspeed: DeepSpeed wrapped ZeroAdam in {type(optimizer).__name__}")
     if opt._zero is None:
         return engine, optimizer, dataloader, scheduler  # stage 0: DeepSpeed's all-reduce averages the gradients
     # ZeroAdam averages the gradients; DeepSpeed's all-reduce would move them a second time.
     engine.enable_backward_allreduce = False
+    if sharded is not None:
+        # DeepSpeed's checkpoints read and write the parameters themselves, which hold no storage between steps:
+        # save_checkpoint writes empty tensors and load_checkpoint fails ("Trying to resize storage that is not
+        # resizable"). zeroadam.checkpoint gathers and scatters the shards.
+        def no_deepspeed_checkpoints(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(
+                "zeroadam.integrations.deepspeed: at zero_optimization.stage 3 the engine's save_checkpoint and "
+                "load_checkpoint cannot read or write the sharded parameters; use "
+                "zeroadam.checkpoint.save(path, engine.module, optimizer) and zeroadam.checkpoint.load(...)"
+            )
+
+        engine.save_checkpoint = engine.load_checkpoint = no_deepspeed_checkpoints
+    # Stage 1 reduces in step(); stage 3 in every backward (deferring would keep whole gradients in p.grad).
     if getattr(opt._zero, "buckets", None) is not None:
         buckets = opt._zero.buckets
 
@@ -203,10 +233,60 @@ def initialize(
     return engine, optimizer, dataloader, scheduler
 
 
+def _check_sharded(model: torch.nn.Module, stage: int, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+    """A model that ``shard_model`` already sharded is used as it is: moving or casting it would copy parameters
+    whose storage is released, and they would no longer view the unit buffers."""
+    if stage != 3:
+        raise _bad(
+            "zero_optimization.stage", stage, "does not fit a model sharded by zeroadam.shard_model; set stage 3, "
+            "or pass the model unsharded"
+        )
+    on = {p.device for p in model.parameters()}
+    if on != {device}:
+        raise ValueError(
+            f"zeroadam.integrations.deepspeed: the model was sharded on {sorted(map(str, on))}, and DeepSpeed runs "
+            f"it on {device}; shard it there: zeroadam.shard_model(model.to({str(device)!r}))"
+        )
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        raise _bad(
+            "bf16.enabled", True, "needs bf16 parameters, and this model was sharded in another dtype; cast it "
+            "before sharding: zeroadam.shard_model(model.to(torch.bfloat16))"
+        )
+
+
+@contextlib.contextmanager
+def _gathered(sharded: Optional[ShardedModel]) -> Iterator[None]:
+    """Every unit of a stage-3 model gathered while DeepSpeed builds its engine, released after.
+
+    [Note: DeepSpeed's engine and released parameters]
+    The engine broadcasts every parameter from rank 0 (``_broadcast_model``) and moves the module to its device
+    while it is built. Outside a unit's forward and backward, ``shard_model`` releases the parameters' storage (0
+    bytes), and a broadcast of one hands the backend a tensor with no memory behind it: gloo aborts the process
+    ("writev: Bad address") and the other ranks wait forever. Gathered, the broadcast sends rank 0's values, which
+    every rank already holds (``shard_model`` broadcast them), and the move is a no-op. The cost is the whole model
+    in memory once, during construction.
+    """
+    if sharded is None:
+        yield
+        return
+    for u in sharded.units:
+        sharded.gather(u)
+    try:
+        yield
+    finally:
+        for u in sharded.units:
+            sharded.release(u)
+
+
 # ---------------------------------------------------------------------------------------------- registration
 class _MappedState(ParamState):
     """A parameter's state that DeepSpeed's ZeRO can also read as a dict of tensors: it maps each tensor shaped
     like the flat partition onto the model's parameters (its fragment API, universal checkpoints)."""
+
+    @classmethod
+    def of(cls, st: ParamState) -> "_MappedState":
+        # Field by field, so a field added to ParamState is carried without a change here.
+        return cls(**{f.name: getattr(st, f.name) for f in fields(st)})
 
     def items(self) -> Any:
         return {**self.moments.tensors(), **self.master.tensors()}.items()
@@ -235,15 +315,14 @@ class DeepSpeedZeroAdam(ZeroAdam):
                 raise ValueError(f"ZeroAdam as DeepSpeed's optimizer: optimizer.params.{key}={value!r} is not supported")
         super().__init__(params, **kwargs)
 
-    def _init_state(self, p: torch.Tensor) -> ParamState:
-        st = super()._init_state(p)
-        return _MappedState(st.step, st.moments, st.master)
+    def _init_state(self, p: torch.Tensor, index_base: int) -> ParamState:
+        return _MappedState.of(super()._init_state(p, index_base))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         for p, st in list(self.state.items()):
             if isinstance(st, ParamState) and not isinstance(st, _MappedState):
-                self.state[p] = _MappedState(st.step, st.moments, st.master)
+                self.state[p] = _MappedState.of(st)
 
 
 def _register() -> None:

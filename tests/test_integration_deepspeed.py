@@ -1,17 +1,20 @@
-"""DeepSpeed configs on 2 gloo CPU processes: zeroadam.integrations.deepspeed.initialize (ZeroAdam shards) and a plain
-deepspeed.initialize with "type": "ZeroAdam" (DeepSpeed's ZeRO shards), against torch.optim.AdamW on the global batch.
+"""DeepSpeed configs on 2 gloo CPU processes: zeroadam.integrations.deepspeed.initialize (ZeroAdam shards, stages 1-3)
+and a plain deepspeed.initialize with "type": "ZeroAdam" (DeepSpeed's ZeRO shards), against torch.optim.AdamW on the
+global batch.
 
-The first DeepSpeed run on a machine JIT-compiles DeepSpeed's CPU shared-memory communication op (minutes); later
-runs load it from ~/.cache/torch_extensions."""
+`make test` installs deepspeed (see the Makefile). The first DeepSpeed run on a machine JIT-compiles DeepSpeed's CPU
+shared-memory communication op (30-60 s on 2 cores); later runs load it from ~/.cache/torch_extensions. No other
+DeepSpeed op is built: offload_optimizer runs ZeroAdam, not DeepSpeedCPUAdam."""
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Optional
 
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (make test installs it; see the Makefile)")
 
 from distributed import run_ranks  # noqa: E402
 
@@ -53,8 +56,10 @@ def config(zero: dict, **extra) -> dict:
     }
 
 
-def _train(rank: int, initialize, cfg: dict) -> dict:
-    engine, optimizer, _, _ = initialize(model=make_model(), config=cfg)
+def _train(rank: int, initialize, cfg: dict, model: Optional[torch.nn.Module] = None) -> dict:
+    import zeroadam
+
+    engine, optimizer, _, _ = initialize(model=model if model is not None else make_model(), config=cfg)
     allreduces = []
     original = engine.allreduce_gradients
     engine.allreduce_gradients = lambda *a, **k: (allreduces.append(1), original(*a, **k))[1]
@@ -65,8 +70,20 @@ def _train(rank: int, initialize, cfg: dict) -> dict:
             engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
             engine.step()
     inner = getattr(optimizer, "optimizer", optimizer)
+    sharded = getattr(engine.module, "_zeroadam_sharded", None)
+    if sharded is None:
+        params = [p.detach().clone() for p in engine.module.parameters()]
+    else:  # stage 3: the parameters' storage is released between steps
+        full = zeroadam.full_state_dict(engine.module)
+        params = [full[n] for n, _ in engine.module.named_parameters()]
     return {
-        "params": [p.detach().clone() for p in engine.module.parameters()],
+        "params": params,
+        "sharded": None if sharded is None else {
+            "flat_elements": sum(f.layout.total for u in sharded.units for f in u.flats),
+            "units": len(sharded.units),
+            "released": not any(f.is_materialized() for u in sharded.units for f in u.flats),
+            "grads_left": sum(p.grad is not None for p in engine.module.parameters()),
+        },
         "optimizer": type(optimizer).__name__,
         "inner": type(inner).__name__,
         "ds_allreduces": len(allreduces),
@@ -74,10 +91,40 @@ def _train(rank: int, initialize, cfg: dict) -> dict:
     }
 
 
-def suite(rank: int, world: int) -> dict:
+def _stage3_checkpoint(rank: int, zds, path: str) -> dict:
+    """Steps 0-3 in one run, saved after step 1 with zeroadam.checkpoint; steps 2-3 again from the checkpoint."""
+    import zeroadam
+    from zeroadam import checkpoint
+
+    def run(steps: range, load: bool) -> tuple[dict, Optional[str]]:
+        engine, optimizer, _, _ = zds.initialize(model=make_model(), config=config({"stage": 3}))
+        refused = None
+        if load:
+            checkpoint.load(path, engine.module, optimizer)
+        else:
+            try:
+                engine.save_checkpoint(path + "-deepspeed")
+            except RuntimeError as e:
+                refused = str(e)
+        for s in steps:
+            for x, y in micro_batches(s):
+                xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK] for t in (x, y))
+                engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
+                engine.step()
+            if s == 1 and not load:
+                checkpoint.save(path, engine.module, optimizer)
+        return zeroadam.full_state_dict(engine.module), refused
+
+    straight, refused = run(range(STEPS), load=False)
+    resumed, _ = run(range(2, STEPS), load=True)
+    return {"max_diff": max(float((straight[k] - resumed[k]).abs().max()) for k in straight), "refused": refused}
+
+
+def suite(rank: int, world: int, ckpt_dir: str) -> dict:
     os.environ["LOCAL_RANK"] = str(rank)
     import deepspeed
 
+    import zeroadam
     from zeroadam.integrations import deepspeed as zds
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -89,6 +136,15 @@ def suite(rank: int, world: int) -> dict:
     out["ours", 2] = _train(rank, zds.initialize, config({"stage": 2, "reduce_bucket_size": 3000}))
     out["ours", "offload"] = _train(rank, zds.initialize, config({"stage": 2, "offload_optimizer": {"device": "cpu"}}))
     out["ours", "bf16"] = _train(rank, zds.initialize, config({"stage": 2}, bf16={"enabled": True}))
+    out["ours", 3] = _train(rank, zds.initialize, config({"stage": 3}))
+    out["ours", "3-checkpoint"] = _stage3_checkpoint(rank, zds, os.path.join(ckpt_dir, "stage3"))
+    # Units chosen by the caller (one per Linear, an empty root), and the optimizer state offloaded.
+    out["ours", "3-sharded-offload"] = _train(
+        rank,
+        zds.initialize,
+        config({"stage": 3, "offload_optimizer": {"device": "cpu"}}),
+        model=zeroadam.shard_model(make_model(), units=[torch.nn.Linear]),
+    )
     out["ds", 1] = _train(rank, deepspeed.initialize, config({"stage": 1}))
     out["ds", 2] = _train(rank, deepspeed.initialize, config({"stage": 2}))
     out["ds", "offload"] = _train(rank, deepspeed.initialize, config({"stage": 2, "offload_optimizer": {"device": "cpu"}}))
@@ -97,9 +153,19 @@ def suite(rank: int, world: int) -> dict:
         "fp16": config({"stage": 2}, fp16={"enabled": True}),
         "nvme": config({"stage": 2, "offload_optimizer": {"device": "nvme"}}),
         "adam_l2": {**config({"stage": 1}), "optimizer": {"type": "Adam", "params": {"lr": LR, "adam_w_mode": False}}},
+        "offload_param": config({"stage": 3, "offload_param": {"device": "cpu"}}),
     }.items():
         try:
             zds.translate(cfg)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    for name, cfg in {
+        "sharded_stage2": config({"stage": 2}),
+        "sharded_fp32_bf16": config({"stage": 3}, bf16={"enabled": True}),
+    }.items():
+        try:
+            zds.initialize(model=zeroadam.shard_model(make_model()), config=cfg)
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
@@ -108,8 +174,8 @@ def suite(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list[dict]:
-    return run_ranks(suite, WORLD, timeout=600)
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_ranks(suite, WORLD, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
 
 
 def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -126,6 +192,28 @@ def test_zeroadam_initialize_trains_like_adamw(ranks: list[dict], variant) -> No
         assert res["ds_allreduces"] == 0  # ZeroAdam averages; DeepSpeed's all-reduce is off
         reduced = res["comm"].get("reduce", 0) + res["comm"].get("reduce_scatter", 0)
         assert reduced > 0
+
+
+@pytest.mark.parametrize("variant", [3, "3-sharded-offload"])
+def test_zeroadam_initialize_stage3_trains_like_adamw(ranks: list[dict], variant) -> None:
+    ref = reference()
+    for r in ranks:
+        res = r["ours", variant]
+        assert rel_err(res["params"], ref) <= 1e-5
+        assert res["optimizer"] == "ZeroAdam"
+        assert res["ds_allreduces"] == 0
+        sharded = res["sharded"]
+        assert sharded["units"] == (1 if variant == 3 else 3)  # the root alone, or 2 Linear units and the root
+        assert sharded["released"] and sharded["grads_left"] == 0
+        # Each micro-batch reduce-scatters every unit once into the gradient shards (as DeepSpeed's ZeRO-3).
+        assert res["comm"]["reduce_scatter"] == ACCUM * sharded["flat_elements"]
+
+
+def test_stage3_checkpoints_go_through_zeroadam_checkpoint(ranks: list[dict]) -> None:
+    for r in ranks:
+        res = r["ours", "3-checkpoint"]
+        assert res["max_diff"] == 0.0  # resuming from the checkpoint retraces the uninterrupted run exactly
+        assert "zeroadam.checkpoint.save(path, engine.module, optimizer)" in res["refused"]
 
 
 def test_bf16_casts_the_model_and_zeroadam_keeps_master_weights(ranks: list[dict]) -> None:
@@ -152,3 +240,6 @@ def test_keys_that_cannot_be_honoured_are_named(ranks: list[dict]) -> None:
         assert "fp16.enabled" in r["errors"]["fp16"]
         assert "zero_optimization.offload_optimizer.device='nvme'" in r["errors"]["nvme"]
         assert "optimizer.params.adam_w_mode=False" in r["errors"]["adam_l2"]
+        assert "zero_optimization.offload_param" in r["errors"]["offload_param"]
+        assert "zero_optimization.stage=2" in r["errors"]["sharded_stage2"]
+        assert "bf16.enabled=True" in r["errors"]["sharded_fp32_bf16"]
