@@ -10,6 +10,13 @@ Every measurement is a median over ``repeats`` calls after ``warmup`` untimed ca
 median, not the mean, because the other processes on a shared machine add long one-sided outliers; the
 minimum and every sample are kept in the JSON too, so a noisy run can be recognised afterwards. The machine's
 load average is recorded for the same reason.
+
+[Note: interleaved timing]
+On a shared machine the memory bandwidth left to us drifts over seconds (other tenants' load), and consecutive
+runs of one optimizer after another catch different drifts: a ratio of two medians taken a minute apart moved by
+20-40% between runs on the 2-core development VM. ``time_interleaved`` times round r of every function back to
+back, the order rotating each round so that none always follows the same neighbour, and ``paired_ratio`` is the
+median over rounds of the per-round ratio: paired samples, taken under the same conditions.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -36,6 +43,8 @@ __all__ = [
     "DeviceKind",
     "Timing",
     "time_fn",
+    "time_interleaved",
+    "paired_ratio",
     "synchronize",
     "describe_machine",
     "write_json",
@@ -83,6 +92,51 @@ def time_fn(fn: Callable[[], Any], *, warmup: int, repeats: int, device: DeviceK
         synchronize(device)
         samples.append(time.perf_counter() - t0)
     return Timing(statistics.median(samples), min(samples), max(samples), samples)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int, device: DeviceKind = "cpu"
+) -> dict[str, Union[Timing, Exception]]:
+    """Per name, the median wall time of its function over ``repeats`` interleaved rounds after ``warmup`` untimed
+    calls each (see [Note: interleaved timing]); a function that raises is dropped from later rounds, and its
+    exception (traceback printed) stands in for its timing."""
+    if repeats < 1:
+        raise ValueError(f"time_interleaved: invalid repeats={repeats!r}; expected at least 1")
+    out: dict[str, Union[Timing, Exception]] = {}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+
+    def call(name: str, timed: bool) -> None:
+        try:
+            synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - one failing competitor does not stop the others
+            traceback.print_exc(file=sys.stderr)
+            out[name] = exc
+            return
+        if timed:
+            samples[name].append(time.perf_counter() - t0)
+
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            if name not in out:
+                call(name, timed=False)
+    for r in range(repeats):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            if name not in out:
+                call(name, timed=True)
+    for name, t in samples.items():
+        if name not in out:
+            out[name] = Timing(statistics.median(t), min(t), max(t), t)
+    return out
+
+
+def paired_ratio(base: Sequence[float], other: Sequence[float]) -> float:
+    """Median over rounds of base time / other time: the other's speed relative to the base."""
+    return statistics.median(b / t for b, t in zip(base, other))
 
 
 # ---------------------------------------------------------------------------------------------- machine

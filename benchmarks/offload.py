@@ -13,8 +13,9 @@ CPU mode (``benchmarks/results/offload_cpu.json``)
     into the host shard, the fused CPU kernel), ``DeepSpeedCPUAdam(adamw_mode=True)`` (its AVX C++ op), and
     for context ZeroAdam fp32 without offload and torch's fused AdamW. Each row times ``optimizer.step()``
     (median of ``--repeats`` after ``--warmup``, see ``_common`` [Note: timing]) after one untimed first step
-    that creates the state. The issue's figures, reported as measured: ZeroAdam offload fp32 at least 1.0x
-    DeepSpeedCPUAdam's speed, and int8 at least 0.5x the fp32 offload speed. After the same number of steps every
+    that creates the state, in interleaved rounds whose paired ratios give the "vs DeepSpeed" column and the
+    figures (``_common`` [Note: interleaved timing]). The issue's figures, reported as measured: ZeroAdam offload
+    fp32 at least 1.0x DeepSpeedCPUAdam's speed, and int8 at least 0.5x the fp32 offload speed. After the same number of steps every
     row's parameters are compared with torch's fused AdamW (``max_rel_diff_vs_torch``), so a fast row that
     computes something else shows. For the offload rows, "grad intake" is the part of ``step()`` that moves the
     gradients into the host shard (the stage-1 reduction path, which at one rank is a copy into a zeroed flat
@@ -38,7 +39,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -48,8 +49,11 @@ from _common import (
     error_text,
     format_table,
     parse_sizes,
+    paired_ratio,
     probe_import,
+    Timing,
     time_fn,
+    time_interleaved,
     write_json,
 )
 
@@ -137,47 +141,53 @@ def _missing(name: str, stage: str, reason: str) -> dict[str, Any]:
     return {"candidate": name, "status": "missing", "stage": stage, "reason": reason}
 
 
-def _measure_cpu(
-    cand: CpuCandidate, init: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, warmup: int, repeats: int
-) -> tuple[dict[str, Any], Optional[list[torch.Tensor]]]:
-    """One row, and the parameters after its 1 + warmup + repeats steps (None when it did not run)."""
+@dataclass
+class _Prepared:
+    """One candidate on its own copy of the parameters, after its first (state-creating) step."""
+
+    cand: CpuCandidate
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    construct_s: float
+    first_step_s: float
+
+
+def _prepare_cpu(
+    cand: CpuCandidate, init: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> Union[_Prepared, dict[str, Any]]:
+    """The candidate ready to be timed, or its missing row."""
     params = [torch.nn.Parameter(t.clone()) for t in init]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    total = sum(t.numel() for t in init)
-    opt: Optional[torch.optim.Optimizer] = None
+    t0 = time.perf_counter()
+    try:
+        opt = cand.make(params)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return _missing(cand.name, "construct", error_text(exc))
+    construct_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
-        try:
-            opt = cand.make(params)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            return _missing(cand.name, "construct", error_text(exc)), None
-        construct_s = time.perf_counter() - t0
-        try:
-            t0 = time.perf_counter()
-            opt.step()  # creates the state
-            first_step_s = time.perf_counter() - t0
-            timing = time_fn(opt.step, warmup=warmup, repeats=repeats)
-            intake = _grad_intake_s(opt, max(3, repeats // 2))
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            return _missing(cand.name, "step", error_text(exc)), None
-        row = {
-            "candidate": cand.name,
-            "status": "ok",
-            **asdict(timing),
-            "construct_s": construct_s,
-            "first_step_s": first_step_s,
-            "params_per_s": total / timing.median_s,
-            "grad_intake_s": intake,
-            "state_bytes_per_param": _state_bytes(opt, params) / total,
-            "finite": all(bool(torch.isfinite(p.detach()).all()) for p in params),
-        }
-        return row, [p.detach().clone() for p in params]
-    finally:
-        del opt, params
-        gc.collect()
+        opt.step()  # creates the state
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return _missing(cand.name, "step", error_text(exc))
+    return _Prepared(cand, opt, params, construct_s, time.perf_counter() - t0)
+
+
+def _row_cpu(prep: _Prepared, timing: Timing, repeats: int) -> dict[str, Any]:
+    total = sum(p.numel() for p in prep.params)
+    return {
+        "candidate": prep.cand.name,
+        "status": "ok",
+        **asdict(timing),
+        "construct_s": prep.construct_s,
+        "first_step_s": prep.first_step_s,
+        "params_per_s": total / timing.median_s,
+        "grad_intake_s": _grad_intake_s(prep.opt, max(3, repeats // 2)),
+        "state_bytes_per_param": _state_bytes(prep.opt, prep.params) / total,
+        "finite": all(bool(torch.isfinite(p.detach()).all()) for p in prep.params),
+    }
 
 
 def _max_rel_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -192,8 +202,8 @@ def run_cpu(
     init = [torch.randn(n, generator=gen) * 0.02 for n in numels]
     grads = [torch.randn(n, generator=gen) * 1e-3 for n in numels]
     avail: dict[str, Availability] = {}
-    rows: list[dict[str, Any]] = []
-    finals: dict[str, list[torch.Tensor]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    preps: dict[str, _Prepared] = {}
     for cand in candidates:
         if cand.module not in avail:
             avail[cand.module] = a = probe_import(cand.module)
@@ -203,21 +213,34 @@ def run_cpu(
                 flush=True,
             )
         if not avail[cand.module].ok:
-            rows.append(_missing(cand.name, "import", avail[cand.module].reason or "import failed"))
+            rows[cand.name] = _missing(cand.name, "import", avail[cand.module].reason or "import failed")
             continue
-        print(f"# {cand.name} ...", end="", flush=True)
-        row, final = _measure_cpu(cand, init, grads, warmup=warmup, repeats=repeats)
-        print(f" {row['median_s'] * 1e3:.1f} ms" if row["status"] == "ok" else f" missing ({row['reason']})", flush=True)
-        rows.append(row)
-        if final is not None:
-            finals[cand.name] = final
-    by = {r["candidate"]: r for r in rows if r["status"] == "ok"}
+        prep = _prepare_cpu(cand, init, grads)
+        if isinstance(prep, _Prepared):
+            preps[cand.name] = prep
+        else:
+            rows[cand.name] = prep
+    print(f"# timing {', '.join(preps)} in {repeats} interleaved rounds", flush=True)
+    timings = time_interleaved({name: prep.opt.step for name, prep in preps.items()}, warmup=warmup, repeats=repeats)
+    finals: dict[str, list[torch.Tensor]] = {}
+    for name, prep in preps.items():
+        t = timings[name]
+        if isinstance(t, Exception):
+            rows[name] = _missing(name, "step", error_text(t))
+            continue
+        rows[name] = _row_cpu(prep, t, repeats)
+        # Every candidate took 1 + warmup + repeats steps of the same gradients.
+        finals[name] = [p.detach().clone() for p in prep.params]
+        print(f"# {name}: {rows[name]['median_s'] * 1e3:.1f} ms", flush=True)
+    preps.clear()
+    gc.collect()
+    by = {r["candidate"]: r for r in rows.values() if r["status"] == "ok"}
     for r in by.values():
         ds = by.get(DEEPSPEED)
-        r["speed_vs_deepspeed"] = None if ds is None else r["params_per_s"] / ds["params_per_s"]
+        r["speed_vs_deepspeed"] = None if ds is None else paired_ratio(ds["samples_s"], r["samples_s"])
         ref = finals.get(REFERENCE)
         r["max_rel_diff_vs_torch"] = None if ref is None else _max_rel_diff(finals[r["candidate"]], ref)
-    return rows, avail
+    return [rows[c.name] for c in candidates], avail
 
 
 def cpu_figures(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,10 +248,10 @@ def cpu_figures(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     fp32, int8, ds = by.get("zeroadam-offload-fp32"), by.get("zeroadam-offload-int8"), by.get(DEEPSPEED)
     if fp32 and ds:
-        v = fp32["params_per_s"] / ds["params_per_s"]
+        v = paired_ratio(ds["samples_s"], fp32["samples_s"])
         out.append({"figure": "offload fp32 speed / DeepSpeedCPUAdam speed", "target": ">= 1.0", "value": v, "met": v >= 1.0})
     if fp32 and int8:
-        v = int8["params_per_s"] / fp32["params_per_s"]
+        v = paired_ratio(fp32["samples_s"], int8["samples_s"])
         out.append({"figure": "offload int8 speed / offload fp32 speed", "target": ">= 0.5", "value": v, "met": v >= 0.5})
     return out
 

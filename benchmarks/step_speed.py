@@ -6,7 +6,9 @@ competitors, all measured in the same process on the same parameter sizes.
     python benchmarks/step_speed.py --only zeroadam-int8,torch-fused
 
 Each row times ``optimizer.step()`` on one fp32 parameter with a fixed fp32 gradient (median of
-``--repeats`` steps after ``--warmup`` steps; see ``_common`` [Note: timing]). The table and
+``--repeats`` steps after ``--warmup`` steps; see ``_common`` [Note: timing]), by default in rounds that step
+every optimizer once, so that ratios compare steps taken under the same load (``_common`` [Note: interleaved
+timing]). The table and
 ``benchmarks/results/step_speed_<device>.json`` give, per optimizer: parameters updated per second, the
 effective memory bandwidth under the traffic model below, the ratio of its speed to torch's fused AdamW, and
 the optimizer state it holds per parameter. A competitor that cannot run (package missing, import error, no
@@ -55,8 +57,11 @@ from _common import (
     format_table,
     parse_sizes,
     probe_import,
+    Timing,
+    paired_ratio,
     synchronize,
     time_fn,
+    time_interleaved,
     write_json,
 )
 
@@ -233,69 +238,134 @@ def _missing(cand: Candidate, size: int, stage: str, reason: str) -> dict[str, A
     }
 
 
-def measure(
-    cand: Candidate, size: int, device: DeviceKind, *, warmup: int, repeats: int, seed: int = 0
-) -> dict[str, Any]:
-    """Time ``repeats`` steps of one candidate on one fresh parameter of ``size`` elements."""
+@dataclass
+class _Prepared:
+    """One candidate, constructed and stepped once (its state exists), ready to be timed."""
+
+    cand: Candidate
+    opt: torch.optim.Optimizer
+    p: torch.Tensor  # 1D [size]: the parameter, with its fixed gradient
+    construct_s: float
+    first_step_s: float
+
+
+def _prepare(cand: Candidate, size: int, device: DeviceKind, seed: int = 0) -> "_Prepared | dict[str, Any]":
+    """The candidate on one fresh parameter of ``size`` elements after its first (state-creating) step, or its
+    missing row."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Values drawn on the CPU so every device and run steps the same numbers.
     p = torch.nn.Parameter((torch.randn(size, generator=gen) * 0.02).to(device))
     p.grad = (torch.randn(size, generator=gen) * 1e-3).to(device)
-    opt: Optional[torch.optim.Optimizer] = None
+    t0 = time.perf_counter()
     try:
+        opt = cand.make([p])
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return _missing(cand, size, "construct", error_text(exc))
+    construct_s = time.perf_counter() - t0
+    try:
+        synchronize(device)
         t0 = time.perf_counter()
-        try:
-            opt = cand.make([p])
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            return _missing(cand, size, "construct", error_text(exc))
-        construct_s = time.perf_counter() - t0
-        try:
-            synchronize(device)
-            t0 = time.perf_counter()
-            opt.step()  # creates the state; torchao compiles here
-            synchronize(device)
-            first_step_s = time.perf_counter() - t0
-            timing = time_fn(opt.step, warmup=warmup, repeats=repeats, device=device)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            return _missing(cand, size, "step", error_text(exc))
-        state_b = state_bytes_of(opt, [p]) / size
-        nominal = cand.nominal_state_bytes
-        note = ""
-        model_state = nominal
-        if abs(state_b - nominal) > 0.05 * nominal:
-            model_state = state_b
-            note = f"holds {state_b:.3g} B/param of state, not the nominal {nominal:.3g}: its format fell back"
-        traffic = traffic_bytes(model_state)
-        row = {
-            "candidate": cand.name,
-            "family": cand.family,
-            "size": size,
-            "status": "ok",
-            **asdict(timing),
-            "construct_s": construct_s,
-            "first_step_s": first_step_s,
-            "params_per_s": size / timing.median_s,
-            "traffic_bytes_per_elem": traffic,
-            "effective_gb_per_s": traffic * size / timing.median_s / 1e9,
-            "state_bytes_per_param": state_b,
-            "nominal_state_bytes_per_param": nominal,
-            "finite": bool(torch.isfinite(p.detach()).all()),
-            "note": note,
-        }
-        if cand.family == "zeroadam":
-            row["zeroadam_backend"] = _zeroadam_backend(opt, p)
-        return row
+        opt.step()  # creates the state; torchao compiles here
+        synchronize(device)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return _missing(cand, size, "step", error_text(exc))
+    return _Prepared(cand, opt, p, construct_s, time.perf_counter() - t0)
+
+
+def _row(prep: _Prepared, size: int, timing: Timing) -> dict[str, Any]:
+    cand, opt, p = prep.cand, prep.opt, prep.p
+    state_b = state_bytes_of(opt, [p]) / size
+    nominal = cand.nominal_state_bytes
+    note = ""
+    model_state = nominal
+    if abs(state_b - nominal) > 0.05 * nominal:
+        model_state = state_b
+        note = f"holds {state_b:.3g} B/param of state, not the nominal {nominal:.3g}: its format fell back"
+    traffic = traffic_bytes(model_state)
+    row = {
+        "candidate": cand.name,
+        "family": cand.family,
+        "size": size,
+        "status": "ok",
+        **asdict(timing),
+        "construct_s": prep.construct_s,
+        "first_step_s": prep.first_step_s,
+        "params_per_s": size / timing.median_s,
+        "traffic_bytes_per_elem": traffic,
+        "effective_gb_per_s": traffic * size / timing.median_s / 1e9,
+        "state_bytes_per_param": state_b,
+        "nominal_state_bytes_per_param": nominal,
+        "finite": bool(torch.isfinite(p.detach()).all()),
+        "note": note,
+    }
+    if cand.family == "zeroadam":
+        row["zeroadam_backend"] = _zeroadam_backend(opt, p)
+    return row
+
+
+def _release(device: DeviceKind) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(
+    cand: Candidate, size: int, device: DeviceKind, *, warmup: int, repeats: int, seed: int = 0
+) -> dict[str, Any]:
+    """Time ``repeats`` consecutive steps of one candidate on one fresh parameter of ``size`` elements."""
+    prep = _prepare(cand, size, device, seed)
+    if not isinstance(prep, _Prepared):
+        _release(device)
+        return prep
+    try:
+        timing = time_fn(prep.opt.step, warmup=warmup, repeats=repeats, device=device)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return _missing(cand, size, "step", error_text(exc))
+    else:
+        return _row(prep, size, timing)
     finally:
-        del opt, p
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        del prep
+        _release(device)
+
+
+def measure_interleaved(
+    cands: Sequence[Candidate], size: int, device: DeviceKind, *, warmup: int, repeats: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Rows of every candidate on its own copy of the same parameter, timed in interleaved rounds (``_common``
+    [Note: interleaved timing]); every candidate's state is held at once."""
+    rows: dict[str, dict[str, Any]] = {}
+    preps: dict[str, _Prepared] = {}
+    try:
+        for cand in cands:
+            prep = _prepare(cand, size, device, seed)
+            if isinstance(prep, _Prepared):
+                preps[cand.name] = prep
+            else:
+                rows[cand.name] = prep
+        print(f"# {size:,} elements: timing {', '.join(preps)} in {repeats} interleaved rounds", flush=True)
+        timings = time_interleaved(
+            {name: prep.opt.step for name, prep in preps.items()}, warmup=warmup, repeats=repeats, device=device
+        )
+        for name, prep in preps.items():
+            t = timings[name]
+            rows[name] = _missing(prep.cand, size, "step", error_text(t)) if isinstance(t, Exception) else _row(prep, size, t)
+    finally:
+        preps.clear()
+        _release(device)
+    return [rows[c.name] for c in cands]
 
 
 def run(
-    candidates: Sequence[Candidate], sizes: Sequence[int], device: DeviceKind, *, warmup: int, repeats: int
+    candidates: Sequence[Candidate],
+    sizes: Sequence[int],
+    device: DeviceKind,
+    *,
+    warmup: int,
+    repeats: int,
+    interleave: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Availability]]:
     """All rows (sizes x candidates, missing ones included) and the import result of each family."""
     avail: dict[str, Availability] = {}
@@ -310,12 +380,18 @@ def run(
             )
     rows: list[dict[str, Any]] = []
     for size in sizes:
+        runnable = []
         for cand in candidates:
             if device not in cand.devices:
                 rows.append(_missing(cand, size, "device", cand.device_note or f"does not run on {device}"))
             elif not avail[cand.family].ok:
                 rows.append(_missing(cand, size, "import", avail[cand.family].reason or "import failed"))
             else:
+                runnable.append(cand)
+        if interleave:
+            rows += measure_interleaved(runnable, size, device, warmup=warmup, repeats=repeats)
+        else:
+            for cand in runnable:
                 print(f"# {cand.name} @ {size:,} ...", end="", flush=True)
                 row = measure(cand, size, device, warmup=warmup, repeats=repeats)
                 print(
@@ -326,7 +402,12 @@ def run(
         base = next((r for r in rows if r["size"] == size and r["candidate"] == BASELINE and r["status"] == "ok"), None)
         for r in rows:
             if r["size"] == size and r["status"] == "ok":
-                r["ratio_vs_torch_fused"] = None if base is None else r["params_per_s"] / base["params_per_s"]
+                if base is None:
+                    r["ratio_vs_torch_fused"] = None
+                elif interleave:
+                    r["ratio_vs_torch_fused"] = paired_ratio(base["samples_s"], r["samples_s"])
+                else:
+                    r["ratio_vs_torch_fused"] = r["params_per_s"] / base["params_per_s"]
     return rows, avail
 
 
@@ -396,6 +477,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
     ap.add_argument("--zeroadam-backend", choices=("torch", "cpu", "triton"), help="force ZeroAdam's backend")
     ap.add_argument("--out", help="result file name under benchmarks/results (default step_speed_<device>.json)")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="time each optimizer's steps in one run, one optimizer after another, holding one state at a time "
+        "(default: interleaved rounds, every state held at once; see _common's [Note: interleaved timing])",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -424,11 +511,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{machine.get('gpu_name', 'no GPU')}, load {machine['loadavg_1_5_15']}",
         flush=True,
     )
-    rows, avail = run(candidates, sizes, device, warmup=args.warmup, repeats=args.repeats)
+    rows, avail = run(
+        candidates, sizes, device, warmup=args.warmup, repeats=args.repeats, interleave=not args.sequential
+    )
     machine["loadavg_after"] = describe_machine("cpu")["loadavg_1_5_15"]
 
     for size in sizes:
-        print(f"\none AdamW step, {size:,} fp32 elements on {device}; median of {args.repeats}")
+        how = "consecutive steps" if args.sequential else "interleaved rounds, ratios paired per round"
+        print(f"\none AdamW step, {size:,} fp32 elements on {device}; median of {args.repeats} ({how})")
         print(table(rows, size))
     path = write_json(
         args.out or f"step_speed_{device}.json",
@@ -445,6 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "hyper": HYPER,
                 "baseline": BASELINE,
                 "zeroadam_backend": args.zeroadam_backend,
+                "timing": "sequential" if args.sequential else "interleaved",
             },
             "traffic_model": "B/elem = 2*param(4) + grad(4) + 2*state B/param (step_speed.py [Note: traffic model])",
             "availability": dict(avail),
