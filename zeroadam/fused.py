@@ -105,8 +105,7 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of squares of every gradient, on the first one's device: the pre-pass that finds non-finite
     gradients (and the norm to clip by) before anything is written.
 
-    CPU gradients go through the compiled kernel in fp64, last to first, so that the update that follows in
-    first-to-last order finds its first gradients in cache; the rest through torch in fp32."""
+    CPU gradients go through the compiled kernel in fp64, the rest through torch in fp32."""
     if not grads:
         return torch.zeros((), dtype=torch.float64)
     from .cpu_kernels import sq_sum_compiled
@@ -114,7 +113,7 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     dev = grads[0].device
     total = torch.zeros((), dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
     host = 0.0
-    for g in reversed(grads):
+    for g in grads:
         s = sq_sum_compiled(g) if g.device.type == "cpu" else None
         if s is None:
             total += grad_sq_sum(g).to(device=dev, dtype=total.dtype)
