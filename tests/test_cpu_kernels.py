@@ -349,7 +349,7 @@ def test_fallback_warns_once_and_matches_update_torch(no_compiler: None) -> None
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 64 * 256 + 3, 1024 * 256 * 2 + 17])
 def test_sq_sum_matches_fp64(dtype: torch.dtype, n: int) -> None:
-    # The last two sizes split between threads (the one before them stays on the calling thread).
+    # The last two sizes are split between threads; the smaller ones stay on the calling thread.
     t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3.0).to(dtype)
     want = float(torch.sum(t.double() ** 2))
     got = cpu_kernels.sq_sum_compiled(t)
