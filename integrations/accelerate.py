@@ -46,10 +46,8 @@ resized to zero bytes). Three things in Accelerate would touch that storage, and
 The model is never wrapped in DDP (stage 3 reduce-scatters gradients itself) and autocast applies as usual.
 ``accumulate`` and ``accelerator.no_sync`` do not defer stage 3's gradient communication: each micro-batch's gradients
 are reduce-scattered into the shards (where they add up) and freed during backward, as DeepSpeed's ZeRO-3 does.
-Deferring would keep every ``p.grad`` whole until the last micro-batch, the memory ZeRO-3 is there to save; and the
-stage-3 engine reduce-scatters at the end of every backward even under its ``no_sync`` (the gradients it holds back
-make that reduction zeros), so deferring would not save the communication either. ``optimizer.no_sync()`` is still
-there for a loop that wants it.
+Deferring would keep every ``p.grad`` whole until the last micro-batch, the memory ZeRO-3 is there to save.
+``optimizer.no_sync()`` is still there for a loop that prefers fewer reduce-scatters to that memory.
 """
 from __future__ import annotations
 
@@ -114,12 +112,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.type == "cpu" or a.index == b.index)
 
 
-def _release_all(st: ShardedModel) -> None:
-    """Release every gathered unit (local; the shards hold the values). Only between steps, never inside a pass."""
-    for u in st.units:
-        st.release(u)
-
-
 def _place_buffers(model: nn.Module, device: torch.device) -> None:
     """Move the buffers (not the sharded parameters) to ``device``, as ``model.to`` would."""
     for m in model.modules():
@@ -149,7 +141,7 @@ def _load_into_shards(model: nn.Module, state_dict: dict[str, Any], prefix: str)
         for k in present:
             del state_dict[k]
         loaded.extend(keys)
-    _release_all(st)  # a unit left gathered would shadow the new shards in the next forward
+    st.release_all()  # a unit left gathered would shadow the new shards in the next forward
     with torch.no_grad():
         for u in st.units:
             for f in u.flats:
@@ -400,7 +392,7 @@ class ZeroAccelerator(Accelerator):
         for m in self._models:
             st = _sharded_of(self.unwrap_model(m))
             if st is not None:
-                _release_all(st)
+                st.release_all()
         return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
 
     # ---------------------------------------------------------------- training loop

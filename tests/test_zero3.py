@@ -1,6 +1,8 @@
 """ZeRO stage 3: shard_model + ZeroAdam(stage=3) against one process of torch.optim.AdamW on the global batch."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -79,9 +81,27 @@ def reference() -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def train(model: nn.Module, rank: int, world: int, no_sync: bool = False) -> ZeroAdam:
+    """The reference's loop on this rank's part of the global batch; with ``no_sync`` every micro-batch but the
+    last runs under ``opt.no_sync()``."""
+    per = BATCH // world
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3, max_grad_norm=CLIP)
+    for mbs in data(STEPS, MICRO):
+        opt.zero_grad()
+        for i, (x, y) in enumerate(mbs):
+            with opt.no_sync() if no_sync and i + 1 < MICRO else contextlib.nullcontext():
+                (loss_of(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]) / MICRO).backward()
+        opt.step()
+    return opt
+
+
+def whole_params(model: nn.Module) -> list[torch.Tensor]:
+    full = zeroadam.full_state_dict(model)
+    return [full[n] for n, _ in model.named_parameters()]
+
+
 def suite(rank: int, world: int) -> dict:
     out: dict = {}
-    per = BATCH // world
     ref_model = make()
     model = zeroadam.shard_model(make())
     st = model._zeroadam_sharded
@@ -93,13 +113,8 @@ def suite(rank: int, world: int) -> dict:
         (n, tuple(p.shape)) for n, p in ref_model.named_parameters()
     ]
     out["units"] = [u.name for u in st.units]
-    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3, max_grad_norm=CLIP)
     st.peak_live_bytes = 0
-    for mbs in data(STEPS, MICRO):
-        opt.zero_grad()
-        for x, y in mbs:
-            (loss_of(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]) / MICRO).backward()
-        opt.step()
+    opt = train(model, rank, world)
     out["mem"] = opt.memory_stats()
     out["comm"] = opt.comm_stats()
     out["peak_live"] = st.peak_live_bytes
@@ -143,7 +158,79 @@ def suite(rank: int, world: int) -> dict:
     return out
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def eval_after_steps(rank: int, world: int, reshard_after_forward: bool) -> list[float]:
+    """Per step: backward, a no_grad forward, the step, a no_grad forward again (the root unit, or with
+    reshard_after_forward=False every unit, stays gathered after a no_grad forward). Every forward's output
+    against the unsharded AdamW model's at the same point."""
+    per = BATCH // world
+    ref = make()
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2)
+    model = zeroadam.shard_model(make(), reshard_after_forward=reshard_after_forward)
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3)
+    probe = data(1, 1)[0][0][0]
+    errs = []
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        errs.append(rel_err(model(probe), ref(probe)))
+
+    for (x, y), in data(3, 1):
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        opt.zero_grad()
+        loss_of(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+        evaluate()  # leaves units gathered ...
+        ref_opt.step()
+        opt.step()
+        evaluate()  # ... which must not serve this forward
+    return errs
+
+
+def edges(rank: int, world: int) -> dict:
+    out: dict = {}
+    # Every forward after a step sees the updated weights, whatever a previous forward left gathered.
+    out["eval_errs"] = {raf: eval_after_steps(rank, world, raf) for raf in (True, False)}
+
+    # A weight tied across units (the head is a unit of its own, its weight is the root's embedding) lives in
+    # the root unit and trains like AdamW.
+    model = zeroadam.shard_model(make(), units=[nn.Linear])
+    st = model._zeroadam_sharded
+    out["tied_unit"] = st.unit_of[model.head.weight][0].name
+    train(model, rank, world)
+    out["tied_params"] = whole_params(model)
+
+    # no_sync: the held-back micro-batch communicates nothing; the last one reduce-scatters the sum once.
+    model = zeroadam.shard_model(make())
+    st = model._zeroadam_sharded
+    opt = train(model, rank, world, no_sync=True)
+    out["no_sync_params"] = whole_params(model)
+    out["no_sync_reduced"] = opt.comm_stats()["elements"].get("reduce_scatter", 0)
+    out["elements_per_pass"] = sum(f.layout.total for u in st.units for f in u.flats)
+
+    # A frozen unit has no gradient to reduce-scatter.
+    model = zeroadam.shard_model(make())
+    st = model._zeroadam_sharded
+    model.blocks[1].requires_grad_(False)
+    st.stats.reset()
+    x, y = data(1, 1)[0][0]
+    loss_of(model, x, y).backward()
+    out["frozen_reduced"] = st.stats.elements.get("reduce_scatter", 0)
+    out["frozen_expected"] = sum(f.layout.total for u in st.units if u.name != "blocks.1" for f in u.flats)
+    return out
+
+
 _cache: dict[int, list[dict]] = {}
+_edges_cache: list[list[dict]] = []
+
+
+def edge_results() -> list[dict]:
+    if not _edges_cache:
+        _edges_cache.append(run_ranks(edges, 2, timeout=240))
+    return _edges_cache[0]
 
 
 def results(world: int) -> list[dict]:
@@ -205,3 +292,65 @@ def test_bad_input_is_reported() -> None:
     for r in results(2):
         assert "selects no module" in r["bad_policy"]
         assert "not sharded" in r["not_sharded"]
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_forward_after_step_sees_updated_weights(reshard_after_forward: bool) -> None:
+    for r in edge_results():
+        errs = r["eval_errs"][reshard_after_forward]
+        assert len(errs) == 6 and max(errs) <= 1e-5, errs
+
+
+def test_weight_tied_across_units_lives_in_root_and_trains(ref: list[torch.Tensor]) -> None:
+    for r in edge_results():
+        assert r["tied_unit"] == "<root>"
+        assert max(rel_err(a, b) for a, b in zip(r["tied_params"], ref)) <= 1e-5
+
+
+def test_no_sync_defers_the_reduce_scatter(ref: list[torch.Tensor]) -> None:
+    for r in edge_results():
+        assert max(rel_err(a, b) for a, b in zip(r["no_sync_params"], ref)) <= 1e-5
+        # One reduce-scatter per unit for the step's one synchronized backward, none for the held-back one.
+        assert r["no_sync_reduced"] == r["elements_per_pass"]
+
+
+def test_frozen_unit_is_not_reduce_scattered() -> None:
+    for r in edge_results():
+        assert r["frozen_reduced"] == r["frozen_expected"]
+
+
+class BiasedHeadLM(TinyLM):
+    """The tied head with a bias: with units=[nn.Linear] the weight goes to the root, the bias stays in the unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(DIM, VOCAB)
+        self.head.weight = self.emb.weight
+
+
+class MixedDtypes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM)
+        self.lin.bias = nn.Parameter(torch.zeros(DIM, dtype=torch.bfloat16))
+
+
+def reset(m: nn.Module) -> None:
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+
+
+@pytest.mark.parametrize("cls", [BiasedHeadLM, MixedDtypes])
+def test_meta_init_fn_never_writes_a_released_buffer(cls: type) -> None:
+    """init_fn runs on a module whose other parameters are already built (released) in another unit or dtype: it
+    used to write through their zero-byte storage (a segfault). One process: construction needs no peers."""
+    with torch.device("meta"):
+        model = cls()
+    zeroadam.shard_model(model, device="cpu", units=[nn.Linear], init_fn=reset)
+    full = zeroadam.full_state_dict(model)
+    assert all(torch.isfinite(t).all() for t in full.values())
+    # Linear's reset_parameters draws both its weight and its bias: both filled, neither left at zero.
+    assert all(full[n].abs().sum() > 0 for n in full if n.startswith(("lin.", "head.")))
+    if cls is BiasedHeadLM:
+        with torch.no_grad():
+            assert torch.isfinite(model(data(1, 1)[0][0][0])).all()

@@ -13,15 +13,27 @@ the unit is not in use.
   hook the unit's outputs so that their gradient re-gathers the unit before its backward runs;
 * post-accumulate-grad hooks: copy each gradient into the unit's fp32 gradient buffer and free ``p.grad``; when
   the unit is complete, reduce-scatter it into the fp32 gradient shard and release the unit again;
-* end of backward: reduce-scatter whatever is left (zeros for parameters without gradient) and release all.
+* end of backward: reduce-scatter whatever is left (zeros for parameters without gradient) and release all;
+  under ``no_sync`` nothing is reduce-scattered: the gradients stay whole in ``p.grad`` for autograd to sum, and
+  the next synchronized backward reduce-scatters that sum once. A flat none of whose parameters requires a
+  gradient is never reduce-scattered (every rank agrees, since requires_grad is the same everywhere).
 Reduce-scatters are issued in one fixed order (the reverse of the forward order), each deferred until its
 predecessors have gone, and on a process group of their own, so gathers and reductions can never be matched
 against each other even when ranks' graphs differ (see [Note: collective order] in buckets.py).
+
+[Note: stale full buffers]
+A gathered unit's full buffer is a copy of the shards at the time of the gather. The root unit stays gathered
+from its forward until the end of backward, so a forward without backward (``torch.no_grad()`` evaluation) leaves
+it gathered; with ``reshard_after_forward=False`` every unit stays; a prefetch the forward did not use stays in
+flight. Whoever writes the shards (the optimizer step, ``load_full_state_dict``) therefore calls
+``ShardedModel.release_all()`` so that the next forward gathers the new values; otherwise it would silently run on
+the old weights.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -179,6 +191,12 @@ class ShardedModel:
             f.release()
         u.gathered = False
 
+    def release_all(self) -> None:
+        """Release every unit, waiting out gathers in flight: the shards changed (see [Note: stale full buffers]).
+        Between passes only; local, no communication."""
+        for u in self.units:
+            self.release(u)
+
     def _prefetch_after(self, u: Unit, order: list[Unit]) -> None:
         if u not in order:
             return
@@ -259,6 +277,8 @@ class ShardedModel:
     def _reduce(self, u: Unit) -> None:
         """Average the unit's gradients into its shards, then release its parameters."""
         for f in u.flats:
+            if not any(p.requires_grad for p in f.params):
+                continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
             if f.grad_full is None:
                 f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
             if f.grad_shard is None:
@@ -277,7 +297,9 @@ class ShardedModel:
             self.release(u)
 
     def _end_backward(self) -> None:
-        self._launch_ready(force=True)
+        if self.sync:
+            self._launch_ready(force=True)
+        # Under no_sync the gradients wait in p.grad and no unit was reduced (see [Note: stage-3 schedule]).
         for u in self.units:
             self.release(u)
         self._in_backward = False
@@ -309,7 +331,8 @@ def _is_unit(name: str, module: nn.Module, policy: UnitPolicy) -> bool:
 
 
 def _assign_units(model: nn.Module, policy: UnitPolicy) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
-    """(name, module, own parameters) per unit, the root last; a parameter used by several units goes to the root."""
+    """(name, module, own parameters) per unit, the root last; a parameter held by several units, or by a unit and
+    a module outside every unit, goes to the root."""
     unit_modules: list[tuple[str, nn.Module]] = []
     claimed: set[int] = set()
     for name, m in model.named_modules():
@@ -326,6 +349,19 @@ def _assign_units(model: nn.Module, policy: UnitPolicy) -> list[tuple[str, nn.Mo
     for ui, (_, m) in enumerate(unit_modules):
         for p in m.parameters():
             owners.setdefault(p, set()).add(ui)
+    # The root holds what modules outside every unit use; a parameter that a unit holds too (an embedding tied to
+    # an LM head that is a unit) must be gathered whenever the root is, so it belongs to the root.
+    root, inside = len(unit_modules), {id(m) for _, m in unit_modules}
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(p, set()).add(root)
+        stack.extend(c for c in m._modules.values() if c is not None and id(c) not in inside)
     out = []
     for ui, (name, m) in enumerate(unit_modules):
         own = [p for p in m.parameters() if owners[p] == {ui}]
@@ -374,6 +410,22 @@ def _build_flats(
         f.release()
         flats.append(f)
     return flats
+
+
+@contextlib.contextmanager
+def _others_on_meta(module: nn.Module, live: set[int]) -> Iterator[None]:
+    """Hide the module's parameters that are not being filled behind meta stand-ins while ``init_fn`` runs. Those
+    already built view a released buffer (another dtype, or another unit when a tied weight took the module's
+    unit to the root), and writing them would write through a zero-byte storage."""
+    hidden = {
+        n: q for n, q in module._parameters.items() if q is not None and id(q) not in live and not q.is_meta
+    }
+    for n, q in hidden.items():
+        module._parameters[n] = nn.Parameter(torch.empty(q.shape, dtype=q.dtype, device="meta"), q.requires_grad)
+    try:
+        yield
+    finally:
+        module._parameters.update(hidden)
 
 
 def _rebind(model: nn.Module, rebound: dict[nn.Parameter, nn.Parameter]) -> None:
@@ -455,7 +507,8 @@ def shard_model(
                         swapped.append(sub)
             for sub in module.modules():
                 if sub in swapped or any(id(q) in live for q in sub.parameters(recurse=False)):
-                    init_fn(sub)  # type: ignore[misc]
+                    with _others_on_meta(sub, live):
+                        init_fn(sub)  # type: ignore[misc]
 
         flats = _build_flats(own, group, target, fill, rebound)
         built.append(Unit(ui, uname or "<root>", module, flats))
@@ -530,6 +583,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 f"zeroadam.load_full_state_dict: {name!r} has shape {tuple(state_dict[name].shape)}, the model {tuple(t.shape)}"
             )
     name_of = {p: n for n, p in own.items() if isinstance(p, nn.Parameter)}
+    st.release_all()  # see [Note: stale full buffers]
     with torch.no_grad():
         for u in st.units:
             for f in u.flats:

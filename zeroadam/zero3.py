@@ -107,6 +107,11 @@ class Zero3Engine:
     # ---------------------------------------------------------------- gradients
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
+        """Backward passes inside communicate nothing: their gradients stay whole in ``p.grad``, where autograd
+        sums them, and the next backward outside reduce-scatters that sum once per unit (as FSDP's ``no_sync``).
+        That trades memory for communication. Without it, gradient accumulation reduce-scatters every micro-batch
+        into the fp32 gradient shards, where they add up, and no rank ever holds whole gradients (as DeepSpeed's
+        ZeRO-3); that is what the Accelerate and DeepSpeed integrations do at stage 3."""
         old = self.sharded.sync
         self.sharded.sync = False
         try:
@@ -158,6 +163,7 @@ class Zero3Engine:
             fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), opt._backend)
             if piece.param_host is not None:
                 view.copy_(piece.param_host, non_blocking=True)
+        self.sharded.release_all()  # a unit still gathered holds the old values: [Note: stale full buffers]
         self.step_count += 1
         self._end_step()
 
