@@ -26,7 +26,9 @@ For an fp32 parameter with an fp32 gradient:
     ZeroAdam int8, bitsandbytes AdamW8bit,          4 + 4       4    2 x (1 + 1) + 2 x 2 x 4 / 256    16.0625
       torchao AdamW8bit                                              (one fp32 absmax per 256 elements per moment)
 
-The 256-entry code tables of bitsandbytes and torchao (1 KiB each) stay in cache and are not counted. The
+The 256-entry code tables of bitsandbytes and torchao (1 KiB each) stay in cache and are not counted, nor are
+ZeroAdam's read of every gradient before the update (4 B) and the clipping passes of the "+clip" rows (see
+[Note: rows with clipping]). The
 "GB/s" column is (total B x elements) / median step time: an effective bandwidth, comparable between rows,
 not a hardware counter. Where an optimizer silently keeps another format than its nominal one (torchao keeps
 fp32 moments when numel is not a multiple of its block size, 256), the measured state bytes replace the
@@ -101,11 +103,23 @@ class Candidate:
     """Why the optimizer does not run on the devices it lacks."""
 
 
-def _zeroadam(state_dtype: str, backend: Optional[str]) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+# [Note: rows with clipping]
+# ZeroAdam reads every gradient before it updates (the global norm: it finds non-finite gradients, so that a step
+# can be skipped with the state untouched, and gives the clip coefficient). torch's fused AdamW checks nothing, so
+# the plain rows compare a checked step with an unchecked one. The "+clip" rows compare equal work, the way most
+# training loops run: torch.nn.utils.clip_grad_norm_ (a norm pass, then a pass that scales every gradient in place)
+# before torch's fused step, against ZeroAdam(max_grad_norm=...), whose coefficient is applied inside the update.
+# CLIP_NORM is below the gradient's norm, so every step clips.
+CLIP_NORM = 1e-3
+
+
+def _zeroadam(
+    state_dtype: str, backend: Optional[str], max_grad_norm: Optional[float] = None
+) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         from zeroadam import ZeroAdam
 
-        return ZeroAdam(params, **HYPER, state_dtype=state_dtype, backend=backend)
+        return ZeroAdam(params, **HYPER, state_dtype=state_dtype, backend=backend, max_grad_norm=max_grad_norm)
 
     return make
 
@@ -115,6 +129,18 @@ def _torch_adamw(impl: Literal["foreach", "fused"]) -> Callable[[list[torch.Tens
         return torch.optim.AdamW(params, **HYPER, **{impl: True})
 
     return make
+
+
+class _ClippedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW whose step first clips the gradients by their global norm, as a training loop does."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], CLIP_NORM)
+        return super().step(closure)
+
+
+def _torch_fused_clipped(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return _ClippedAdamW(params, **HYPER, fused=True)
 
 
 def _bnb(params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -165,6 +191,24 @@ def build_candidates(zeroadam_backend: Optional[str] = None) -> tuple[Candidate,
             name="torch-foreach", family="torch", module="torch", nominal_state_bytes=8.0, make=_torch_adamw("foreach")
         ),
         Candidate(name=BASELINE, family="torch", module="torch", nominal_state_bytes=8.0, make=_torch_adamw("fused")),
+        # See [Note: rows with clipping].
+        Candidate(
+            name="zeroadam-int8+clip",
+            family="zeroadam",
+            module="zeroadam",
+            nominal_state_bytes=INT8_STATE,
+            make=_zeroadam("int8", zeroadam_backend, CLIP_NORM),
+        ),
+        Candidate(
+            name="zeroadam-fp32+clip",
+            family="zeroadam",
+            module="zeroadam",
+            nominal_state_bytes=8.0,
+            make=_zeroadam("fp32", zeroadam_backend, CLIP_NORM),
+        ),
+        Candidate(
+            name="torch-fused+clip", family="torch", module="torch", nominal_state_bytes=8.0, make=_torch_fused_clipped
+        ),
         Candidate(
             name="bnb-adamw8bit",
             family="bitsandbytes",
