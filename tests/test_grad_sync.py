@@ -67,6 +67,8 @@ def suite(rank: int, world: int, tmp: str) -> dict:
         "ddp_wrapper_2": _train(rank, 2, "wrapper", wrap=True),
         "unwrapped_wrapper": _train(rank, 1, "wrapper", wrap=False),
         "auto": _train(rank, 2, "auto", wrap=False),
+        "ddp_auto_1": _train(rank, 1, "auto", wrap=True),
+        "ddp_auto_2": _train(rank, 2, "auto", wrap=True),
         "moved": _train(rank, 2, "optimizer", wrap=False, move=True),
     }
     model = make_model()
@@ -98,10 +100,14 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("sync", ["wrapper", "auto"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_ddp_wrapper_averages_and_zeroadam_sends_no_gradient(ranks: list[dict], ref: list[torch.Tensor], stage: int) -> None:
+def test_ddp_wrapper_averages_and_zeroadam_sends_no_gradient(
+    ranks: list[dict], ref: list[torch.Tensor], stage: int, sync: str
+) -> None:
+    # "auto" sees the DistributedDataParallel forward over its parameters (no Accelerate here).
     for r in ranks:
-        res = r[f"ddp_wrapper_{stage}"]
+        res = r[f"ddp_{sync}_{stage}"]
         assert rel_err(res["params"], ref) <= 1e-5
         assert set(res["comm"]) == {"all_reduce", "all_gather"}  # the check, the norm, the parameters
         assert res["grads_kept"] == 4 and not res["warnings"]
@@ -131,3 +137,25 @@ def test_parameters_moved_by_module_to_are_rebound(ranks: list[dict], ref: list[
 def test_safetensors_saves_every_parameter_of_a_flat_buffer(ranks: list[dict]) -> None:
     for r in ranks:
         assert r["saved_keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_ddp_watch_hook_goes_with_close_or_with_the_watch() -> None:
+    import gc
+
+    from torch.nn.modules import module as nn_module
+
+    from zeroadam.grad_sync import DDPWatch
+
+    hooks = nn_module._global_forward_pre_hooks
+    before = len(hooks)
+    model = make_model()
+    watch = DDPWatch(model.parameters())
+    assert len(hooks) == before + 1
+    model(torch.ones(1, 67))  # not DistributedDataParallel: nothing seen
+    assert not watch.seen
+    watch.close()
+    watch.close()
+    assert len(hooks) == before
+    DDPWatch(model.parameters())  # dropped before any decision: the hook leaves with it
+    gc.collect()
+    assert len(hooks) == before

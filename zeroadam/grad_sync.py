@@ -7,9 +7,11 @@ gradient twice; worse, stage 2's post-accumulate-grad hooks run before DDP's and
 before DDP sees it (DDP then averages zeros and writes them back). With ``gradient_sync="wrapper"`` ZeroAdam leaves
 ``p.grad`` to the wrapper and, at ``step()``, copies its own shard of it without communicating: the state is still
 sharded and the parameters are still all-gathered, but stage 2 keeps full gradients like stage 1 (DDP holds them
-anyway). ``"auto"`` decides at the first backward (or step): "wrapper" when an Accelerate state that wraps prepared
-models in DDP is active, else "optimizer". ``zeroadam.integrations.accelerate.ZeroAccelerator`` keeps models
-unwrapped and sets "optimizer", which brings back stage 2's gradient memory savings.
+anyway). ``"auto"`` decides at the first backward (or step): "wrapper" when a ``DistributedDataParallel`` forward
+ran over any of the optimizer's parameters since it was built (``DDPWatch``: whoever made the wrapper, Accelerate,
+Lightning Fabric or the script itself), or when an Accelerate state that wraps prepared models in DDP is active;
+else "optimizer". ``zeroadam.integrations.accelerate.ZeroAccelerator`` keeps models unwrapped and sets
+"optimizer", which brings back stage 2's gradient memory savings.
 
 A wrong guess would silently step each shard with one rank's gradients, so every step in "wrapper" mode first checks
 that ``p.grad`` is the same on every rank: one all-reduce (MAX) of (s1, s2, -s1, -s2), where s1 and s2 are the sum
@@ -21,18 +23,57 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import TYPE_CHECKING, Literal
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Optional
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
 
 from .collectives import CommStats, Group
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zero import FlatSpace
 
-__all__ = ["ResolvedSync", "wrapper_averages_gradients", "replicated", "copy_local_shards", "warn_not_replicated"]
+__all__ = [
+    "ResolvedSync",
+    "DDPWatch",
+    "wrapper_averages_gradients",
+    "replicated",
+    "copy_local_shards",
+    "warn_not_replicated",
+]
 
 ResolvedSync = Literal["optimizer", "wrapper"]
+
+
+class DDPWatch:
+    """Notices a ``DistributedDataParallel`` forward over any of the given parameters, through a global module
+    forward pre-hook (DDP's own ``__call__`` runs it) that stays until ``close()``, or until the watch is collected:
+    about a microsecond per module call, paid only until ``"auto"`` is decided."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._params = set(params)
+        self.seen = False
+        ref = weakref.ref(self)
+
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            watch = ref()
+            if watch is not None:
+                watch._on_forward(module)
+
+        # The hook holds the watch weakly, so an optimizer dropped before its first backward takes the hook along.
+        self._handle: Optional[RemovableHandle] = register_module_forward_pre_hook(hook)
+        self._finalizer = weakref.finalize(self, self._handle.remove)
+
+    def _on_forward(self, module: torch.nn.Module) -> None:
+        if isinstance(module, DistributedDataParallel) and any(p in self._params for p in module.module.parameters()):
+            self.seen = True
+            self.close()
+
+    def close(self) -> None:
+        self._finalizer()  # removes the hook, once
 
 
 def wrapper_averages_gradients() -> bool:

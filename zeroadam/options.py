@@ -108,8 +108,9 @@ class ZeroOptions:
     """Elements per stage-2 gradient bucket; larger buckets mean fewer, larger collectives."""
     gradient_sync: GradientSync = "auto"
     """Stages 1-2: who averages gradients over ranks: "optimizer" (ZeroAdam's collectives; the model is not wrapped
-    in DDP), "wrapper" (a DDP-wrapped model already holds the average in p.grad), or "auto" ("wrapper" when
-    Accelerate wraps models in DDP); see [Note: gradients averaged by a wrapper] in grad_sync.py."""
+    in DDP), "wrapper" (a DDP-wrapped model already holds the average in p.grad), or "auto" ("wrapper" when a
+    DistributedDataParallel forward ran over these parameters, or Accelerate wraps models in DDP); see [Note:
+    gradients averaged by a wrapper] in grad_sync.py."""
 
     def __post_init__(self) -> None:
         _check_choice("state_dtype", self.state_dtype, StateDtype)

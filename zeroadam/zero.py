@@ -28,7 +28,14 @@ from .collectives import (
     reduce_scatter_avg,
 )
 from .fused import Run, StepScalars, fused_update, grads_sq_sum
-from .grad_sync import ResolvedSync, copy_local_shards, replicated, warn_not_replicated, wrapper_averages_gradients
+from .grad_sync import (
+    DDPWatch,
+    ResolvedSync,
+    copy_local_shards,
+    replicated,
+    warn_not_replicated,
+    wrapper_averages_gradients,
+)
 from .layout import FlatLayout, group_spaces
 from .offload import HostGradSink, host_buffer
 from .options import BLOCK_SIZE, GroupHyper
@@ -93,6 +100,9 @@ class ZeroEngine:
         # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
         sync = opt.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
+        self._ddp_watch: Optional[DDPWatch] = None
+        if self._grad_sync is None and group.world > 1:
+            self._ddp_watch = DDPWatch(p for g in opt.param_groups for p in g["params"])
         self._warned_not_replicated = False
         self._check_fingerprint()
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
@@ -256,12 +266,20 @@ class ZeroEngine:
         if self.group.world == 1:
             return False
         if self._grad_sync is None:
-            self._grad_sync = "wrapper" if wrapper_averages_gradients() else "optimizer"
+            ddp_seen = self._ddp_watch is not None and self._ddp_watch.seen
+            self._grad_sync = "wrapper" if ddp_seen or wrapper_averages_gradients() else "optimizer"
+            self._close_ddp_watch()
         return self._grad_sync == "wrapper"
 
     def set_gradient_sync(self, sync: ResolvedSync) -> None:
         """Decide who averages gradients before the first backward (an integration that knows it does)."""
         self._grad_sync = sync
+        self._close_ddp_watch()
+
+    def _close_ddp_watch(self) -> None:
+        if self._ddp_watch is not None:
+            self._ddp_watch.close()
+            self._ddp_watch = None
 
     def rebind_moved_params(self) -> None:
         """Make every parameter view its flat buffer again after ``Module.to()`` gave it new storage.
