@@ -141,16 +141,7 @@ def _load_into_shards(model: nn.Module, state_dict: dict[str, Any], prefix: str)
         for k in present:
             del state_dict[k]
         loaded.extend(keys)
-    st.release_all()  # a unit left gathered would shadow the new shards in the next forward
-    with torch.no_grad():
-        for u in st.units:
-            for f in u.flats:
-                lo, hi = f.layout.shard_range(st.group.rank)
-                for p, slot in zip(f.params, f.layout.slots):
-                    a, b = max(slot.start, lo), min(slot.end, hi)
-                    if p in values and a < b:
-                        src = values[p].reshape(-1).narrow(0, a - slot.start, b - a)
-                        f.shard.narrow(0, a - lo, b - a).copy_(src)
+    st.load_shards(values)  # releases gathered units: they would shadow the new shards in the next forward
     return loaded
 
 

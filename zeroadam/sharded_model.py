@@ -191,6 +191,21 @@ class ShardedModel:
             f.release()
         u.gathered = False
 
+    def load_shards(self, values: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Copy this rank's pieces of whole parameter values into the shards (local); parameters not in ``values``
+        keep theirs. Gathered units are released first (see [Note: stale full buffers])."""
+        self.release_all()
+        rank = self.group.rank
+        with torch.no_grad():
+            for u in self.units:
+                for f in u.flats:
+                    lo, hi = f.layout.shard_range(rank)
+                    for p, slot in zip(f.params, f.layout.slots):
+                        a, b = max(slot.start, lo), min(slot.end, hi)
+                        if p in values and a < b:
+                            src = values[p].reshape(-1).narrow(0, a - slot.start, b - a)
+                            f.shard.narrow(0, a - lo, b - a).copy_(src)
+
     def release_all(self) -> None:
         """Release every unit, waiting out gathers in flight: the shards changed (see [Note: stale full buffers]).
         Between passes only; local, no communication."""
@@ -582,17 +597,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise ValueError(
                 f"zeroadam.load_full_state_dict: {name!r} has shape {tuple(state_dict[name].shape)}, the model {tuple(t.shape)}"
             )
-    name_of = {p: n for n, p in own.items() if isinstance(p, nn.Parameter)}
-    st.release_all()  # see [Note: stale full buffers]
+    st.load_shards({p: state_dict[n] for n, p in own.items() if isinstance(p, nn.Parameter)})
     with torch.no_grad():
-        for u in st.units:
-            for f in u.flats:
-                lo, hi = f.layout.shard_range(st.group.rank)
-                for p, slot in zip(f.params, f.layout.slots):
-                    a, b = max(slot.start, lo), min(slot.end, hi)
-                    if a < b:
-                        src = state_dict[name_of[p]].reshape(-1).narrow(0, a - slot.start, b - a)
-                        f.shard.narrow(0, a - lo, b - a).copy_(src)
         for name, t in own.items():
             if not isinstance(t, nn.Parameter):
                 t.copy_(state_dict[name])
