@@ -107,11 +107,24 @@ def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats
     return all_gather_single(full, shard, group=group.pg, async_op=True)
 
 
+def _cpu_capable(group: Group) -> bool:
+    """Whether the group's backend reduces CPU tensors: NCCL alone does not (a "cpu:gloo,cuda:nccl" group does)."""
+    backend = str(dist.get_backend(group.pg))
+    return backend != "nccl"
+
+
 def all_reduce_sum(group: Group, t: torch.Tensor, stats: Optional[CommStats] = None) -> torch.Tensor:
+    """Sum ``t`` over the group in place and return it. A CPU tensor (a norm over offloaded gradient shards) goes
+    through the current GPU when the group's backend is NCCL alone."""
     if group.world > 1:
         if stats is not None:
             stats.add("all_reduce", t)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group.pg)
+        if t.device.type == "cpu" and not _cpu_capable(group):
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group.pg)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group.pg)
     return t
 
 
