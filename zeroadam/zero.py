@@ -381,7 +381,9 @@ class ZeroEngine:
             if sp.param_host is not None:
                 shard.copy_(sp.param_host, non_blocking=True)
             if self.group.world > 1:
-                handles.append(all_gather_into(self.group, sp.flat, shard.clone(), self.stats))
+                # In place: the shard is this rank's slice of the flat buffer, as NCCL and gloo allow (a copy of a
+                # shard each step would be a large allocation; on a CPU its fresh pages cost a kernel zeroing).
+                handles.append(all_gather_into(self.group, sp.flat, shard, self.stats))
         for h in handles:
             h.wait()
         self._end_step()
