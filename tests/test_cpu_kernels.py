@@ -215,6 +215,25 @@ def test_extreme_magnitudes(fmt: str) -> None:
 
 
 @requires_kernel
+def test_int8_subnormal_scales() -> None:
+    # Gradients ~1e-39 make every exp_avg block scale subnormal: its reciprocal overflows and the encoder divides
+    # (quant.encode_blocks); the codes must still equal update_torch's.
+    n = 4096
+    gen = torch.Generator().manual_seed(5)
+    want = make_state(n, "int8", torch.float32, "param", gen)
+    got = want.clone()
+    hyper = GroupHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    for step in range(1, 3):
+        grad = torch.randn(n, generator=gen) * 1e-39
+        sc = StepScalars(hyper, step, 1.0, 0)
+        update_torch(Run(want.param, grad, want.moments, want.master, 0), sc)
+        assert cpu_kernels.update_compiled(Run(got.param, grad, got.moments, got.master, 0), sc)
+        assert bool((want.moments.exp_avg_scale < torch.finfo(torch.float32).tiny).all())
+        for name, t in want.moments.tensors().items():
+            assert torch.equal(got.moments.tensors()[name], t), f"step {step}: {name}"
+
+
+@requires_kernel
 def test_results_do_not_depend_on_thread_count() -> None:
     n = 64 * 256 * 3 + 17  # above the kernel's threshold for going parallel
     results = []

@@ -279,3 +279,21 @@ def test_zeroadam_triton_backend(state_dtype: str) -> None:
     for got, want in zip(params["triton"], params["torch"]):
         # Not lockstep: a rare int8 code that rounds the other way changes later steps by a fraction of a step.
         torch.testing.assert_close(got.detach(), want.detach(), rtol=RTOL, atol=1e-3 * LR)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter: 1 / a subnormal scale
+def test_int8_extreme_magnitudes() -> None:
+    """Blocks whose exp_avg scale is subnormal (its reciprocal overflows: the encoder divides instead) and blocks
+    near the fp32 limit, against update_torch."""
+    n = 1024
+    gen = torch.Generator().manual_seed(13)
+    ref = _make_run("int8", torch.float32, "param", n, gen)
+    for step, mag in enumerate((1e-39, 1e-39, 1e17), start=1):
+        ref.grad = torch.randn(n, generator=gen) * mag
+        sc = StepScalars(_hyper(0.0), step, 1.0, group_index=0)
+        got = _clone_run(ref)
+        update_torch(ref, sc)
+        update_triton(got, sc)
+        _check_moments(got.moments, ref.moments)
+        if step < 3:  # the reciprocal of the scale overflows fp32
+            assert bool((ref.moments.exp_avg_scale < torch.finfo(torch.float32).tiny).all())
