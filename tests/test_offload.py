@@ -51,6 +51,39 @@ def test_offload_equals_no_offload(world: int) -> None:
                 assert float((a - b).norm() / b.norm()) <= 1e-6, (fmt, stage)
 
 
+def offload_chunked_pairs(rank: int, world: int) -> dict:
+    # The GPU path on CPU tensors: a host copy of the parameter shard, moved in chunks of 512 elements around the
+    # CPU update (zeroadam.offload.HostParamCopies), with every chunk boundary inside the shard.
+    from zeroadam import offload
+
+    offload.needs_host_copy = lambda device: True
+    offload.HOST_CHUNK = 512
+    shard_sizes = []
+    update = offload.HostParamCopies.update
+
+    def counted(self, shard, update_chunk):  # type: ignore[no-untyped-def]
+        shard_sizes.append(shard.numel())
+        update(self, shard, update_chunk)
+
+    offload.HostParamCopies.update = counted
+    out: dict = {}
+    for fmt in ("fp32", "int8"):
+        for stage in (1, 2):
+            plain = train_zero(rank, world, stage, fmt, 6, 2, 0.5, 3000)[0]
+            out[(fmt, stage)] = (plain, _offload_run(rank, world, stage, fmt))
+    out["largest_shard"] = max(shard_sizes)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_offload_host_copies_in_chunks_equal_no_offload(world: int) -> None:
+    for res in run_ranks(offload_chunked_pairs, world):
+        assert res.pop("largest_shard") > 2 * 512  # several chunks per shard
+        for (fmt, stage), (plain, off) in res.items():
+            for a, b in zip(off, plain):
+                assert float((a - b).norm() / b.norm()) <= 1e-6, (fmt, stage)
+
+
 def test_offload_rejects_unknown_device() -> None:
     with pytest.raises(ValueError, match="offload"):
         ZeroAdam(make_model().parameters(), offload="nvme")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from . import offload
 from .buckets import GradBuckets
 from .collectives import (
     CommStats,
@@ -37,7 +38,7 @@ from .grad_sync import (
     wrapper_averages_gradients,
 )
 from .layout import FlatLayout, group_spaces
-from .offload import HostGradSink, host_buffer
+from .offload import HostGradSink, HostParamCopies, host_buffer
 from .options import BLOCK_SIZE, GroupHyper
 from .state import Master, MasterKind, Moments
 from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
@@ -61,7 +62,7 @@ class FlatSpace:
     grad_shard: torch.Tensor  # 1D [shard] fp32, on the state device
     moments: Moments  # [shard], on the state device
     master: Master  # [shard], on the state device
-    param_host: Optional[torch.Tensor]  # 1D [shard] on the host when offloading, else None
+    param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
     step: int = 0
 
@@ -188,8 +189,8 @@ class ZeroEngine:
         fmt = opt._space_of(params[0])
         shard = flat.narrow(0, lo, hi - lo)
         param_host = None
-        if self.offload == "cpu" and dev.type != "cpu":
-            param_host = host_buffer(hi - lo, flat.dtype, pin=True)
+        if self.offload == "cpu" and offload.needs_host_copy(dev):
+            param_host = HostParamCopies(hi - lo, flat.dtype, dev)
         kind = opt._master_kind(params[0])
         if self._direct:
             grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad
@@ -375,11 +376,12 @@ class ZeroEngine:
                 self._step_direct(sp, StepScalars(hyper, sp.step, scale, sp.group_index))
                 continue
             shard = sp.param_shard()
-            param = shard if sp.param_host is None else sp.param_host.copy_(shard)
-            run = Run(param=param, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
-            fused_update(run, StepScalars(hyper, sp.step, scale, sp.group_index), opt._backend)
-            if sp.param_host is not None:
-                shard.copy_(sp.param_host, non_blocking=True)
+            sc = StepScalars(hyper, sp.step, scale, sp.group_index)
+            if sp.param_host is None:
+                run = Run(param=shard, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
+                fused_update(run, sc, opt._backend)
+            else:
+                sp.param_host.update(shard, lambda a, chunk: fused_update(self._chunk_run(sp, a, chunk), sc, opt._backend))
             if self.group.world > 1:
                 # In place: the shard is this rank's slice of the flat buffer, as NCCL and gloo allow (a copy of a
                 # shard each step would be a large allocation; on a CPU its fresh pages cost a kernel zeroing).
@@ -387,6 +389,18 @@ class ZeroEngine:
         for h in handles:
             h.wait()
         self._end_step()
+
+    @staticmethod
+    def _chunk_run(sp: FlatSpace, start: int, param: torch.Tensor) -> Run:
+        """The run of the shard's elements [start, start + len(param)) with ``param`` holding their values."""
+        n = param.numel()
+        return Run(
+            param=param,
+            grad=sp.grad_shard.narrow(0, start, n),
+            moments=sp.moments.narrow(start, n),
+            master=sp.master.narrow(start, n),
+            index_base=sp.lo + start,
+        )
 
     def _step_direct(self, sp: FlatSpace, sc: StepScalars) -> None:
         """Update parameter by parameter, reading p.grad in place (a missing gradient counts as zeros)."""
