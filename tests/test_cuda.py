@@ -5,6 +5,7 @@
 * every format and master kind: one ``update_triton`` step against ``update_torch`` on the same CUDA tensors,
   with the tolerances of ``tests/test_triton_kernels.py``.
 * int8 state costs at most 2.05 bytes per parameter.
+* offload="cpu": every state tensor is pinned on the host, and the parameters match the on-GPU path.
 
 Skipped without a CUDA device. ``tests/test_triton_kernels.py`` sets ``TRITON_INTERPRET=1`` for its whole process,
 which would send these tests through the CPU interpreter; they skip when they see it, so run this file in a pytest
