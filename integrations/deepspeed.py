@@ -10,7 +10,10 @@ Two ways in:
   norm and averages gradients itself: the engine's own all-reduce is switched off
   (``engine.enable_backward_allreduce``). With gradient accumulation stage 2 communicates on the boundary
   micro-batch only; stage 3 reduce-scatters every micro-batch into the gradient shards, as DeepSpeed's ZeRO-3
-  does, so that no rank holds whole gradients.
+  does, so that no rank holds whole gradients. ``bf16`` and ``fp16`` cast the model; ZeroAdam keeps compact master
+  weights. With ``fp16`` the loss is scaled by a ``DeepSpeedGradScaler`` (``optimizer.scaler``): a
+  ``zeroadam.GradScaler`` whose scale follows DeepSpeed's own loss scaler, so that every ``fp16`` key means what
+  it means in DeepSpeed (see [Note: fp16 through DeepSpeed's engine]).
 * ``import zeroadam.integrations.deepspeed`` registers ``ZeroAdam`` where DeepSpeed looks up optimizer types it
   does not know (``torch.optim``) and among the optimizers its ZeRO accepts without
   ``zero_allow_untested_optimizer``. A plain ``deepspeed.initialize`` then builds it from the config; under
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Optional, Union
@@ -29,12 +33,13 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from zeroadam._compat import require
+from zeroadam.amp import GradScaler
 from zeroadam.optimizer import ParamState, ZeroAdam
 from zeroadam.sharded_model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
 
-__all__ = ["initialize", "translate", "Translation", "DeepSpeedZeroAdam"]
+__all__ = ["initialize", "translate", "Translation", "Fp16Config", "DeepSpeedGradScaler", "DeepSpeedZeroAdam"]
 
 # Optimizer types whose update ZeroAdam is: AdamW, and DeepSpeed's "Adam", which is AdamW unless adam_w_mode=false.
 _TYPES = {"zeroadam", "adamw", "adam"}
@@ -56,18 +61,76 @@ _ZERO_TUNING = {
 }
 
 
+def _bad(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"zeroadam.integrations.deepspeed: config key {key}={value!r} {why}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp16Config:
+    """DeepSpeed's ``fp16`` section, with its names and defaults: the loss-scale policy of DeepSpeed's own fp16
+    optimizers, which ``DeepSpeedGradScaler`` follows."""
+
+    loss_scale: float = 0.0
+    """A static loss scale when > 0; 0 scales dynamically."""
+    initial_scale_power: int = 16
+    """The dynamic scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """Steps without overflow before the dynamic scale doubles (counted as DeepSpeed's ``DynamicLossScaler`` does)."""
+    hysteresis: int = 2
+    """Overflows the dynamic scale absorbs before it halves (1: every overflow halves it); each still skips its step."""
+    consecutive_hysteresis: bool = False
+    """Refill the hysteresis after every step without overflow (False: only when the scale grows)."""
+    min_loss_scale: float = 1.0
+    """The dynamic scale's floor; an overflow at the floor raises, as in DeepSpeed."""
+    auto_cast: bool = False
+    """Cast the forward's floating-point positional inputs to fp16, as DeepSpeed's engine does."""
+
+    def __post_init__(self) -> None:
+        counts = (lambda v: float(v).is_integer() and v >= 1, "an integer >= 1")
+        for key, (ok, allowed) in {
+            "loss_scale": (lambda v: v >= 0, "a number >= 0 (0: dynamic loss scaling)"),
+            "initial_scale_power": (lambda v: float(v).is_integer(), "an integer"),
+            "loss_scale_window": counts,
+            "hysteresis": counts,
+            "min_loss_scale": (lambda v: v > 0, "a number > 0"),
+        }.items():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise _bad(f"fp16.{key}", v, f"is invalid; expected {allowed}")
+        for key in ("consecutive_hysteresis", "auto_cast"):
+            if not isinstance(getattr(self, key), bool):
+                raise _bad(f"fp16.{key}", getattr(self, key), "is invalid; expected true or false")
+
+    @classmethod
+    def of(cls, section: dict[str, Any]) -> "Fp16Config":
+        """The config from DeepSpeed's ``fp16`` section; a key that cannot be honoured raises, naming it."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in section.items():
+            if key == "enabled":
+                continue
+            if key == "fp16_master_weights_and_grads":
+                if value:
+                    raise _bad(
+                        f"fp16.{key}", value, "is not supported: ZeroAdam keeps the master weights; choose them with "
+                        "optimizer.params.master_weights ('auto' = 'compact', 'fp32', or 'none')"
+                    )
+                continue
+            if key not in known:
+                raise _bad(f"fp16.{key}", value, "is not an fp16 key ZeroAdam knows")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
 @dataclass
 class Translation:
     """A DeepSpeed config split into ZeroAdam's options and what DeepSpeed still runs."""
 
     zeroadam: dict[str, Any]  # ZeroAdam keyword arguments
-    deepspeed: dict[str, Any]  # the config handed to deepspeed.initialize (no optimizer, ZeRO or clipping)
-    dtype: Optional[torch.dtype] = None  # bf16: the model's parameters are cast before ZeroAdam is built
+    deepspeed: dict[str, Any]  # the config handed to deepspeed.initialize (no optimizer, ZeRO, clipping, bf16, fp16)
+    dtype: Optional[torch.dtype] = None  # bf16 / fp16: the model's parameters are cast before ZeroAdam is built
+    fp16: Optional[Fp16Config] = None  # fp16: the loss scaling DeepSpeedGradScaler follows
     ignored: list[str] = field(default_factory=list)  # keys that have no effect, warned about
-
-
-def _bad(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"zeroadam.integrations.deepspeed: config key {key}={value!r} {why}")
 
 
 def _load(config: Union[str, dict[str, Any]]) -> dict[str, Any]:
@@ -146,14 +209,15 @@ def translate(config: Union[str, dict[str, Any]]) -> Translation:
     cfg["gradient_clipping"] = 0.0  # DeepSpeed would clip p.grad before ZeroAdam has averaged it
     for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"):
         cfg.pop(key, None)
-    if (cfg.get("fp16") or {}).get("enabled", False):
-        raise _bad(
-            "fp16.enabled", True, "is not supported: DeepSpeed's fp16 optimizer would wrap ZeroAdam and own the "
-            "master weights; use bf16 (ZeroAdam keeps compact master weights for bf16 parameters)"
-        )
-    cfg.pop("fp16", None)
+    # Neither section reaches DeepSpeed: its fp16 / bf16 optimizers would wrap ZeroAdam and own the master weights.
+    fp16 = cfg.pop("fp16", None) or {}
     bf16 = cfg.pop("bf16", None) or cfg.pop("bfloat16", None) or {}
-    if bf16.get("enabled", False):
+    if fp16.get("enabled", False):
+        if bf16.get("enabled", False):
+            raise _bad("fp16.enabled", True, "and bf16.enabled=True are both set; enable one of them")
+        out.dtype = torch.float16
+        out.fp16 = Fp16Config.of(fp16)
+    elif bf16.get("enabled", False):
         out.dtype = torch.bfloat16
     return out
 
@@ -169,8 +233,12 @@ def initialize(
     ``(engine, optimizer, dataloader, lr_scheduler)``, where ``optimizer`` is the ZeroAdam.
 
     Stage 3 shards the model with ``zeroadam.shard_model`` (its default units); to choose units or prefetch, pass
-    a model already sharded by ``shard_model`` on the accelerator's device (and in bf16 for a bf16 config).
+    a model already sharded by ``shard_model`` on the accelerator's device (and in bf16 / fp16 for such a config).
     ``kwargs`` go to ``deepspeed.initialize`` (``training_data``, ``lr_scheduler``, ``collate_fn``, ...).
+
+    With ``fp16``, ``optimizer.scaler`` is the ``DeepSpeedGradScaler`` that ``engine.backward`` and ``engine.step``
+    use, and ``optimizer.overflow`` says whether the last step was skipped (see [Note: fp16 through DeepSpeed's
+    engine]).
     """
     if "optimizer" in kwargs:
         raise ValueError("zeroadam.integrations.deepspeed.initialize builds the optimizer from the config; pass no optimizer")
@@ -204,6 +272,8 @@ def initialize(
         )
     if optimizer is not opt:  # pragma: no cover - DeepSpeed wraps a client optimizer only for ZeRO or fp16 / bf16
         raise RuntimeError(f"zeroadam.integrations.deepspeed: DeepSpeed wrapped ZeroAdam in {type(optimizer).__name__}")
+    if t.fp16 is not None:
+        _scale_losses(engine, opt, t.fp16, device)
     if opt._zero is None:
         return engine, optimizer, dataloader, scheduler  # stage 0: DeepSpeed's all-reduce averages the gradients
     # ZeroAdam averages the gradients; DeepSpeed's all-reduce would move them a second time.
@@ -248,9 +318,10 @@ def _check_sharded(model: torch.nn.Module, stage: int, device: torch.device, dty
             f"it on {device}; shard it there: zeroadam.shard_model(model.to({str(device)!r}))"
         )
     if dtype is not None and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         raise _bad(
-            "bf16.enabled", True, "needs bf16 parameters, and this model was sharded in another dtype; cast it "
-            "before sharding: zeroadam.shard_model(model.to(torch.bfloat16))"
+            f"{name}.enabled", True, f"needs {name} parameters, and this model was sharded in another dtype; cast it "
+            f"before sharding: zeroadam.shard_model(model.to({dtype}))"
         )
 
 
@@ -276,6 +347,113 @@ def _gathered(sharded: Optional[ShardedModel]) -> Iterator[None]:
     finally:
         for u in sharded.units:
             sharded.release(u)
+
+
+# ---------------------------------------------------------------------------------------------- fp16
+class DeepSpeedGradScaler(GradScaler):
+    """``zeroadam.GradScaler`` whose scale follows DeepSpeed's own loss scaler, so that every ``fp16`` key means
+    what it means in DeepSpeed.
+
+    torch's GradScaler scales the loss, finds non-finite gradients (ZeroAdam's check over the global gradient norm,
+    the same verdict on every rank) and has ZeroAdam skip the step; ``update`` hands that verdict to the loss scaler
+    DeepSpeed's fp16 optimizers use (``DynamicLossScaler``: ``loss_scale_window``, ``hysteresis``,
+    ``consecutive_hysteresis``, ``min_loss_scale``; ``LossScaler`` for a static ``loss_scale``) and takes its
+    scale. ``step`` also sets ``optimizer.overflow``, which DeepSpeed's engine reads.
+    """
+
+    loss_scaler: Any  # deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler, or LossScaler for a static scale
+
+    # The loss scaler's counters that state_dict carries (its options come from the config).
+    _COUNTERS: tuple[str, ...] = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def __init__(self, fp16: Fp16Config, *, device: str) -> None:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        if fp16.loss_scale > 0:
+            self.loss_scaler = LossScaler(scale=fp16.loss_scale)
+        else:
+            self.loss_scaler = DynamicLossScaler(
+                init_scale=2.0**fp16.initial_scale_power,
+                scale_window=fp16.loss_scale_window,
+                min_scale=fp16.min_loss_scale,
+                delayed_shift=fp16.hysteresis,
+                consecutive_hysteresis=fp16.consecutive_hysteresis,
+            )
+        super().__init__(device, init_scale=float(self.loss_scaler.cur_scale))
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        skipped = optimizer.skipped_steps  # type: ignore[attr-defined]
+        retval = super().step(optimizer, *args, **kwargs)
+        # ZeroAdam's own count: it skipped the step on every rank, or on none.
+        optimizer.overflow = optimizer.skipped_steps != skipped  # type: ignore[attr-defined]
+        return retval
+
+    def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
+        if new_scale is not None:
+            self.loss_scaler.cur_scale = float(new_scale)
+        elif self.is_enabled():
+            found = [t for st in self._per_optimizer_states.values() for t in st["found_inf_per_device"].values()]
+            if found:  # none: the parent raises its own error (update before step)
+                try:
+                    # Raises on an overflow at min_loss_scale, as DeepSpeed does; the scaler is left consistent.
+                    self.loss_scaler.update_scale(any(float(t) > 0 for t in found))
+                finally:
+                    super().update(float(self.loss_scaler.cur_scale))
+                return
+        super().update(new_scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if out:
+            ls = self.loss_scaler
+            out["deepspeed_loss_scaler"] = {k: getattr(ls, k) for k in self._COUNTERS if hasattr(ls, k)}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("deepspeed_loss_scaler", {"cur_scale": state_dict.get("scale", self.get_scale())})
+        super().load_state_dict(state_dict)
+        for k, v in counters.items():
+            setattr(self.loss_scaler, k, v)
+
+
+def _scale_losses(engine: Any, opt: ZeroAdam, fp16: Fp16Config, device: torch.device) -> None:
+    """fp16: a ``DeepSpeedGradScaler`` in the engine's backward and step; ``optimizer.scaler`` is it.
+
+    [Note: fp16 through DeepSpeed's engine]
+    DeepSpeed runs this engine with ZeRO off and no fp16 section, and its engine has one place for a GradScaler
+    there: ``engine.torch_autocast_z0_gradscaler`` (which it fills for ``torch_autocast`` fp16 without ZeRO).
+    Installed there, ``engine.backward(loss)`` (and ``engine.scale(loss)``) scales
+    ``loss / gradient_accumulation_steps``; a ``loss.backward()`` that skipped the scaling raises. At the
+    accumulation boundary ``engine.step()`` calls ``scaler.step(optimizer)`` and ``scaler.update()`` (GradScaler
+    calls ``optimizer.step()``: nothing is patched, nothing recurses); it never unscales first, because
+    ``gradient_clipping`` is 0 in the config it got (ZeroAdam clips inside the update, by the unscaled global
+    norm). Then it reads ``optimizer.overflow``: on a skipped step it adds one to ``engine.skipped_steps`` and does
+    not step the lr scheduler, as with DeepSpeed's own fp16 optimizers; ``engine.global_steps`` advances either
+    way, and ``engine.was_step_applied()`` is False.
+    """
+    if not hasattr(engine, "torch_autocast_z0_gradscaler"):
+        raise RuntimeError(
+            "zeroadam.integrations.deepspeed: fp16.enabled needs a DeepSpeed whose engine takes a GradScaler without "
+            "ZeRO (engine.torch_autocast_z0_gradscaler; tested with deepspeed 0.19.8); upgrade DeepSpeed, or use bf16"
+        )
+    scaler = DeepSpeedGradScaler(fp16, device=device.type)
+    engine.torch_autocast_z0_gradscaler = scaler
+    opt.scaler = scaler  # type: ignore[attr-defined]
+    opt.overflow = False  # type: ignore[attr-defined]
+    if fp16.auto_cast:
+        engine.module.register_forward_pre_hook(lambda module, args: _to_half(args))
+
+
+def _to_half(x: Any) -> Any:
+    """DeepSpeed's ``auto_cast``: floating-point tensors to fp16, through lists, tuples and dicts."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_half(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_half(v) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.half()
+    return x
 
 
 # ---------------------------------------------------------------------------------------------- registration
