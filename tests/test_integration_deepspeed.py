@@ -92,6 +92,25 @@ def _train(rank: int, initialize, cfg: dict, model: Optional[torch.nn.Module] = 
     }
 
 
+def _skip_seen_by_engine(rank: int, zds) -> dict:
+    """fp32 state, stage 2: an inf input on rank 0 in step 1 makes every gradient non-finite; ZeroAdam skips the
+    step on every rank and says so in ``optimizer.overflow``, which DeepSpeed's engine reads."""
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+
+    engine, optimizer, _, sched = zds.initialize(model=make_model(), config=config({"stage": 2}), lr_scheduler=scheduler)
+    out = []
+    for s in range(3):
+        for i, (x, y) in enumerate(micro_batches(s)):
+            xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK].clone() for t in (x, y))
+            if s == 1 and i == 0 and rank == 0:
+                xs[0, 0] = float("inf")
+            engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
+            engine.step()
+        out.append((bool(optimizer.overflow), engine.skipped_steps, sched.last_epoch, engine.was_step_applied()))
+    return {"per_step": out, "finite": all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())}
+
+
 def _stage3_checkpoint(rank: int, zds, path: str) -> dict:
     """Steps 0-3 in one run, saved after step 1 with zeroadam.checkpoint; steps 2-3 again from the checkpoint."""
     import zeroadam
@@ -139,6 +158,9 @@ def suite(rank: int, world: int, ckpt_dir: str) -> dict:
     out["ours", "bf16"] = _train(rank, zds.initialize, config({"stage": 2}, bf16={"enabled": True}))
     out["ours", 3] = _train(rank, zds.initialize, config({"stage": 3}))
     out["ours", "3-checkpoint"] = _stage3_checkpoint(rank, zds, os.path.join(ckpt_dir, "stage3"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # ZeroAdam's one warning about the skipped step
+        out["skip"] = _skip_seen_by_engine(rank, zds)
     # Units chosen by the caller (one per Linear, an empty root), and the optimizer state offloaded.
     out["ours", "3-sharded-offload"] = _train(
         rank,
@@ -215,6 +237,14 @@ def test_stage3_checkpoints_go_through_zeroadam_checkpoint(ranks: list[dict]) ->
         res = r["ours", "3-checkpoint"]
         assert res["max_diff"] == 0.0  # resuming from the checkpoint retraces the uninterrupted run exactly
         assert "zeroadam.checkpoint.save(path, engine.module, optimizer)" in res["refused"]
+
+
+def test_a_step_zeroadam_skips_is_seen_by_the_engine(ranks: list[dict]) -> None:
+    # (overflow, engine.skipped_steps, scheduler steps, step applied) after each step: the bad step 1 is skipped on
+    # both ranks, the engine counts it and holds the scheduler, and training goes on with finite parameters.
+    for r in ranks:
+        assert r["skip"]["per_step"] == [(False, 0, 1, True), (True, 1, 1, False), (False, 1, 2, True)]
+        assert r["skip"]["finite"]
 
 
 def test_bf16_casts_the_model_and_zeroadam_keeps_master_weights(ranks: list[dict]) -> None:

@@ -92,6 +92,9 @@ class ZeroAdam(torch.optim.Optimizer):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")
         self._backend = backend
         self.skipped_steps = 0
+        # Whether the last step() was skipped for non-finite gradients: the attribute DeepSpeed's engine reads after
+        # a step (it then holds its lr scheduler and counts the skip), as Megatron-style loops do.
+        self.overflow = False
         self._warned_skip = False
         self._pending_clip: Optional[float] = None  # set by clip_grad_norm_, consumed by the next step
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -273,6 +276,7 @@ class ZeroAdam(torch.optim.Optimizer):
         if self._zero is not None:
             self._zero.before_step()
         scale = self._step_scale()
+        self.overflow = scale is None
         if scale is None:
             self._skip()
             if self._zero is not None:
