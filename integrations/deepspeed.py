@@ -443,6 +443,31 @@ def _scale_losses(engine: Any, opt: ZeroAdam, fp16: Fp16Config, device: torch.de
     opt.overflow = False  # type: ignore[attr-defined]
     if fp16.auto_cast:
         engine.module.register_forward_pre_hook(lambda module, args: _to_half(args))
+    _checkpoint_scaler(engine, scaler)
+
+
+# Where the engine's checkpoints keep the fp16 loss scaler: a client_state key of the model-states file.
+SCALER_KEY = "zeroadam_fp16_scaler"
+
+
+def _checkpoint_scaler(engine: Any, scaler: "DeepSpeedGradScaler") -> None:
+    """Carry the loss scaler in the engine's checkpoints (``client_state[SCALER_KEY]``): a resumed fp16 run goes on
+    with the scale, hysteresis and growth counters where they were, as DeepSpeed's own fp16 optimizers do."""
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(
+        save_dir: str, tag: Any = None, client_state: Optional[dict] = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        state = {**(client_state or {}), SCALER_KEY: scaler.state_dict()}
+        return save(save_dir, tag, state, *args, **kwargs)
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        path, client_state = load(*args, **kwargs)
+        if client_state is not None and SCALER_KEY in client_state:
+            scaler.load_state_dict(client_state.pop(SCALER_KEY))
+        return path, client_state
+
+    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
 
 
 def _to_half(x: Any) -> Any:

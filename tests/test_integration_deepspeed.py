@@ -541,3 +541,71 @@ def test_fp16_keys_that_cannot_be_honoured_are_named() -> None:
         with pytest.raises(ValueError) as e:
             zds.translate(fp16_config(**section))
         assert named in str(e.value)
+
+
+
+# ---------------------------------------------------------------------------------------------- engine checkpoints
+SAVE_AT = 2  # steps before the checkpoint
+
+
+def _resume(rank: int, zds, path: str, cfg: dict, half: bool) -> dict:
+    """Train STEPS steps saving the engine's checkpoint after SAVE_AT; then a fresh engine loads it and trains the
+    remaining steps. Step 0 overflows on rank 1 in fp16, so the saved loss scale is not the initial one."""
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+
+    def train(engine, steps: range) -> None:
+        for s in steps:
+            for i, (x, y) in enumerate(micro_batches(s)):
+                hook = None
+                if half and (s, i, rank) == (0, 0, 1):
+                    hook = engine.module[0].weight.register_hook(with_inf)
+                xs, ys = (x[rows].half(), y[rows].half()) if half else (x[rows], y[rows])
+                engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
+                engine.step()
+                if hook is not None:
+                    hook.remove()
+
+    out = {}
+    for run in ("whole", "resumed"):
+        engine, optimizer, _, _ = zds.initialize(model=make_model(), config=cfg)
+        if run == "whole":
+            train(engine, range(SAVE_AT))
+            engine.save_checkpoint(path, tag="t")
+            train(engine, range(SAVE_AT, STEPS))
+        else:
+            engine.load_checkpoint(path, tag="t")
+            train(engine, range(SAVE_AT, STEPS))
+        out[run] = {
+            "params": [p.detach().clone() for p in engine.module.parameters()],
+            "scale": optimizer.scaler.get_scale() if half else None,
+            "skipped": optimizer.skipped_steps,
+        }
+    return out
+
+
+def resume_suite(rank: int, world: int, ckpt_dir: str) -> dict:
+    os.environ["LOCAL_RANK"] = str(rank)
+    from zeroadam.integrations import deepspeed as zds
+
+    warnings.filterwarnings("ignore")
+    return {
+        "fp32": _resume(rank, zds, os.path.join(ckpt_dir, "fp32"), config({"stage": 2}), half=False),
+        "fp16": _resume(rank, zds, os.path.join(ckpt_dir, "fp16"), fp16_config(stage=2), half=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def resume_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_ranks(resume_suite, WORLD, str(tmp_path_factory.mktemp("resume")), timeout=300)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_checkpoints_resume_exactly(resume_ranks: list[dict], precision: str) -> None:
+    # DeepSpeed's save_checkpoint calls ZeroAdam's state_dict on every rank (rank 0 gathers the whole state) and
+    # writes rank 0's; load_checkpoint gives every rank that file, and each keeps its shard. fp16: the loss scaler
+    # travels in client_state, so the resumed run keeps the scale the overflow at step 0 halved.
+    for r in resume_ranks:
+        whole, resumed = r[precision]["whole"], r[precision]["resumed"]
+        assert all(torch.equal(a, b) for a, b in zip(resumed["params"], whole["params"]))
+        if precision == "fp16":
+            assert whole["skipped"] == 1 and resumed["scale"] == whole["scale"] == 2.0 ** (POWER - 1)
