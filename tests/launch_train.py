@@ -13,17 +13,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-GLOBAL_BATCH, STEPS, LR = 12, 5, 1e-2
+from toy import GLOBAL_BATCH, batch, make_model  # the script's folder is on sys.path
 
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(GLOBAL_BATCH, 67, generator=g), torch.randn(GLOBAL_BATCH, 13, generator=g)
+STEPS, LR = 5, 1e-2
 
 
 def main(out_dir: str, launcher: str) -> None:

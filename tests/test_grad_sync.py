@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from toy import GLOBAL_BATCH, batch, make_model
 from zeroadam import ZeroAdam
 
-WORLD, GLOBAL_BATCH, STEPS = 2, 12, 4
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(GLOBAL_BATCH, 67, generator=g), torch.randn(GLOBAL_BATCH, 13, generator=g)
+WORLD, STEPS = 2, 4
 
 
 def reference() -> list[torch.Tensor]:

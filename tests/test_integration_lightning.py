@@ -12,18 +12,9 @@ import torch
 pytest.importorskip("lightning")
 
 from distributed import run_ranks  # noqa: E402
+from toy import GLOBAL_BATCH, batch, make_model  # noqa: E402
 
-WORLD, GLOBAL_BATCH, STEPS, SAVE_AT, LR = 2, 12, 5, 3, 1e-2
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(GLOBAL_BATCH, 67, generator=g), torch.randn(GLOBAL_BATCH, 13, generator=g)
+WORLD, STEPS, SAVE_AT, LR = 2, 5, 3, 1e-2
 
 
 def _run(rank: int, make_opt, ckpt: str, start: int) -> tuple[list[torch.Tensor], dict]:
