@@ -1,6 +1,6 @@
 """Which 8-bit code maps should hold Adam's moments? Measured by the AdamW error they cause against fp32.
 
-``zeroadam.quant`` stores exp_avg with a signed power-2 map and exp_avg_sq with an unsigned power-4 map (see its
+``zeroadam.formats.quant`` stores exp_avg with a signed power-2 map and exp_avg_sq with an unsigned power-4 map (see its
 [Note: code maps]). This study checks that choice against the alternatives by what matters: how far AdamW with
 quantized moments drifts from the same AdamW with fp32 moments.
 
@@ -17,7 +17,7 @@ stores and reloads them. Two measurements:
   ``tests/test_training.py``); the score is the held-out loss. A run with fp32 moments whose initial weights are
   jittered by 1e-6 (relative) gives the noise floor: how much the final loss moves from a perturbation alone.
 
-Every unsigned map keeps a non-zero v off code 0 (the stored maps' rule, see ``zeroadam.quant``), so the
+Every unsigned map keeps a non-zero v off code 0 (the stored maps' rule, see ``zeroadam.formats.quant``), so the
 comparison is between maps, not between that rule and its absence. ``quant.dynamic_map`` returns 257 entries,
 one more than a byte holds; it is used as it is, which can only favour it.
 

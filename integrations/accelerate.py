@@ -68,7 +68,7 @@ from accelerate.state import PartialState  # noqa: E402
 
 from zeroadam.amp import GradScaler  # noqa: E402
 from zeroadam.optimizer import ZeroAdam  # noqa: E402
-from zeroadam.sharded_model import ShardedModel, UnitPolicy, full_state_dict, shard_model  # noqa: E402
+from zeroadam.sharding.model import ShardedModel, UnitPolicy, full_state_dict, shard_model  # noqa: E402
 
 __all__ = ["ZeroAccelerator", "wraps_models_in_ddp", "unwrap_optimizer"]
 

@@ -35,7 +35,7 @@ import torch
 from zeroadam._compat import require
 from zeroadam.amp import GradScaler
 from zeroadam.optimizer import ParamState, ZeroAdam
-from zeroadam.sharded_model import ShardedModel, shard_model
+from zeroadam.sharding.model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
 

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 from distributed import free_port
 from zeroadam import ZeroAdam, checkpoint
-from zeroadam import checkpoint_format as fmt_
+from zeroadam.checkpoint import format as fmt_
 from zeroadam.checkpoint import CheckpointError
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3

@@ -1,4 +1,4 @@
-"""zeroadam.cpu_kernels: the compiled CPU kernel against ``update_torch``, the definition of the update.
+"""zeroadam.kernels.cpu: the compiled CPU kernel against ``update_torch``, the definition of the update.
 
 Every format combination (moments fp32 / bf16 / int8, fp32 / bf16 / fp16 parameters with their master kinds,
 fp32 / bf16 / fp16 gradients) runs several steps from the same state on both paths, at sizes that cover an
@@ -16,10 +16,10 @@ from typing import Iterator, Optional
 import pytest
 import torch
 
-from zeroadam import cpu_kernels
-from zeroadam.fused import Run, StepScalars, grads_sq_sum, update_torch
+from zeroadam.kernels import cpu as cpu_kernels
+from zeroadam.update.dispatch import Run, StepScalars, grads_sq_sum, update_torch
 from zeroadam.options import GroupHyper
-from zeroadam.state import Master, Moments, compact_decode, ulp_up
+from zeroadam.formats.state import Master, Moments, compact_decode, ulp_up
 
 SIZES = [1, 255, 256, 257, 4097, 100_003]
 PARAM_MASTERS = [

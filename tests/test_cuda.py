@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from zeroadam import ZeroAdam, _compat
-from zeroadam.fused import Run, StepScalars, backend_for, update_torch
+from zeroadam.update.dispatch import Run, StepScalars, backend_for, update_torch
 from zeroadam.options import GroupHyper
-from zeroadam.state import Master, Moments, compact_decode, ulp_up
+from zeroadam.formats.state import Master, Moments, compact_decode, ulp_up
 
 pytestmark = [
     pytest.mark.cuda,
@@ -213,7 +213,7 @@ def test_int8_state_bytes_per_param() -> None:
 def test_offload_keeps_state_on_the_host_and_matches_the_gpu_path(
     state_dtype: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zeroadam import offload
+    from zeroadam.engines import offload
 
     # Several parameter chunks per step, so that the copies overlap the CPU update (HostParamCopies).
     monkeypatch.setattr(offload, "HOST_CHUNK", 1024)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from zeroadam.demo import MODEL_SIZES, _batch, load_corpus
+from zeroadam.tools.demo import MODEL_SIZES, _batch, load_corpus
 
 pytest.importorskip("transformers", reason="the demo needs the 'demo' extra (transformers, tqdm, matplotlib)")
 pytest.importorskip("matplotlib")
@@ -33,7 +33,7 @@ def test_corpus_and_batches_are_deterministic() -> None:
 
 def test_demo_writes_table_json_and_png(tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "zeroadam.cli", "demo", "--steps", "5", "--model-size", "tiny", "--out", str(out), "--cpu"]
+    cmd = [sys.executable, "-m", "zeroadam.tools.cli", "demo", "--steps", "5", "--model-size", "tiny", "--out", str(out), "--cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for needle in ["ZeroAdam stage 2 int8", "DDP + AdamW", "optimizer state", "tokens/s", "held-out loss"]:

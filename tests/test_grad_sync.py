@@ -135,7 +135,7 @@ def test_ddp_watch_hook_goes_with_close_or_with_the_watch() -> None:
 
     from torch.nn.modules import module as nn_module
 
-    from zeroadam.grad_sync import DDPWatch
+    from zeroadam.engines.grad_sync import DDPWatch
 
     hooks = nn_module._global_forward_pre_hooks
     before = len(hooks)

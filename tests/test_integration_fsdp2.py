@@ -49,7 +49,7 @@ def moments(opt, model) -> dict[str, torch.Tensor]:
     """Dequantized exp_avg of the int8 parameters, by name, from the optimizer's state dict."""
     from torch.distributed.tensor import DTensor
 
-    from zeroadam.state_dict import decode_entry
+    from zeroadam.state_dict.api import decode_entry
 
     sd = opt.state_dict()
     names = [n for n, _ in model.named_parameters()]

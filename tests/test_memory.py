@@ -8,8 +8,8 @@ import torch
 
 from distributed import run_ranks
 from zeroadam import ZeroAdam
-from zeroadam.cli import main
-from zeroadam.memory import (
+from zeroadam.tools.cli import main
+from zeroadam.tools.memory import (
     CARDS,
     ModelTensors,
     Setup,

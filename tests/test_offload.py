@@ -53,8 +53,8 @@ def test_offload_equals_no_offload(world: int) -> None:
 
 def offload_chunked_pairs(rank: int, world: int) -> dict:
     # The GPU path on CPU tensors: a host copy of the parameter shard, moved in chunks of 512 elements around the
-    # CPU update (zeroadam.offload.HostParamCopies), with every chunk boundary inside the shard.
-    from zeroadam import offload
+    # CPU update (zeroadam.engines.offload.HostParamCopies), with every chunk boundary inside the shard.
+    from zeroadam.engines import offload
 
     offload.needs_host_copy = lambda device: True
     offload.HOST_CHUNK = 512

@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
 from zeroadam import MIN_QUANT_NUMEL, ZeroAdam
-from zeroadam.state import compact_decode
+from zeroadam.formats.state import compact_decode
 
 BACKENDS = [None, "torch"]  # None: the fastest path for the device (on CPU the compiled kernel); "torch": the reference
 # Awkward sizes: partial 256-element blocks, and one tensor above the 4096-element quantization threshold.

@@ -1,4 +1,4 @@
-"""zeroadam.quant against a brute-force reference written element by element in plain Python.
+"""zeroadam.formats.quant against a brute-force reference written element by element in plain Python.
 
 The reference finds each code by trying every code of the map and keeping the one nearest in companded space;
 scales are the Python ``max`` of a block's absolute values. Sizes 1, 255, 256, 257 and 4097 run the partial-block
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from zeroadam import quant
+from zeroadam.formats import quant
 from zeroadam.options import BLOCK_SIZE
 
 SIZES = [1, 255, 256, 257, 4097]

@@ -121,7 +121,7 @@ def test_fp32_tracks_torch_adamw(corpus: charlm.Corpus) -> None:
 
 @pytest.mark.skipif(not _compat.has_fused_cpu_adamw(), reason="torch has no fused CPU AdamW kernel")
 def test_fp32_is_torch_fused_adamw_bit_for_bit(corpus: charlm.Corpus) -> None:
-    """On CPU, fp32 state on fp32 weights runs torch's fused AdamW kernel (zeroadam.cpu_kernels)."""
+    """On CPU, fp32 state on fp32 weights runs torch's fused AdamW kernel (zeroadam.kernels.cpu)."""
     steps = 20
     ours, ours_losses = run(corpus, zero_adam("fp32"), steps)
     theirs, theirs_losses = run(corpus, _adamw(fused=True), steps)

@@ -4,7 +4,7 @@ Each kernel reads and writes every tensor of the run once: it loads the gradient
 step's gradient scale, rebuilds the fp32 master value (fp32 parameter, fp32 master copy, 16-bit parameter plus
 int8 residual, or 16-bit parameter alone), dequantizes the moments, applies the update of
 ``zeroadam.reference.adamw_reference`` in fp32, and writes the moments and the parameter back in their formats.
-The master kind and the dtypes are compile-time specializations; ``update_torch`` in ``zeroadam.fused`` is the
+The master kind and the dtypes are compile-time specializations; ``update_torch`` in ``zeroadam.update`` is the
 definition these kernels must match (``tests/test_triton_kernels.py``).
 
 [Note: matching the reference]
@@ -18,7 +18,7 @@ definition these kernels must match (``tests/test_triton_kernels.py``).
 * Rounding to a 16-bit float and back goes through the bits. The Triton interpreter converts fp32 to bf16 by
   truncation, not to nearest even as GPUs and torch do, so ``x.to(tl.bfloat16)`` cannot serve both.
 * ``torch.round`` (half to even) is written with ``tl.floor``: libdevice's ``rint`` has no interpreter version.
-* The stochastic-rounding bits are the hash of ``zeroadam.state.hash_uniform`` in uint32 arithmetic, on the
+* The stochastic-rounding bits are the hash of ``zeroadam.formats.state.hash_uniform`` in uint32 arithmetic, on the
   element's index ``run.index_base + i`` (see [Note: stochastic rounding] in ``zeroadam/state.py``).
 """
 from __future__ import annotations
@@ -27,8 +27,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from zeroadam import _compat, quant
-from zeroadam.fused import Run, StepScalars
+from zeroadam import _compat
+
+from zeroadam.formats import quant
+from zeroadam.update.dispatch import Run, StepScalars
 from zeroadam.options import BLOCK_SIZE
 from zeroadam.reference import bias_corrections
 
@@ -43,7 +45,7 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # quant.M_UNIT / quant.V_UNIT, fp32 values held exactly by a Python float.
 _M_UNIT = tl.constexpr(float(quant.M_UNIT))
 _V_UNIT = tl.constexpr(float(quant.V_UNIT))
-# Hash multipliers of zeroadam.state._mix32.
+# Hash multipliers of zeroadam.formats.state._mix32.
 _H1 = tl.constexpr(0x7FEB352D)
 _H2 = tl.constexpr(0x5BD1E995)
 _INV254 = tl.constexpr(1.0 / 254.0)
@@ -98,7 +100,7 @@ def _hash_index(index_base, offs):
 
 @triton.jit
 def _hash_uniform(idx, seed):
-    """u in [0, 1) from 24 hash bits, as zeroadam.state.hash_uniform (idx: uint32 tensor, seed: integer)."""
+    """u in [0, 1) from 24 hash bits, as zeroadam.formats.state.hash_uniform (idx: uint32 tensor, seed: integer)."""
     # The products wrap modulo 2**32 by design. sanitize_overflow=False says so: debug builds and the interpreter
     # otherwise check every integer product for overflow (a sixth of an interpreted launch, measured).
     h = idx ^ seed.to(tl.uint32)
@@ -112,7 +114,7 @@ def _hash_uniform(idx, seed):
 
 @triton.jit
 def _stochastic_round(x, u, DTYPE: tl.constexpr):
-    """zeroadam.state.stochastic_round: the magnitude goes to the next DTYPE value away from the nearest one
+    """zeroadam.formats.state.stochastic_round: the magnitude goes to the next DTYPE value away from the nearest one
     with probability distance / spacing (u uniform in [0, 1)); the sign is copied from x."""
     a = tl.abs(x)
     near = _round_nearest(a, DTYPE)
@@ -128,7 +130,7 @@ def _stochastic_round(x, u, DTYPE: tl.constexpr):
 
 @triton.jit
 def _ulp_up(p):
-    """fp32 distance from |p| (16-bit) to the next larger magnitude of its dtype (zeroadam.state.ulp_up)."""
+    """fp32 distance from |p| (16-bit) to the next larger magnitude of its dtype (zeroadam.formats.state.ulp_up)."""
     bits = p.to(tl.uint16, bitcast=True).to(tl.int32) & 0x7FFF
     return _to_f32(_from_bits(bits + 1, p.dtype)) - _to_f32(_from_bits(bits, p.dtype))
 
@@ -147,7 +149,7 @@ def _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG: tl.con
 
 @triton.jit
 def _load_master(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
-    """fp32 master values: zeroadam.state.Master.read."""
+    """fp32 master values: zeroadam.formats.state.Master.read."""
     if MASTER == "fp32":
         x = tl.load(master_ptr + offs, mask=mask, other=0.0)
     elif MASTER == "compact":
@@ -161,7 +163,7 @@ def _load_master(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
 
 @triton.jit
 def _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER: tl.constexpr):
-    """Write fp32 values x to the parameter and its master: zeroadam.state.Master.write."""
+    """Write fp32 values x to the parameter and its master: zeroadam.formats.state.Master.write."""
     P_DTYPE = param_ptr.dtype.element_ty
     if MASTER == "compact":
         p = _round_nearest(x, P_DTYPE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import ZeroAdam
+from zeroadam.optimizer import ZeroAdam
 
 __all__ = ["GradScaler"]
 

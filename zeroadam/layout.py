@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .options import BLOCK_SIZE
+from zeroadam.options import BLOCK_SIZE
 
 __all__ = ["Slot", "FlatLayout", "padded", "space_key", "group_spaces"]
 

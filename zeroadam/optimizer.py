@@ -1,7 +1,7 @@
 """ZeroAdam: the optimizer class — options, param groups, and the orchestration of one step.
 
 Stage 0 keeps each parameter's state beside it and updates parameter by parameter with the fused kernel of its
-device. Stages 1 and 2 (``zeroadam.zero``) lay each group out in a flat, block-aligned buffer and keep only
+device. Stages 1 and 2 (``zeroadam.engines.flat``) lay each group out in a flat, block-aligned buffer and keep only
 this rank's shard of state and gradients; the per-parameter state-dict format is the same for every stage.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from . import _compat
-from .fused import Run, StepScalars, fused_update, grads_sq_sum
-from .layout import FlatLayout, group_spaces
-from .options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
-from .state import Master, MasterKind, Moments
+from zeroadam import _compat
+from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.layout import FlatLayout, group_spaces
+from zeroadam.options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
+from zeroadam.formats.state import Master, MasterKind, Moments
 
 __all__ = ["ZeroAdam", "ParamState"]
 
@@ -101,11 +101,11 @@ class ZeroAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._zero = None
         if any(_compat.is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            from zeroadam.integrations.fsdp2 import DTensorEngine  # FSDP2 (fully_shard) parameters
+            from zeroadam.engines.dtensor import DTensorEngine  # FSDP2 (fully_shard) parameters
 
             self._zero = DTensorEngine.create(self)
         elif self.options.stage >= 1 or self.options.offload is not None:
-            from .zero import ZeroEngine
+            from zeroadam.engines.flat import ZeroEngine
 
             self._zero = ZeroEngine.create(self, process_group)
 
@@ -356,7 +356,7 @@ class ZeroAdam(torch.optim.Optimizer):
         """The optimizer state (see [Note: full state and shards] in state_dict.py): the whole state with
         stage 0; with sharded stages, when every rank calls it, the whole state on rank 0 and this rank's shard
         on the others (a rank that calls it alone gets a RuntimeError naming the fix within seconds)."""
-        from .state_dict import build_state_dict
+        from zeroadam.state_dict.api import build_state_dict
 
         return build_state_dict(self)
 
@@ -364,12 +364,12 @@ class ZeroAdam(torch.optim.Optimizer):
         """Gather the whole state to rank ``to`` of the process group (collective: every rank calls it); until the
         next ``step()``, ``state_dict()`` returns it on that rank, and this rank's shard elsewhere, with no
         communication. The convention of ``torch.distributed.optim.ZeroRedundancyOptimizer`` (Lightning calls it)."""
-        from .state_dict import consolidate_state_dict
+        from zeroadam.state_dict.api import consolidate_state_dict
 
         consolidate_state_dict(self, to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from .state_dict import apply_state_dict
+        from zeroadam.state_dict.api import apply_state_dict
 
         apply_state_dict(self, state_dict)
 

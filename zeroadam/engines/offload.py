@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _compat
-from .options import BLOCK_SIZE
+from zeroadam import _compat
+from zeroadam.options import BLOCK_SIZE
 
 __all__ = ["HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "HOST_CHUNK"]
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint_format import (
+from zeroadam.checkpoint.format import (
     INFO_FILE,
     PathLike,
     SCALE_KEYS,
@@ -53,12 +53,12 @@ from .checkpoint_format import (
     read_tensors,
     wanted_pieces,
 )
-from .collectives import Group, all_gather_objects
-from .sharded_model import full_state_dict, load_full_state_dict
-from .state_dict import check_in, decode_entry, entry_of, local_ranges, validate_state_dict
+from zeroadam.comm.collectives import Group, all_gather_objects
+from zeroadam.sharding.model import full_state_dict, load_full_state_dict
+from zeroadam.state_dict.api import check_in, decode_entry, entry_of, local_ranges, validate_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
 __all__ = [
     "save",

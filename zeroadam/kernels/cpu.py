@@ -32,9 +32,11 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _compat, quant
-from .fused import Run, StepScalars, update_torch
-from .reference import bias_corrections
+from zeroadam import _compat
+
+from zeroadam.formats import quant
+from zeroadam.update.dispatch import Run, StepScalars, update_torch
+from zeroadam.reference import bias_corrections
 
 __all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled"]
 

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from .collectives import Group, all_gather_objects, all_reduce_sum
-from .fused import Run, StepScalars, fused_update, grads_sq_sum
-from .options import GroupHyper
-from .sharded_model import ShardedModel, UnitFlat
-from .state import Master, Moments
-from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
+from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
+from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.options import GroupHyper
+from zeroadam.sharding.model import ShardedModel, UnitFlat
+from zeroadam.formats.state import Master, Moments
+from zeroadam.state_dict.api import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
 __all__ = ["Zero3Engine", "Piece"]
 

@@ -19,8 +19,8 @@ from typing import Literal, Optional
 
 import torch
 
-from . import quant
-from .options import StateDtype
+from zeroadam.formats import quant
+from zeroadam.options import StateDtype
 
 __all__ = [
     "Moments",

@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
-from . import quant
-from .collectives import Group
-from .state import Master, MasterKind, Moments, compact_decode, ulp_up
+from zeroadam.formats import quant
+from zeroadam.comm.collectives import Group
+from zeroadam.formats.state import Master, MasterKind, Moments, compact_decode, ulp_up
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
 __all__ = [
     "build_state_dict",
@@ -213,7 +213,7 @@ def convert_moments(
             t.copy_(entry[k].reshape(-1))
         return out
     m, v = decode_entry(entry)
-    from .state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, mix_seed
+    from zeroadam.formats.state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, mix_seed
 
     out.store(
         m.to(device),
@@ -508,7 +508,7 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
     if opt._zero is not None:
         opt._zero.load_entries(checked)
     else:
-        from .optimizer import ParamState
+        from zeroadam.optimizer import ParamState
 
         new_state = {}
         offsets = [opt._layout_offsets(g) for g in opt.param_groups]

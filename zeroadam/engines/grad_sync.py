@@ -31,10 +31,10 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from .collectives import CommStats, Group
+from zeroadam.comm.collectives import CommStats, Group
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .zero import FlatSpace
+    from zeroadam.engines.flat import FlatSpace
 
 __all__ = [
     "ResolvedSync",

@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from zeroadam import quant
-from zeroadam.collectives import CommStats, Group, all_reduce_sum
-from zeroadam.fused import Run, StepScalars, fused_update
+from zeroadam.formats import quant
+from zeroadam.comm.collectives import CommStats, Group, all_reduce_sum
+from zeroadam.update.dispatch import Run, StepScalars, fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
-from zeroadam.state import Master, Moments
-from zeroadam.state_dict import convert_master, convert_moments
+from zeroadam.formats.state import Master, Moments
+from zeroadam.state_dict.api import convert_master, convert_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam

@@ -63,8 +63,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Sequence, get_args
 
-from .layout import padded
-from .options import BLOCK_SIZE, MIN_QUANT_NUMEL, MasterWeights, Offload, StateDtype, ZeroOptions
+from zeroadam.layout import padded
+from zeroadam.options import BLOCK_SIZE, MIN_QUANT_NUMEL, MasterWeights, Offload, StateDtype, ZeroOptions
 
 __all__ = [
     "CATEGORIES",

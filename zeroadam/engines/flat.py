@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from . import offload
-from .buckets import GradBuckets
-from .collectives import (
+from zeroadam.engines import offload
+from zeroadam.engines.buckets import GradBuckets
+from zeroadam.comm.collectives import (
     CommStats,
     Group,
     all_gather_into,
@@ -28,8 +28,8 @@ from .collectives import (
     all_reduce_sum,
     reduce_scatter_avg,
 )
-from .fused import Run, StepScalars, fused_update, grads_sq_sum
-from .grad_sync import (
+from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.engines.grad_sync import (
     DDPWatch,
     ResolvedSync,
     copy_local_shards,
@@ -37,14 +37,14 @@ from .grad_sync import (
     warn_not_replicated,
     wrapper_averages_gradients,
 )
-from .layout import FlatLayout, group_spaces
-from .offload import HostGradSink, HostParamCopies, host_buffer
-from .options import BLOCK_SIZE, GroupHyper
-from .state import Master, MasterKind, Moments
-from .state_dict import convert_master, convert_moments, entry_of, entry_piece, piece_entry
+from zeroadam.layout import FlatLayout, group_spaces
+from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
+from zeroadam.options import BLOCK_SIZE, GroupHyper
+from zeroadam.formats.state import Master, MasterKind, Moments
+from zeroadam.state_dict.api import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
 __all__ = ["FlatSpace", "ZeroEngine"]
 
@@ -122,7 +122,7 @@ class ZeroEngine:
     @staticmethod
     def create(opt: "ZeroAdam", process_group: Optional[Any]) -> Optional["ZeroEngine"]:
         if opt.options.stage == 3:
-            from .zero3 import Zero3Engine
+            from zeroadam.engines.zero3 import Zero3Engine
 
             return Zero3Engine.create(opt, process_group)  # type: ignore[return-value]
         group = Group.resolve(process_group)

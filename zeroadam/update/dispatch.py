@@ -4,7 +4,7 @@ A run is a contiguous 1D range of parameter values with its gradient, moments an
 a block boundary of its parameter. Backends, fastest first:
 
 * CUDA tensors: the Triton kernel for the run's formats (``zeroadam.triton_kernels.adamw``).
-* CPU tensors: the compiled CPU kernel (``zeroadam.cpu_kernels``), one OpenMP pass in C++ for every format
+* CPU tensors: the compiled CPU kernel (``zeroadam.kernels.cpu``), one OpenMP pass in C++ for every format
   (torch's fused CPU AdamW when the kernel cannot be built and the run is plain fp32).
 * Anything else, or when neither is available: ``update_torch``, the reference composed with the formats.
 """
@@ -15,10 +15,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _compat
-from .options import GroupHyper
-from .reference import adamw_reference
-from .state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM, Master, Moments, mix_seed
+from zeroadam import _compat
+from zeroadam.options import GroupHyper
+from zeroadam.reference import adamw_reference
+from zeroadam.formats.state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM, Master, Moments, mix_seed
 
 __all__ = ["Run", "StepScalars", "update_torch", "fused_update", "backend_for", "grad_sq_sum", "grads_sq_sum"]
 
@@ -69,15 +69,15 @@ def backend_for(run: Run, prefer: Optional[str] = None) -> tuple[str, Backend]:
     if prefer == "torch":
         return "torch", update_torch
     if (prefer in (None, "triton")) and dev == "cuda" and _compat.has_triton():
-        from .triton_kernels.adamw import update_triton
+        from zeroadam.triton_kernels.adamw import update_triton
 
         return "triton", update_triton
     if prefer == "triton" and dev == "cpu" and _compat.has_triton() and _compat.triton_interpret():
-        from .triton_kernels.adamw import update_triton
+        from zeroadam.triton_kernels.adamw import update_triton
 
         return "triton", update_triton
     if (prefer in (None, "cpu")) and dev == "cpu":
-        from .cpu_kernels import update_cpu
+        from zeroadam.kernels.cpu import update_cpu
 
         return "cpu", update_cpu
     if prefer is not None:
@@ -108,7 +108,7 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     CPU gradients go through the compiled kernel in fp64, the rest through torch in fp32."""
     if not grads:
         return torch.zeros((), dtype=torch.float64)
-    from .cpu_kernels import sq_sum_compiled
+    from zeroadam.kernels.cpu import sq_sum_compiled
 
     dev = grads[0].device
     total = torch.zeros((), dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import _compat
-from .options import StateDtype
+from zeroadam import _compat
+from zeroadam.options import StateDtype
 
 __all__ = ["ModelSize", "MODEL_SIZES", "DemoConfig", "load_corpus", "build_model", "add_demo_arguments", "run_demo"]
 
@@ -172,12 +172,12 @@ def _setup(kind: str, cfg: DemoConfig, device: torch.device) -> tuple[torch.nn.M
     """(model, the module to call, optimizer, its display name) for one run."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
     model = build_model(MODEL_SIZES[cfg.size], cfg.seed).to(device)
     if kind == "zeroadam":
         if cfg.stage == 3:
-            from .sharded_model import shard_model
+            from zeroadam.sharding.model import shard_model
 
             model = shard_model(model)
         # No DDP: ZeroAdam averages the gradients itself (at stage 2 in buckets, during backward).
@@ -275,7 +275,7 @@ def _eval(model: torch.nn.Module, held_out: torch.Tensor, size: ModelSize, world
 
 
 def _rank_main(rank: int, cfg: DemoConfig, corpus: bytes, port: int) -> None:
-    # torch 2.13 deprecates all_gather_into_tensor, which zeroadam.collectives calls: one FutureWarning per rank
+    # torch 2.13 deprecates all_gather_into_tensor, which zeroadam.comm.collectives calls: one FutureWarning per rank
     # between the progress bars tells a demo's reader nothing.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -448,7 +448,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m zeroadam.demo, the same as `zeroadam demo`
+if __name__ == "__main__":  # python -m zeroadam.tools.demo, the same as `zeroadam demo`
     _parser = argparse.ArgumentParser(prog="zeroadam demo", description=__doc__.split("\n")[0])
     add_demo_arguments(_parser)
     sys.exit(run_demo(_parser.parse_args()))

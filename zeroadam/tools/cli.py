@@ -13,8 +13,8 @@ __all__ = ["main"]
 
 # subcommand -> (module, help); the module defines add_arguments(parser) and run(args) -> int
 _COMMANDS = {
-    "demo": ("zeroadam.demo", "train a small GPT on 2 processes with ZeroAdam and DDP + AdamW, and compare"),
-    "estimate": ("zeroadam.memory", "estimate per-GPU and per-host memory for a model size and setup"),
+    "demo": ("zeroadam.tools.demo", "train a small GPT on 2 processes with ZeroAdam and DDP + AdamW, and compare"),
+    "estimate": ("zeroadam.tools.memory", "estimate per-GPU and per-host memory for a model size and setup"),
     "consolidate": ("zeroadam.checkpoint", "write a plain model (and AdamW) state dict from a checkpoint"),
     "inspect": ("zeroadam.checkpoint", "print what a checkpoint directory holds"),
 }

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from .collectives import CommStats, Group, reduce_to
-from .layout import Slot
+from zeroadam.comm.collectives import CommStats, Group, reduce_to
+from zeroadam.layout import Slot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .zero import FlatSpace
+    from zeroadam.engines.flat import FlatSpace
 
 __all__ = ["Bucket", "GradBuckets"]
 

@@ -42,7 +42,7 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
-from .options import BLOCK_SIZE
+from zeroadam.options import BLOCK_SIZE
 
 __all__ = [
     "M_POWER",

@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .collectives import CommStats, Group, all_gather_single, reduce_scatter_single
-from .layout import FlatLayout
+from zeroadam.comm.collectives import CommStats, Group, all_gather_single, reduce_scatter_single
+from zeroadam.layout import FlatLayout
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
 

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from . import quant
-from .state import MasterKind
+from zeroadam.formats import quant
+from zeroadam.formats.state import MasterKind
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ZeroAdam
+    from zeroadam.optimizer import ZeroAdam
 
 __all__ = [
     "PathLike",
@@ -274,7 +274,7 @@ def build_info(
 
 
 def _version() -> str:
-    from . import __version__
+    from zeroadam import __version__
 
     return __version__
 
