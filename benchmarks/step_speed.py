@@ -261,7 +261,8 @@ def state_bytes_of(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -
 def _zeroadam_backend(opt: torch.optim.Optimizer, p: torch.Tensor) -> Optional[str]:
     """Which backend ZeroAdam chose for ``p`` (internal API: None where it has changed)."""
     try:
-        from zeroadam.update.dispatch import Run, backend_for
+        from zeroadam.update.contract import Run
+        from zeroadam.update.dispatch import backend_for
 
         st = opt.state[p]
         run_ = Run(param=p.detach().view(-1), grad=p.grad.view(-1), moments=st.moments, master=st.master, index_base=0)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from zeroadam.kernels import cpu as cpu_kernels
-from zeroadam.update.dispatch import Run, StepScalars, grads_sq_sum, update_torch
+from zeroadam.update.contract import Run, StepScalars, update_torch
+from zeroadam.update.dispatch import grads_sq_sum
 from zeroadam.options import GroupHyper
 from zeroadam.formats.state import Master, Moments, compact_decode, ulp_up
 

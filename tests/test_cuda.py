@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from zeroadam import ZeroAdam, _compat
-from zeroadam.update.dispatch import Run, StepScalars, backend_for, update_torch
+from zeroadam.update.contract import Run, StepScalars, update_torch
+from zeroadam.update.dispatch import backend_for
 from zeroadam.options import GroupHyper
 from zeroadam.formats.state import Master, Moments, compact_decode, ulp_up
 

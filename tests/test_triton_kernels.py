@@ -32,7 +32,8 @@ if not isinstance(tl.sum, InterpretedFunction):
     )
 
 from zeroadam import ZeroAdam  # noqa: E402
-from zeroadam.update.dispatch import Run, StepScalars, backend_for, update_torch  # noqa: E402
+from zeroadam.update.contract import Run, StepScalars, update_torch  # noqa: E402
+from zeroadam.update.dispatch import backend_for  # noqa: E402
 from zeroadam.options import GroupHyper  # noqa: E402
 from zeroadam.formats.state import Master, Moments, compact_decode, ulp_up  # noqa: E402
 from zeroadam.triton_kernels.adamw import update_triton  # noqa: E402

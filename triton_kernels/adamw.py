@@ -23,16 +23,15 @@ definition these kernels must match (``tests/test_triton_kernels.py``).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from zeroadam import _compat
 
 from zeroadam.formats import quant
-from zeroadam.update.dispatch import Run, StepScalars
+from zeroadam.update.contract import Run, StepScalars, coefficients
 from zeroadam.options import BLOCK_SIZE
-from zeroadam.reference import bias_corrections
 
 triton = _compat.require("triton", "the Triton AdamW kernels")
 tl = _compat.require("triton.language", "the Triton AdamW kernels")
@@ -299,35 +298,6 @@ def _adamw_int8_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-class _Scalars(NamedTuple):
-    """The step's floats in kernel-argument order, computed in float64 as the reference computes them (the
-    kernels receive them as fp32, as torch's ops round a Python scalar)."""
-
-    grad_scale: float
-    decay: float  # 1 - lr * weight_decay
-    lerp_weight: float  # 1 - beta1
-    beta2: float
-    one_minus_beta2: float
-    step_size: float  # -lr / (1 - beta1^t)
-    bc2_sqrt: float  # sqrt(1 - beta2^t)
-    eps: float
-
-
-def _scalars(sc: StepScalars) -> _Scalars:
-    h = sc.hyper
-    inv_bc1, bc2_sqrt = bias_corrections(h.beta1, h.beta2, sc.step)
-    return _Scalars(
-        grad_scale=float(sc.grad_scale),
-        decay=1.0 - h.lr * h.weight_decay,
-        lerp_weight=1.0 - h.beta1,
-        beta2=h.beta2,
-        one_minus_beta2=1.0 - h.beta2,
-        step_size=-h.lr * inv_bc1,
-        bc2_sqrt=bc2_sqrt,
-        eps=h.eps,
-    )
-
-
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -375,7 +345,7 @@ def update_triton(run: Run, sc: StepScalars, *, nonfinite_flag: Optional[torch.T
         return
     master = _check_run(run, nonfinite_flag)
     seed_m, seed_v, seed_p = sc.seeds()
-    scalars = _scalars(sc)
+    scalars = coefficients(sc)
     mom = run.moments
     flags = dict(MASTER=run.master.kind, HAS_FLAG=nonfinite_flag is not None)
     head = (run.param, run.grad, master, mom.exp_avg, mom.exp_avg_sq)

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from zeroadam import _compat
-from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.update.contract import Run, StepScalars
+from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
 from zeroadam.formats.state import Master, MasterKind, Moments

@@ -35,7 +35,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from zeroadam.formats import quant
 from zeroadam.comm.collectives import CommStats, Group, all_reduce_sum
-from zeroadam.update.dispatch import Run, StepScalars, fused_update
+from zeroadam.update.contract import Run, StepScalars
+from zeroadam.update.dispatch import fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.formats.state import Master, Moments

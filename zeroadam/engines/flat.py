@@ -28,7 +28,8 @@ from zeroadam.comm.collectives import (
     all_reduce_sum,
     reduce_scatter_avg,
 )
-from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.update.contract import Run, StepScalars
+from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.engines.grad_sync import (
     DDPWatch,
     ResolvedSync,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
-from zeroadam.update.dispatch import Run, StepScalars, fused_update, grads_sq_sum
+from zeroadam.update.contract import Run, StepScalars
+from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
 from zeroadam.sharding.model import ShardedModel, UnitFlat
 from zeroadam.formats.state import Master, Moments

@@ -35,8 +35,7 @@ import torch
 from zeroadam import _compat
 
 from zeroadam.formats import quant
-from zeroadam.update.dispatch import Run, StepScalars, update_torch
-from zeroadam.reference import bias_corrections
+from zeroadam.update.contract import Run, StepScalars, coefficients, update_torch
 
 __all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled"]
 
@@ -687,19 +686,8 @@ def _run_args(run: Run, sc: StepScalars) -> Optional[_RunArgs]:
 
 
 def _coefficients(sc: StepScalars) -> _Coefficients:
-    """The fp64 expressions of reference.adamw_reference; the kernel casts them to fp32 as torch does."""
-    h = sc.hyper
-    inv_bc1, bc2_sqrt = bias_corrections(h.beta1, h.beta2, sc.step)
-    return _Coefficients(
-        decay=1.0 - h.lr * h.weight_decay,
-        lerp_weight=1.0 - h.beta1,
-        beta2=h.beta2,
-        one_minus_beta2=1.0 - h.beta2,
-        bc2_sqrt=bc2_sqrt,
-        eps=h.eps,
-        step_size=-h.lr * inv_bc1,
-        grad_scale=sc.grad_scale,
-    )
+    """The contract's coefficients as the C++ struct (fp64; the kernel casts them to fp32 as torch does)."""
+    return _Coefficients(**coefficients(sc)._asdict())
 
 
 def update_compiled(run: Run, sc: StepScalars) -> bool:

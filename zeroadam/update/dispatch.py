@@ -1,7 +1,5 @@
-"""The fused update of one run, and the choice of backend that performs it.
-
-A run is a contiguous 1D range of parameter values with its gradient, moments and master storage; it starts on
-a block boundary of its parameter. Backends, fastest first:
+"""The choice of backend that performs the fused update of one run (``zeroadam.update.contract``), and the
+gradient pre-pass. Backends, fastest first:
 
 * CUDA tensors: the Triton kernel for the run's formats (``zeroadam.triton_kernels.adamw``).
 * CPU tensors: the compiled CPU kernel (``zeroadam.kernels.cpu``), one OpenMP pass in C++ for every format
@@ -10,57 +8,14 @@ a block boundary of its parameter. Backends, fastest first:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from zeroadam import _compat
-from zeroadam.options import GroupHyper
-from zeroadam.reference import adamw_reference
-from zeroadam.formats.state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM, Master, Moments, mix_seed
+from zeroadam.update.contract import Backend, Run, StepScalars, update_torch
 
-__all__ = ["Run", "StepScalars", "update_torch", "fused_update", "backend_for", "grad_sq_sum", "grads_sq_sum"]
-
-
-@dataclass
-class Run:
-    param: torch.Tensor  # 1D [n], fp32 / bf16 / fp16; updated in place
-    grad: torch.Tensor  # 1D [n], fp32 / bf16 / fp16 (scaled by StepScalars.grad_scale before use)
-    moments: Moments
-    master: Master
-    index_base: int  # position of element 0 in the group's block-aligned layout (hash index for rounding)
-
-
-@dataclass(frozen=True)
-class StepScalars:
-    """What one step of one param group needs besides the tensors."""
-
-    hyper: GroupHyper
-    step: int  # this update's count, 1 for the first
-    grad_scale: float  # multiplies every gradient: clip coefficient / loss scale
-    group_index: int
-
-    def seeds(self) -> tuple[int, int, int]:
-        """Rounding seeds for (exp_avg, exp_avg_sq, param)."""
-        return tuple(mix_seed(self.step, self.group_index, s) for s in (STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM))  # type: ignore[return-value]
-
-
-def update_torch(run: Run, sc: StepScalars) -> None:
-    """Dequantize, apply the reference update, requantize: the definition every backend must match."""
-    h = sc.hyper
-    g = run.grad.float() * sc.grad_scale
-    x = run.master.read(run.param)
-    m, v = run.moments.load()
-    adamw_reference(
-        x, g, m, v, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay, step=sc.step
-    )
-    seed_m, seed_v, seed_p = sc.seeds()
-    run.moments.store(m, v, index_base=run.index_base, seed_m=seed_m, seed_v=seed_v)
-    run.master.write(x, run.param, index_base=run.index_base, seed=seed_p)
-
-
-Backend = Callable[[Run, StepScalars], None]
+__all__ = ["fused_update", "backend_for", "grad_sq_sum", "grads_sq_sum"]
 
 
 def backend_for(run: Run, prefer: Optional[str] = None) -> tuple[str, Backend]:
