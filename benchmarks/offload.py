@@ -123,8 +123,8 @@ def _state_bytes(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> 
 def _grad_intake_s(opt: torch.optim.Optimizer, repeats: int) -> Optional[float]:
     """Median seconds ZeroAdam's offload engine spends taking the gradients into its host shards (part of every
     step()), timed alone through internal API; None where that API has changed or the optimizer is another."""
-    engine = getattr(opt, "_zero", None)
-    if engine is None:
+    engine = getattr(opt, "engine", None)
+    if engine is None or not hasattr(engine, "ensure_reduced"):
         return None
     try:
         def intake() -> None:

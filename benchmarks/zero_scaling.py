@@ -347,7 +347,7 @@ def _time_variant(v: Variant, a: RunArgs, rank: int) -> dict[str, Any]:
         out["comm_elements"] = dict(comm["elements"])
         out["comm_elements_zero_accounting"] = sum(comm["elements"].values())
         out["comm_bytes"] = comm["total_bytes"]
-        buckets = getattr(getattr(opt, "_zero", None), "buckets", None)  # internal; None with one rank
+        buckets = getattr(getattr(opt, "engine", None), "buckets", None)  # internal; None with one rank
         if v.stage == 2 and buckets is not None:
             out["peak_full_grad_bytes"] = buckets.peak_live_bytes
         if v.stage == 3:

@@ -67,6 +67,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import PartialState  # noqa: E402
 
 from zeroadam.amp import GradScaler  # noqa: E402
+from zeroadam.engines.grad_sync import register_wrapper_detector  # noqa: E402
 from zeroadam.optimizer import ZeroAdam  # noqa: E402
 from zeroadam.sharding.model import ShardedModel, UnitPolicy, full_state_dict, shard_model  # noqa: E402
 
@@ -86,6 +87,9 @@ def wraps_models_in_ddp() -> bool:
     return dist_type is not None and str(getattr(dist_type, "value", dist_type)) in _DDP_TYPES
 
 
+register_wrapper_detector(wraps_models_in_ddp)
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside Accelerate's (possibly nested) ``AcceleratedOptimizer`` wrappers."""
     while isinstance(optimizer, AcceleratedOptimizer):
@@ -96,7 +100,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 def _is_sharded(opt: Any) -> bool:
     """A ZeroAdam with a stage 1-3 engine, which averages its gradients itself (on one rank without offload,
     stages 1-2 run as stage 0, with no engine)."""
-    return isinstance(opt, ZeroAdam) and opt._zero is not None and opt.options.stage in (1, 2, 3)
+    return isinstance(opt, ZeroAdam) and opt.engine.averages_gradients and opt.options.stage in (1, 2, 3)
 
 
 def _params_of(opt: ZeroAdam) -> set[torch.Tensor]:
@@ -274,14 +278,14 @@ class ZeroAccelerator(Accelerator):
                 f"ZeroAccelerator: distributed_type={self.distributed_type.value} shards or wraps the model itself; "
                 "a sharded ZeroAdam needs plain data parallelism (launch without a DeepSpeed or FSDP plugin)"
             )
-        if opt.options.stage == 3 and opt._zero.group.world != self.num_processes:
+        if opt.options.stage == 3 and opt.engine.group.world != self.num_processes:
             raise ValueError(
-                f"ZeroAccelerator: the model of this ZeroAdam(stage=3) is sharded over {opt._zero.group.world} of the "
+                f"ZeroAccelerator: the model of this ZeroAdam(stage=3) is sharded over {opt.engine.group.world} of the "
                 f"{self.num_processes} processes; Accelerate feeds every process its own batches, so shard over all "
                 "of them (accelerator.shard_model(model), or zeroadam.shard_model without a process_group)"
             )
         if opt.options.stage in (1, 2):
-            opt._zero.set_gradient_sync("optimizer")
+            opt.engine.set_gradient_sync("optimizer")
         self._use_zero_scaler()
         self._zero_optimizers.append(opt)
 
@@ -345,7 +349,7 @@ class ZeroAccelerator(Accelerator):
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
         # evaluation_mode=True is Accelerate's "everything but the DDP wrapper": device placement and autocast.
         model = super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
-        owner._zero.rebind_moved_params()  # device placement gave the parameters new storage (even on CPU)
+        owner.engine.rebind_moved_params()  # device placement gave the parameters new storage (even on CPU)
         return model
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement: Optional[bool] = None) -> Any:

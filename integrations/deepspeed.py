@@ -34,7 +34,8 @@ import torch
 
 from zeroadam._compat import require
 from zeroadam.amp import GradScaler
-from zeroadam.optimizer import ParamState, ZeroAdam
+from zeroadam.engines.local import LocalEngine, ParamState
+from zeroadam.optimizer import ZeroAdam
 from zeroadam.sharding.model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
@@ -274,7 +275,7 @@ def initialize(
         raise RuntimeError(f"zeroadam.integrations.deepspeed: DeepSpeed wrapped ZeroAdam in {type(optimizer).__name__}")
     if t.fp16 is not None:
         _scale_losses(engine, opt, t.fp16, device)
-    if opt._zero is None:
+    if not opt.engine.averages_gradients:
         return engine, optimizer, dataloader, scheduler  # stage 0: DeepSpeed's all-reduce averages the gradients
     # ZeroAdam averages the gradients; DeepSpeed's all-reduce would move them a second time.
     engine.enable_backward_allreduce = False
@@ -291,13 +292,12 @@ def initialize(
 
         engine.save_checkpoint = engine.load_checkpoint = no_deepspeed_checkpoints
     # Stage 1 reduces in step(); stage 3 in every backward (deferring would keep whole gradients in p.grad).
-    if getattr(opt._zero, "buckets", None) is not None:
-        buckets = opt._zero.buckets
+    if opt.options.stage == 2:
 
         def sync_on_boundary(module: torch.nn.Module, args: Any) -> None:
             # With gradient accumulation, stage 2 reduces only the last micro-batch's backward (which carries the
             # sum), as DeepSpeed's no_sync does.
-            buckets.sync = engine.is_gradient_accumulation_boundary()
+            opt.engine.defer_gradient_sync(not engine.is_gradient_accumulation_boundary())
 
         engine.module.register_forward_pre_hook(sync_on_boundary)
     return engine, optimizer, dataloader, scheduler
@@ -486,11 +486,6 @@ class _MappedState(ParamState):
     """A parameter's state that DeepSpeed's ZeRO can also read as a dict of tensors: it maps each tensor shaped
     like the flat partition onto the model's parameters (its fragment API, universal checkpoints)."""
 
-    @classmethod
-    def of(cls, st: ParamState) -> "_MappedState":
-        # Field by field, so a field added to ParamState is carried without a change here.
-        return cls(**{f.name: getattr(st, f.name) for f in fields(st)})
-
     def items(self) -> Any:
         return {**self.moments.tensors(), **self.master.tensors()}.items()
 
@@ -517,15 +512,8 @@ class DeepSpeedZeroAdam(ZeroAdam):
             if bool(value) != supported:
                 raise ValueError(f"ZeroAdam as DeepSpeed's optimizer: optimizer.params.{key}={value!r} is not supported")
         super().__init__(params, **kwargs)
-
-    def _init_state(self, p: torch.Tensor, index_base: int) -> ParamState:
-        return _MappedState.of(super()._init_state(p, index_base))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for p, st in list(self.state.items()):
-            if isinstance(st, ParamState) and not isinstance(st, _MappedState):
-                self.state[p] = _MappedState.of(st)
+        assert isinstance(self.engine, LocalEngine)  # stage 0, refused otherwise above
+        self.engine.state_class = _MappedState
 
 
 def _register() -> None:

@@ -52,7 +52,7 @@ class ZeroAdamCallback(TrainerCallback):
 
     def _consolidate(self, args: TrainingArguments, control: TrainerControl, optimizer: Any) -> None:
         opt = _inner(optimizer)
-        if not isinstance(opt, ZeroAdam) or opt._zero is None or not self._about_to_save(args, control):
+        if not isinstance(opt, ZeroAdam) or not opt.engine.gathers_state_dict or not self._about_to_save(args, control):
             return
         opt.consolidate_state_dict(to=0)
 

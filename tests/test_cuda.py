@@ -230,7 +230,7 @@ def test_offload_keeps_state_on_the_host_and_matches_the_gpu_path(
             p.grad, q.grad = g.clone(), g
         opt.step()
         ref_opt.step()
-    for sp in opt._zero.spaces:
+    for sp in opt.engine.spaces:
         assert sp.flat.device.type == "cuda"
         for t in [*sp.moments.tensors().values(), *sp.master.tensors().values(), sp.grad_shard]:
             assert t.device.type == "cpu" and t.is_pinned()

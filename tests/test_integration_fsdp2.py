@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from zeroadam import ZeroAdam
+from zeroadam import GradScaler, ZeroAdam
 
-WORLD, GLOBAL_BATCH, STEPS, SAVE_AT, CLIP = 2, 12, 5, 3, 0.5
+WORLD, GLOBAL_BATCH, STEPS, SAVE_AT, CLIP, SKIP = 2, 12, 5, 3, 0.5, 2
 HYPER = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=CLIP)
 
 
@@ -49,7 +49,7 @@ def moments(opt, model) -> dict[str, torch.Tensor]:
     """Dequantized exp_avg of the int8 parameters, by name, from the optimizer's state dict."""
     from torch.distributed.tensor import DTensor
 
-    from zeroadam.state_dict.api import decode_entry
+    from zeroadam.state_dict.entries import decode_entry
 
     sd = opt.state_dict()
     names = [n for n, _ in model.named_parameters()]
@@ -89,6 +89,26 @@ def suite(rank: int, world: int, ckpt: str) -> dict:
     train(model, opt, range(STEPS), rank, world)
     out["fp32"] = full_params(model)
 
+    # zeroadam.GradScaler in the usual fp16 clipping pattern (scale, unscale_, clip_grad_norm_, step, update), with an
+    # inf in rank 1's gradient at step SKIP: both ranks skip that step and back the scale off together.
+    model = sharded(rank, world)
+    opt = ZeroAdam(model.parameters(), state_dtype="fp32", lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
+    scaler = GradScaler("cpu", init_scale=2.0**10)
+    per = GLOBAL_BATCH // world
+    for s in range(STEPS):
+        x, y = batch(s)
+        loss = torch.nn.functional.mse_loss(model(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per])
+        scaler.scale(loss).backward()
+        if s == SKIP and rank == 1:
+            next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    out["scaler"] = full_params(model)
+    out["scaler_scale"] = scaler.get_scale()
+
     model = sharded(rank, world)
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, range(SAVE_AT), rank, world)
@@ -126,14 +146,15 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
 
 
-def reference_adamw() -> list[torch.Tensor]:
+def reference_adamw(skip: tuple[int, ...] = ()) -> list[torch.Tensor]:
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
     for s in range(STEPS):
         x, y = batch(s)
         torch.nn.functional.mse_loss(model(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
+        if s not in skip:
+            opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
 
@@ -142,6 +163,16 @@ def test_fp32_state_trains_like_adamw(ranks: list[dict]) -> None:
     ref = reference_adamw()
     for r in ranks:
         assert rel_err(r["fp32"], ref) <= 1e-5
+
+
+def test_grad_scaler_unscale_and_clip_with_a_skipped_step(ranks: list[dict]) -> None:
+    """zeroadam.GradScaler + unscale_ + torch's clip_grad_norm_ over DTensor parameters: like AdamW with that step
+    skipped, on both ranks (the inf was on rank 1 only), with the scale backed off once."""
+    ref = reference_adamw(skip=(SKIP,))
+    for r in ranks:
+        assert r["scaler_scale"] == 2.0**9
+        # The scale is a power of two, so scaling and unscaling are exact: the fp32 run's tolerance holds.
+        assert rel_err(r["scaler"], ref) <= 1e-5
 
 
 def test_int8_state_is_the_same_as_one_process(ranks: list[dict]) -> None:

@@ -26,7 +26,7 @@ def _offload_run(rank: int, world: int, stage: int, fmt: str) -> list[torch.Tens
         groups(model), lr=1e-2, weight_decay=0.0, state_dtype=fmt, stage=stage, max_grad_norm=0.5,
         bucket_size=3000, offload="cpu",
     )
-    assert opt._zero is not None and opt._zero.offload == "cpu"
+    assert opt.engine.offload == "cpu"
     per = GLOBAL_BATCH // world
     for mbs in batches(6, 2):
         opt.zero_grad()
@@ -34,7 +34,7 @@ def _offload_run(rank: int, world: int, stage: int, fmt: str) -> list[torch.Tens
             xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
             (torch.nn.functional.mse_loss(model(xs), ys) / 2).backward()
         opt.step()
-    for sp in opt._zero.spaces:
+    for sp in opt.engine.spaces:
         for t in list(sp.moments.tensors().values()) + list(sp.master.tensors().values()) + [sp.grad_shard]:
             assert t.device.type == "cpu"
             if _compat.pin_memory_available() and sp.flat.device.type == "cuda":

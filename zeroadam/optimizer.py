@@ -1,38 +1,26 @@
 """ZeroAdam: the optimizer class — options, param groups, and the orchestration of one step.
 
-Stage 0 keeps each parameter's state beside it and updates parameter by parameter with the fused kernel of its
-device. Stages 1 and 2 (``zeroadam.engines.flat``) lay each group out in a flat, block-aligned buffer and keep only
-this rank's shard of state and gradients; the per-parameter state-dict format is the same for every stage.
+The optimizer validates, reads the gradient scale handed over by a GradScaler, computes the global norm (clipping
+and the non-finite skip) and delegates the rest to its engine (``zeroadam.engines``): stage 0, stages 1-2,
+stage 3 or FSDP2's DTensors, all behind one interface. The per-parameter state-dict format is the same for every
+stage.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from zeroadam import _compat
-from zeroadam.update.contract import Run, StepScalars
-from zeroadam.update.dispatch import fused_update, grads_sq_sum
-from zeroadam.layout import FlatLayout, group_spaces
-from zeroadam.options import MIN_QUANT_NUMEL, GroupHyper, ZeroOptions, check_hyper
-from zeroadam.formats.state import Master, MasterKind, Moments
+from zeroadam.engines import Engine, EngineSetup, build
+from zeroadam.formats.policy import FormatPolicy
+from zeroadam.options import ZeroOptions, check_hyper
+from zeroadam.state_dict.api import apply_state_dict, build_state_dict, consolidate_state_dict
 
-__all__ = ["ZeroAdam", "ParamState"]
+__all__ = ["ZeroAdam"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
-
-
-@dataclass
-class ParamState:
-    """Stage-0 state of one parameter (its whole flattened range)."""
-
-    step: int
-    moments: Moments
-    master: Master
-    index_base: int  # the parameter's start in its space's layout: the rounding hash index (fixed for life)
 
 
 class ZeroAdam(torch.optim.Optimizer):
@@ -53,13 +41,15 @@ class ZeroAdam(torch.optim.Optimizer):
             DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
     """
 
+    engine: Engine
+    """What holds the state and performs the step (see zeroadam/engines/base.py)."""
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        # GradScaler hands us grad_scale / found_inf and the unscale is fused. Not when a DDP wrapper averages the
-        # gradients: p.grad then holds all of them, and GradScaler's own unscale and skip (a step it does not
-        # call) keep Accelerate's step_was_skipped right, as with torch.optim.AdamW.
-        zero = getattr(self, "_zero", None)
-        return zero is None or not getattr(zero, "grads_from_wrapper", lambda: False)()
+        # GradScaler hands us grad_scale / found_inf and the unscale is fused, unless the gradients are p.grad's as
+        # a wrapper averaged them (then GradScaler unscales and skips itself, as with torch.optim.AdamW).
+        engine = getattr(self, "engine", None)
+        return engine is None or not engine.averages_gradients or engine.amp_owns_gradients()
 
     def __init__(
         self,
@@ -100,15 +90,14 @@ class ZeroAdam(torch.optim.Optimizer):
         self._pending_clip: Optional[float] = None  # set by clip_grad_norm_, consumed by the next step
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self._zero = None
-        if any(_compat.is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            from zeroadam.engines.dtensor import DTensorEngine  # FSDP2 (fully_shard) parameters
-
-            self._zero = DTensorEngine.create(self)
-        elif self.options.stage >= 1 or self.options.offload is not None:
-            from zeroadam.engines.flat import ZeroEngine
-
-            self._zero = ZeroEngine.create(self, process_group)
+        setup = EngineSetup(
+            param_groups=self.param_groups,
+            options=self.options,
+            policy=FormatPolicy(self.options.state_dtype, self.options.master_weights),
+            backend=backend,
+            state=self.state,
+        )
+        self.engine = build(setup, process_group)
 
     # ---------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -137,70 +126,17 @@ class ZeroAdam(torch.optim.Optimizer):
             param_group.get("eps", self.defaults["eps"]),
             param_group.get("weight_decay", self.defaults["weight_decay"]),
         )
-        if getattr(self, "_zero", None) is not None:
+        if getattr(self, "engine", None) is not None and self.engine.gathers_state_dict:
             raise RuntimeError(
                 "ZeroAdam: add_param_group after construction is only supported with stage=0; with a sharded "
                 "stage pass every param group to the constructor"
             )
         super().add_param_group(param_group)
 
-    # ---------------------------------------------------------------- formats
-    def _master_kind(self, p: torch.Tensor) -> MasterKind:
-        if p.dtype == torch.float32:
-            return "param"
-        mw = self.options.master_weights
-        return "compact" if mw == "auto" else mw  # type: ignore[return-value]
-
-    def _moment_format(self, numel: int) -> str:
-        return self.options.state_dtype if numel >= MIN_QUANT_NUMEL else "fp32"
-
-    def _space_of(self, p: torch.Tensor) -> str:
-        return self._moment_format(p.numel())
-
-    def _layout_offsets(self, group: dict[str, Any]) -> dict[torch.Tensor, int]:
-        """Each parameter's start in its space's block-aligned layout (the rounding hash index), the same
-        positions the sharded stages use, so stochastic rounding draws identical bits in every stage."""
-        out = {}
-        for params in group_spaces(group["params"], self._space_of).values():
-            for slot, p in zip(FlatLayout.build(params, 1).slots, params):
-                out[p] = slot.start
-        return out
-
-    def _init_state(self, p: torch.Tensor, index_base: int) -> ParamState:
-        flat = p.detach().reshape(-1)
-        return ParamState(
-            step=0,
-            moments=Moments.zeros(self._moment_format(p.numel()), p.numel(), p.device),  # type: ignore[arg-type]
-            master=Master.create(self._master_kind(p), flat),
-            index_base=index_base,
-        )
-
     # ---------------------------------------------------------------- gradient scale, clipping, finiteness
-    def _grads_stage0(self) -> list[torch.Tensor]:
-        grads = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "ZeroAdam does not support sparse gradients; use dense embeddings "
-                        "(nn.Embedding(sparse=False)) or torch.optim.SparseAdam for those parameters"
-                    )
-                grads.append(p.grad)
-        return grads
-
-    def _grad_sq_sum(self) -> torch.Tensor:
-        """Sum of squared gradients of this rank's view (fp32 scalar on the first device, or CPU)."""
-        if self._zero is not None:
-            return self._zero.local_grad_sq_sum()
-        return grads_sq_sum(self._grads_stage0())
-
     def _global_norm(self, loss_scale: float) -> float:
         """The true (unscaled) global L2 norm of the gradients, over all ranks; inf/nan when any is non-finite."""
-        sq = self._grad_sq_sum()
-        if self._zero is not None:
-            sq = self._zero.all_reduce_sum(sq)
+        sq = self.engine.all_reduce_sum(self.engine.local_grad_sq_sum())
         return float(sq.sqrt()) / loss_scale
 
     @torch.no_grad()
@@ -220,8 +156,8 @@ class ZeroAdam(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- step
     def _amp_owns_gradients(self) -> bool:
-        """Whether the gradients live in this optimizer's shards (so GradScaler must ask it, see amp.py)."""
-        return self._zero is not None and self._step_supports_amp_scaling
+        """Whether the gradients live in the engine's own buffers (so GradScaler must ask it, see amp.py)."""
+        return self.engine.amp_owns_gradients()
 
     @torch.no_grad()
     def _amp_unscale(self, inv_scale: float) -> bool:
@@ -229,7 +165,7 @@ class ZeroAdam(torch.optim.Optimizer):
         on any rank (collective)."""
         nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0))).item()
         if inv_scale != 1.0:
-            self._zero.scale_grads(inv_scale)
+            self.engine.scale_grads(inv_scale)
         return bool(nonfinite)
 
     def _loss_scale(self) -> tuple[float, bool]:
@@ -274,105 +210,48 @@ class ZeroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._zero is not None:
-            self._zero.before_step()
+        self.engine.before_step()
         scale = self._step_scale()
         self.overflow = scale is None
         if scale is None:
             self._skip()
-            if self._zero is not None:
-                self._zero.after_skip()
+            self.engine.after_skip()
             return loss
-        if self._zero is not None:
-            self._zero.step(scale)
-            return loss
-        for gi, group in enumerate(self.param_groups):
-            hyper = GroupHyper.of(group)
-            offsets = None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue  # like torch.optim.AdamW: no decay, no moment update, no step count
-                st = self.state.get(p)
-                if not isinstance(st, ParamState):
-                    if offsets is None:
-                        offsets = self._layout_offsets(group)
-                    st = self.state[p] = self._init_state(p, offsets[p])
-                st.step += 1
-                # A non-contiguous parameter (channels_last, a transposed view) is updated in a contiguous
-                # copy in its logical order, so its blocks follow the flattened index like every other one.
-                dense = p.is_contiguous()
-                flat = p.detach().view(-1) if dense else p.detach().contiguous().view(-1)
-                run = Run(
-                    param=flat,
-                    grad=p.grad.detach().reshape(-1),
-                    moments=st.moments,
-                    master=st.master,
-                    index_base=st.index_base,
-                )
-                fused_update(run, StepScalars(hyper, st.step, scale, gi), self._backend)
-                if not dense:
-                    p.detach().copy_(flat.view(p.shape))
+        self.engine.step(scale)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        if self._zero is not None:
-            self._zero.zero_grad()
+        self.engine.zero_grad()
         self._pending_clip = None
 
     def no_sync(self) -> "contextlib.AbstractContextManager[None]":
         """Skip gradient communication for the backward passes inside (they accumulate locally in p.grad);
         the next backward outside communicates the sum. A no-op without sharding."""
-        if self._zero is None:
-            return contextlib.nullcontext()
-        return self._zero.no_sync()
+        return self.engine.no_sync()
 
     # ---------------------------------------------------------------- introspection
     def comm_stats(self) -> dict[str, Any]:
         """Elements and bytes this rank's collectives covered during the last step, by collective type
         (see [Note: communication accounting] in zeroadam/collectives.py)."""
-        if self._zero is None:
-            return {"elements": {}, "bytes": {}, "total_bytes": 0, "ring_bytes": 0}
-        return self._zero.comm_stats()
+        return self.engine.comm_stats()
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes held by this rank: parameters, gradients, moments (+ scales), master weights."""
-        if self._zero is not None:
-            return self._zero.memory_stats()
-        params = [p for g in self.param_groups for p in g["params"]]
-        stats = {
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
-            "state_bytes": 0,
-            "master_bytes": 0,
-        }
-        for st in self.state.values():
-            if isinstance(st, ParamState):
-                stats["state_bytes"] += st.moments.nbytes()
-                stats["master_bytes"] += st.master.nbytes()
-        return stats
+        return self.engine.memory_stats()
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state (see [Note: full state and shards] in state_dict.py): the whole state with
         stage 0; with sharded stages, when every rank calls it, the whole state on rank 0 and this rank's shard
         on the others (a rank that calls it alone gets a RuntimeError naming the fix within seconds)."""
-        from zeroadam.state_dict.api import build_state_dict
-
         return build_state_dict(self)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the whole state to rank ``to`` of the process group (collective: every rank calls it); until the
         next ``step()``, ``state_dict()`` returns it on that rank, and this rank's shard elsewhere, with no
         communication. The convention of ``torch.distributed.optim.ZeroRedundancyOptimizer`` (Lightning calls it)."""
-        from zeroadam.state_dict.api import consolidate_state_dict
-
         consolidate_state_dict(self, to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from zeroadam.state_dict.api import apply_state_dict
-
         apply_state_dict(self, state_dict)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:  # pragma: no cover - pickling is not the format
-        super().__setstate__(state)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 

@@ -55,7 +55,8 @@ from zeroadam.checkpoint.format import (
 )
 from zeroadam.comm.collectives import Group, all_gather_objects
 from zeroadam.sharding.model import full_state_dict, load_full_state_dict
-from zeroadam.state_dict.api import check_in, decode_entry, entry_of, local_ranges, validate_state_dict
+from zeroadam.comm.check_in import check_in
+from zeroadam.state_dict.entries import decode_entry, entry_range, validate_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
@@ -78,8 +79,8 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _group_of(opt: "ZeroAdam") -> Group:
-    if opt._zero is not None:
-        return opt._zero.group
+    if opt.engine.gathers_state_dict:
+        return opt.engine.group
     return Group.resolve(None)  # stage 0: every rank holds the same state; DCP writes it once
 
 
@@ -116,15 +117,8 @@ def _local_entries(opt: "ZeroAdam") -> dict[torch.Tensor, tuple[int, int, dict[s
     """param -> (start, end, entry) for every parameter with state: the elements this rank writes (empty when it
     owns none of the parameter; the entry still tells its step and formats)."""
     out = {}
-    if opt._zero is None:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                st = opt.state.get(p)
-                if st is not None and hasattr(st, "moments"):
-                    out[p] = (0, p.numel(), entry_of(st.step, st.moments, st.master, p.shape))
-        return out
-    for p, entry in opt._zero.shard_entries().items():
-        a, b = entry["shard_elements"]
+    for p, entry in opt.engine.shard_entries().items():
+        a, b = entry_range(entry, p.numel())
         out[p] = (a, b, entry)
     return out
 
@@ -299,7 +293,7 @@ def _stage_load(
     model_sd = model.state_dict()
     _check_model(info, model_sd)
     _check_groups(info, opt, names)
-    need = local_ranges(opt)
+    need = opt.engine.local_ranges()
     wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
     for p, (a, b) in need.items():
         rec = info.params[names[p]]
@@ -321,7 +315,7 @@ def _stage_load(
             idx += 1
         groups.append(g)
     sd = {"state": state, "param_groups": groups}
-    validate_state_dict(opt, sd)
+    opt.engine.check_entries(validate_state_dict(opt.param_groups, need, sd))
     return {k: data[f"model/{k}"] for k in info.model}, sd
 
 

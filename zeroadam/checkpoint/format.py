@@ -274,7 +274,7 @@ def build_info(
 
 
 def _version() -> str:
-    from zeroadam import __version__
+    from zeroadam._version import __version__
 
     return __version__
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,21 +35,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from zeroadam.formats import quant
 from zeroadam.comm.collectives import CommStats, Group, all_reduce_sum
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.formats.state import Master, Moments
-from zeroadam.state_dict.api import convert_master, convert_moments
+from zeroadam.state_dict.entries import convert_master, convert_moments
 
-if TYPE_CHECKING:  # pragma: no cover
-    from zeroadam.optimizer import ZeroAdam
-
-__all__ = ["DTensorEngine", "Piece", "DTensorParamState", "has_dtensor_params"]
-
-
-def has_dtensor_params(param_groups: list[dict[str, Any]]) -> bool:
-    return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
+__all__ = ["DTensorEngine", "Piece", "DTensorParamState"]
 
 
 @dataclass(eq=False)
@@ -67,13 +61,6 @@ class Piece:
     @property
     def end(self) -> int:
         return self.start + self.numel
-
-
-@dataclass(eq=False)
-class _Range:
-    param: torch.Tensor
-    start: int
-    numel: int
 
 
 @dataclass(eq=False)
@@ -123,12 +110,12 @@ def _straddling_blocks(p: DTensor, mesh_dim: int) -> list[int]:
     return sorted({c // BLOCK_SIZE for c in cuts if 0 < c < numel and c % BLOCK_SIZE})
 
 
-class DTensorEngine:
+class DTensorEngine(Engine):
     """ZeroAdam's stage-0 update over FSDP2 DTensor parameters (see the notes above)."""
 
-    def __init__(self, opt: "ZeroAdam") -> None:
-        self.opt = opt
-        params = [p for g in opt.param_groups for p in g["params"]]
+    def __init__(self, setup: EngineSetup) -> None:
+        self.setup = setup
+        params = setup.params()
         if not all(isinstance(p, DTensor) for p in params):
             raise ValueError(
                 "ZeroAdam: some parameters are DTensors (FSDP2) and some are not; fully_shard the root module too, "
@@ -145,22 +132,22 @@ class DTensorEngine:
         # Slots of the absmax exchange: parameter -> {block: slot} for every straddling block of int8 state.
         self.slots: dict[torch.Tensor, dict[int, int]] = {}
         self.num_slots = 0
-        for g in opt.param_groups:
+        for g in setup.param_groups:
             for p in g["params"]:
-                if opt._moment_format(p.numel()) == "int8":
+                if setup.policy.moment_format(p.numel()) == "int8":
                     blocks = _straddling_blocks(p, self.mesh_dim)
                     self.slots[p] = {b: self.num_slots + i for i, b in enumerate(blocks)}
                     self.num_slots += len(blocks)
 
     @staticmethod
-    def create(opt: "ZeroAdam") -> "DTensorEngine":
-        o = opt.options
+    def create(setup: EngineSetup) -> "DTensorEngine":
+        o = setup.options
         if o.stage != 0 or o.offload is not None:
             raise ValueError(
                 f"ZeroAdam: DTensor (FSDP2) parameters need stage=0 without offload (got stage={o.stage}, "
                 f"offload={o.offload!r}): fully_shard already shards parameters, gradients and so the state"
             )
-        return DTensorEngine(opt)
+        return DTensorEngine(setup)
 
     # ---------------------------------------------------------------- state
     def _pieces(self, p: DTensor, fmt: str) -> list[tuple[int, int, Optional[int]]]:
@@ -185,8 +172,8 @@ class DTensorEngine:
         return out
 
     def _init_state(self, p: DTensor) -> DTensorParamState:
-        opt = self.opt
-        fmt = opt._moment_format(p.numel())
+        setup = self.setup
+        fmt = setup.policy.moment_format(p.numel())
         s, _ = _local_range(p, self.mesh_dim)
         local = p.to_local().detach().reshape(-1)
         st = DTensorParamState(step=0)
@@ -197,16 +184,16 @@ class DTensorEngine:
                     numel=b - a,
                     local=a - s,
                     moments=Moments.zeros(fmt, b - a, local.device),  # type: ignore[arg-type]
-                    master=Master.create(opt._master_kind(p), local.narrow(0, a - s, b - a)),
+                    master=Master.create(setup.policy.master_kind(p), local.narrow(0, a - s, b - a)),
                     straddle=slot,
                 )
             )
         return st
 
     def _state(self, p: DTensor) -> DTensorParamState:
-        st = self.opt.state.get(p)
+        st = self.setup.state.get(p)
         if not isinstance(st, DTensorParamState):
-            st = self.opt.state[p] = self._init_state(p)
+            st = self.setup.state[p] = self._init_state(p)
         return st
 
     # ---------------------------------------------------------------- the optimizer's engine interface
@@ -215,7 +202,7 @@ class DTensorEngine:
 
     def local_grad_sq_sum(self) -> torch.Tensor:
         total: Optional[torch.Tensor] = None
-        for g in self.opt.param_groups:
+        for g in self.setup.param_groups:
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -229,18 +216,24 @@ class DTensorEngine:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.stats)
 
+    def scale_grads(self, factor: float) -> None:
+        # The gradients the update reads are p.grad's local shards (FSDP2 reduced them already).
+        for p in self.setup.params():
+            if p.grad is not None:
+                p.grad.to_local().mul_(factor)
+
     def step(self, scale: float) -> None:
-        opt = self.opt
+        setup = self.setup
         pending: list[tuple[Piece, torch.Tensor, torch.Tensor]] = []  # straddling pieces: new fp32 (m, v)
         absmax: Optional[torch.Tensor] = None
-        for gi, group in enumerate(opt.param_groups):
+        for gi, group in enumerate(setup.param_groups):
             hyper = GroupHyper.of(group)
             offsets = None
             for p in group["params"]:
                 if p.grad is None:
                     continue  # like torch.optim.AdamW
                 if offsets is None:
-                    offsets = opt._layout_offsets(group)
+                    offsets = setup.policy.layout_offsets(group["params"])
                 st = self._state(p)
                 st.step += 1
                 sc = StepScalars(hyper, st.step, scale, gi)
@@ -255,7 +248,7 @@ class DTensorEngine:
                         index_base=offsets[p] + pc.start,
                     )
                     if pc.straddle is None:
-                        fused_update(run, sc, opt._backend)
+                        fused_update(run, sc, setup.backend)
                         continue
                     m, v = _update_fp32(run, sc)
                     if absmax is None:
@@ -274,7 +267,7 @@ class DTensorEngine:
         self._end_step()
 
     def _device(self) -> torch.device:
-        return next(p for g in self.opt.param_groups for p in g["params"]).to_local().device
+        return next(p for g in self.setup.param_groups for p in g["params"]).to_local().device
 
     def _end_step(self) -> None:
         self._last_stats = self.stats.snapshot()
@@ -294,14 +287,14 @@ class DTensorEngine:
         return self._last_stats
 
     def memory_stats(self) -> dict[str, int]:
-        params = [p for g in self.opt.param_groups for p in g["params"]]
+        params = [p for g in self.setup.param_groups for p in g["params"]]
         stats = {
             "param_bytes": sum(p.to_local().numel() * p.element_size() for p in params),
             "grad_bytes": sum(p.grad.to_local().numel() * p.element_size() for p in params if p.grad is not None),
             "state_bytes": 0,
             "master_bytes": 0,
         }
-        for st in self.opt.state.values():
+        for st in self.setup.state.values():
             if isinstance(st, DTensorParamState):
                 stats["state_bytes"] += sum(pc.moments.nbytes() for pc in st.pieces)
                 stats["master_bytes"] += sum(pc.master.nbytes() for pc in st.pieces)
@@ -309,31 +302,35 @@ class DTensorEngine:
 
     # ---------------------------------------------------------------- state dicts
     def has_state(self) -> bool:
-        return any(isinstance(st, DTensorParamState) for st in self.opt.state.values())
+        return any(isinstance(st, DTensorParamState) for st in self.setup.state.values())
 
-    @property
-    def pieces(self) -> list[Any]:
-        """(param, start, numel) of this rank's range of every parameter (what ``validate_state_dict`` checks)."""
-        out = []
-        for g in self.opt.param_groups:
-            for p in g["params"]:
-                s, e = _local_range(p, self.mesh_dim)
-                if s < e:
-                    out.append(_Range(p, s, e - s))
+    def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
+        out = {}
+        for p in self.setup.params():
+            s, e = _local_range(p, self.mesh_dim)
+            if s < e:
+                out[p] = (s, e)
         return out
+
+    def shard_entries(self) -> Entries:
+        raise RuntimeError(
+            "zeroadam.checkpoint does not take FSDP2 (DTensor) parameters: their state dict is already made of "
+            "DTensors; save it with torch.distributed.checkpoint (dcp.save({'optim': optimizer.state_dict()}, ...)) "
+            "or get_optimizer_state_dict"
+        )
 
     def full_entries(self, to: int = 0) -> dict[torch.Tensor, dict[str, Any]]:
         """Every parameter's entry, of DTensors placed like it (see [Note: DTensor state dicts]), on every rank;
         collective (``ZeroAdam.state_dict()`` calls it)."""
-        opt = self.opt
+        setup = self.setup
         entries: dict[torch.Tensor, dict[str, Any]] = {}
         scale_jobs: list[tuple[DTensor, DTensorParamState]] = []
-        for group in opt.param_groups:
+        for group in setup.param_groups:
             for p in group["params"]:
-                st = opt.state.get(p)
+                st = setup.state.get(p)
                 if isinstance(st, DTensorParamState):
                     entries[p] = self._entry(p, st)
-                    if opt._moment_format(p.numel()) == "int8":
+                    if setup.policy.moment_format(p.numel()) == "int8":
                         scale_jobs.append((p, st))
         # Scales of whole parameters, one all-reduce (MAX) for all: each rank fills the blocks it holds.
         sizes = [quant.num_blocks(p.numel()) for p, _ in scale_jobs]
@@ -365,26 +362,26 @@ class DTensorEngine:
             )
 
         out: dict[str, Any] = {"step": torch.tensor(float(st.step))}
-        fmt = self.opt._moment_format(p.numel())
+        fmt = self.setup.policy.moment_format(p.numel())
         dtypes = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16,) * 2, "int8": (torch.int8, torch.uint8)}
         for key, dtype in zip(("exp_avg", "exp_avg_sq"), dtypes[fmt]):
             out[key] = like_param([getattr(pc.moments, key) for pc in st.pieces], dtype)
-        kind = self.opt._master_kind(p)
+        kind = self.setup.policy.master_kind(p)
         if kind == "fp32":
             out["master"] = like_param([pc.master.fp32 for pc in st.pieces], torch.float32)
         elif kind == "compact":
             out["master_residual"] = like_param([pc.master.residual for pc in st.pieces], torch.int8)
         return out
 
-    def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+    def load_entries(self, checked: list[CheckedEntry]) -> None:
         """Install validated entries: of DTensors (any mesh), or of whole plain tensors; any format. Collective
         when an entry must be gathered (another placement, or a format conversion)."""
         new = {p: self._load_entry(p, step, entry) for p, _gi, step, entry in checked}
-        self.opt.state.clear()
-        self.opt.state.update(new)
+        self.setup.state.clear()
+        self.setup.state.update(new)
 
     def _load_entry(self, p: DTensor, step: int, entry: dict[str, Any]) -> DTensorParamState:
-        fmt = self.opt._moment_format(p.numel())
+        fmt = self.setup.policy.moment_format(p.numel())
         src_fmt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[entry["exp_avg"].dtype]
         st = self._init_state(p)
         st.step = step

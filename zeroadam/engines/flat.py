@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from zeroadam.engines import offload
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup
 from zeroadam.engines.buckets import GradBuckets
 from zeroadam.comm.collectives import (
     CommStats,
@@ -42,12 +43,9 @@ from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.formats.state import Master, MasterKind, Moments
-from zeroadam.state_dict.api import convert_master, convert_moments, entry_of, entry_piece, piece_entry
+from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from zeroadam.optimizer import ZeroAdam
-
-__all__ = ["FlatSpace", "ZeroEngine"]
+__all__ = ["FlatSpace", "FlatEngine"]
 
 
 @dataclass(eq=False)
@@ -87,59 +85,49 @@ def _copy_grads(sp: FlatSpace, lo: int, dst: torch.Tensor) -> None:
             dst.narrow(0, a - lo, b - a).copy_(p.grad.detach().reshape(-1).narrow(0, a - slot.start, b - a))
 
 
-class ZeroEngine:
-    """The sharded half of ZeroAdam; the optimizer delegates every stage >= 1 (or offload) operation here."""
+class FlatEngine(Engine):
+    """Stages 1-2 and offload (see the module docstring)."""
 
-    def __init__(self, opt: "ZeroAdam", group: Group) -> None:
-        self.opt = opt
+    gathers_state_dict = True
+    averages_gradients = True
+
+    def __init__(self, setup: EngineSetup, group: Group) -> None:
+        self.setup = setup
         self.group = group
-        self.stage = opt.options.stage if group.world > 1 else 0
-        self.offload = opt.options.offload
+        self.stage = setup.options.stage if group.world > 1 else 0
+        self.offload = setup.options.offload
         self.stats = CommStats(group.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
         self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps
         # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
-        sync = opt.options.gradient_sync
+        sync = setup.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
         self._ddp_watch: Optional[DDPWatch] = None
         if self._grad_sync is None and group.world > 1:
-            self._ddp_watch = DDPWatch(p for g in opt.param_groups for p in g["params"])
+            self._ddp_watch = DDPWatch(p for g in setup.param_groups for p in g["params"])
         self._warned_not_replicated = False
         self._check_fingerprint()
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
         # no gradient is copied at all (see _step_direct).
-        self._direct = group.world == 1 and all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"])
+        self._direct = group.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
         self.spaces: list[FlatSpace] = []
-        for gi, pg in enumerate(opt.param_groups):
-            for params in group_spaces(pg["params"], opt._space_of).values():
+        for gi, pg in enumerate(setup.param_groups):
+            for params in group_spaces(pg["params"], setup.policy.format_of).values():
                 self.spaces.append(self._build_space(gi, params))
         self.buckets: Optional[GradBuckets] = None
         if self.stage >= 2:
-            position = {p: i / len(g["params"]) for g in opt.param_groups for i, p in enumerate(g["params"])}
-            self.buckets = GradBuckets(self.spaces, group, opt.options.bucket_size, self.stats, position)
+            position = {p: i / len(g["params"]) for g in setup.param_groups for i, p in enumerate(g["params"])}
+            self.buckets = GradBuckets(self.spaces, group, setup.options.bucket_size, self.stats, position)
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
-
-    @staticmethod
-    def create(opt: "ZeroAdam", process_group: Optional[Any]) -> Optional["ZeroEngine"]:
-        if opt.options.stage == 3:
-            from zeroadam.engines.zero3 import Zero3Engine
-
-            return Zero3Engine.create(opt, process_group)  # type: ignore[return-value]
-        group = Group.resolve(process_group)
-        if opt.options.stage == 0:
-            group = Group(None, 0, 1)  # offload alone: every rank keeps (and offloads) the whole state
-        if group.world == 1 and opt.options.offload is None:
-            return None  # one rank: stage 0 is the same computation without the flat buffers
-        return ZeroEngine(opt, group)
 
     # ---------------------------------------------------------------- construction
     def _fingerprint(self) -> list[tuple[str, Any]]:
-        o = self.opt.options
+        o = self.setup.options
         items: list[tuple[str, Any]] = [
             ("options", (o.state_dtype, o.master_weights, o.max_grad_norm, o.stage, o.offload, o.bucket_size))
         ]
-        for gi, pg in enumerate(self.opt.param_groups):
+        for gi, pg in enumerate(self.setup.param_groups):
             hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")
             items.append((f"param_groups[{gi}] options", hyper))
             items.append((f"param_groups[{gi}] size", len(pg["params"])))
@@ -148,7 +136,7 @@ class ZeroEngine:
         return items
 
     def _check_fingerprint(self) -> None:
-        for gi, pg in enumerate(self.opt.param_groups):
+        for gi, pg in enumerate(self.setup.param_groups):
             devices = {p.device for p in pg["params"]}
             if len(devices) > 1:
                 raise ValueError(
@@ -172,7 +160,7 @@ class ZeroEngine:
             )
 
     def _build_space(self, gi: int, params: list[torch.Tensor]) -> FlatSpace:
-        opt, g = self.opt, self.group
+        setup, g = self.setup, self.group
         layout = FlatLayout.build(params, g.world)
         dev = params[0].device
         flat = torch.zeros(layout.total, dtype=params[0].dtype, device=dev)
@@ -187,12 +175,12 @@ class ZeroEngine:
         lo, hi = layout.shard_range(g.rank)
         state_dev = torch.device("cpu") if self.offload == "cpu" else dev
         pin = self.offload == "cpu" and dev.type == "cuda"
-        fmt = opt._space_of(params[0])
+        fmt = setup.policy.format_of(params[0])
         shard = flat.narrow(0, lo, hi - lo)
         param_host = None
         if self.offload == "cpu" and offload.needs_host_copy(dev):
             param_host = HostParamCopies(hi - lo, flat.dtype, dev)
-        kind = opt._master_kind(params[0])
+        kind = setup.policy.master_kind(params[0])
         if self._direct:
             grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad
         elif pin:
@@ -242,7 +230,7 @@ class ZeroEngine:
                 sp.sink.drain()
                 continue
             shard = sp.hi - sp.lo
-            c = min(shard, max(BLOCK_SIZE, self.opt.options.bucket_size // world // BLOCK_SIZE * BLOCK_SIZE))
+            c = min(shard, max(BLOCK_SIZE, self.setup.options.bucket_size // world // BLOCK_SIZE * BLOCK_SIZE))
             buf = self._staging(world * c, sp.flat.device)
             out = torch.empty(c, dtype=torch.float32, device=sp.flat.device)
             for k in range(0, shard, c):
@@ -273,7 +261,16 @@ class ZeroEngine:
             self._close_ddp_watch()
         return self._grad_sync == "wrapper"
 
-    def set_gradient_sync(self, sync: ResolvedSync) -> None:
+    def amp_owns_gradients(self) -> bool:
+        # Not when a DDP wrapper averages the gradients: p.grad then holds all of them, and GradScaler's own unscale
+        # and skip (a step it does not call) keep Accelerate's step_was_skipped right, as with torch.optim.AdamW.
+        return not self.grads_from_wrapper()
+
+    def defer_gradient_sync(self, deferred: bool) -> None:
+        if self.buckets is not None:
+            self.buckets.sync = not deferred
+
+    def set_gradient_sync(self, sync: ResolvedSync) -> None:  # type: ignore[override]
         """Decide who averages gradients before the first backward (an integration that knows it does)."""
         self._grad_sync = sync
         self._close_ddp_watch()
@@ -297,7 +294,7 @@ class ZeroEngine:
                 if p.device != sp.flat.device or p.dtype != sp.flat.dtype:
                     raise RuntimeError(
                         f"ZeroAdam: a parameter of shape {tuple(p.shape)} moved from {sp.flat.device} ({sp.flat.dtype}) "
-                        f"to {p.device} ({p.dtype}) after ZeroAdam(stage={self.opt.options.stage}) was built; build "
+                        f"to {p.device} ({p.dtype}) after ZeroAdam(stage={self.setup.options.stage}) was built; build "
                         "the optimizer after moving the model (with Accelerate: model.to(accelerator.device) first)"
                     )
                 view = sp.flat.narrow(0, slot.start, slot.numel)
@@ -310,7 +307,7 @@ class ZeroEngine:
             return
         self.rebind_moved_params()
         if self._direct:
-            pass
+            pass  # the update reads p.grad where it is
         elif self.grads_from_wrapper():
             if replicated(self.group, self.spaces, self.stats):
                 copy_local_shards(self.spaces, self.group.rank)
@@ -368,10 +365,10 @@ class ZeroEngine:
         self._end_step()
 
     def step(self, scale: float) -> None:
-        opt = self.opt
+        setup = self.setup
         handles = []
         for sp in self.spaces:
-            hyper = GroupHyper.of(opt.param_groups[sp.group_index])
+            hyper = GroupHyper.of(setup.param_groups[sp.group_index])
             sp.step += 1
             if self._direct:
                 self._step_direct(sp, StepScalars(hyper, sp.step, scale, sp.group_index))
@@ -380,9 +377,9 @@ class ZeroEngine:
             sc = StepScalars(hyper, sp.step, scale, sp.group_index)
             if sp.param_host is None:
                 run = Run(param=shard, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
-                fused_update(run, sc, opt._backend)
+                fused_update(run, sc, setup.backend)
             else:
-                sp.param_host.update(shard, lambda a, chunk: fused_update(self._chunk_run(sp, a, chunk), sc, opt._backend))
+                sp.param_host.update(shard, lambda a, chunk: fused_update(self._chunk_run(sp, a, chunk), sc, setup.backend))
             if self.group.world > 1:
                 # In place: the shard is this rank's slice of the flat buffer, as NCCL and gloo allow (a copy of a
                 # shard each step would be a large allocation; on a CPU its fresh pages cost a kernel zeroing).
@@ -414,7 +411,7 @@ class ZeroEngine:
                 master=sp.master.narrow(slot.start, slot.numel),
                 index_base=slot.start,
             )
-            fused_update(run, sc, self.opt._backend)
+            fused_update(run, sc, self.setup.backend)
 
     def zero_grad(self) -> None:
         if self.buckets is not None and self.buckets._in_pass:
@@ -506,7 +503,26 @@ class ZeroEngine:
                 )
         return out
 
-    def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+    def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
+        out = {}
+        for sp in self.spaces:
+            for p, slot in zip(sp.params, sp.layout.slots):
+                a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+                if a < b:
+                    out[p] = (a - slot.start, b - slot.start)
+        return out
+
+    def check_entries(self, checked: list[CheckedEntry]) -> None:
+        step_of = {p: step for p, _gi, step, _e in checked}
+        for sp in self.spaces:
+            steps = {step_of[p] for p in sp.params if p in step_of}
+            if len(steps) > 1:
+                raise ValueError(
+                    f"ZeroAdam.load_state_dict: parameters of param_groups[{sp.group_index}] have different step "
+                    f"counts {sorted(steps)}; a sharded ZeroAdam steps a whole group together"
+                )
+
+    def load_entries(self, checked: list[CheckedEntry]) -> None:
         """Install validated per-parameter entries (whole, or shard entries that cover this rank's elements; any
         format, any source world size) into the shards. Only shard-sized buffers are built; nothing changes until
         every space is staged."""

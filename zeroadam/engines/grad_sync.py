@@ -9,7 +9,8 @@ before DDP sees it (DDP then averages zeros and writes them back). With ``gradie
 sharded and the parameters are still all-gathered, but stage 2 keeps full gradients like stage 1 (DDP holds them
 anyway). ``"auto"`` decides at the first backward (or step): "wrapper" when a ``DistributedDataParallel`` forward
 ran over any of the optimizer's parameters since it was built (``DDPWatch``: whoever made the wrapper, Accelerate,
-Lightning Fabric or the script itself), or when an Accelerate state that wraps prepared models in DDP is active;
+Lightning Fabric or the script itself), or when a framework registered by an integration (Accelerate, on import of
+``zeroadam.integrations.accelerate``) says it wraps prepared models in DDP;
 else "optimizer". ``zeroadam.integrations.accelerate.ZeroAccelerator`` keeps models unwrapped and sets
 "optimizer", which brings back stage 2's gradient memory savings.
 
@@ -21,10 +22,9 @@ ZeroAdam instead, which is correct at the usual cost, and a warning (once) names
 """
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -76,15 +76,20 @@ class DDPWatch:
         self._finalizer()  # removes the hook, once
 
 
+_WRAPPER_DETECTORS: list[Callable[[], bool]] = []
+
+
+def register_wrapper_detector(detector: Callable[[], bool]) -> None:
+    """Add a test for "this process runs under a framework that wraps prepared models in DistributedDataParallel".
+    Integrations register theirs when imported (``zeroadam.integrations.accelerate`` does), so the core never
+    imports them."""
+    if detector not in _WRAPPER_DETECTORS:
+        _WRAPPER_DETECTORS.append(detector)
+
+
 def wrapper_averages_gradients() -> bool:
-    """Whether the process runs under a framework that wraps prepared models in DistributedDataParallel.
-
-    Only Accelerate is known (the HF Trainer runs on it); it is consulted only if already imported."""
-    if "accelerate" not in sys.modules:
-        return False
-    from zeroadam.integrations.accelerate import wraps_models_in_ddp
-
-    return wraps_models_in_ddp()
+    """Whether a registered framework wraps prepared models in DistributedDataParallel."""
+    return any(detect() for detect in _WRAPPER_DETECTORS)
 
 
 def replicated(group: Group, spaces: list["FlatSpace"], stats: CommStats) -> bool:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
 from zeroadam.sharding.model import ShardedModel, UnitFlat
 from zeroadam.formats.state import Master, Moments
-from zeroadam.state_dict.api import convert_master, convert_moments, entry_of, entry_piece, piece_entry
-
-if TYPE_CHECKING:  # pragma: no cover
-    from zeroadam.optimizer import ZeroAdam
+from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["Zero3Engine", "Piece"]
 
@@ -48,19 +46,24 @@ class Piece:
         return self.flat.shard.narrow(0, self.offset, self.numel)
 
 
-class Zero3Engine:
-    def __init__(self, opt: "ZeroAdam", sharded: ShardedModel) -> None:
-        self.opt = opt
+class Zero3Engine(Engine):
+    """Stage 3 (see the module docstring)."""
+
+    gathers_state_dict = True
+    averages_gradients = True
+
+    def __init__(self, setup: EngineSetup, sharded: ShardedModel) -> None:
+        self.setup = setup
         self.sharded = sharded
         self.group: Group = sharded.group
-        self.offload = opt.options.offload
+        self.offload = setup.options.offload
         self._last_stats: dict[str, Any] = sharded.stats.snapshot()
         self.pieces: list[Piece] = []
         self.step_count = 0  # steps taken (or loaded); every piece steps together
         self.flats: list[UnitFlat] = [f for u in sharded.units for f in u.flats]
         state_dev = torch.device("cpu") if self.offload == "cpu" else None
-        for gi, group in enumerate(opt.param_groups):
-            offsets = opt._layout_offsets(group)
+        for gi, group in enumerate(setup.param_groups):
+            offsets = setup.policy.layout_offsets(group["params"])
             for p in group["params"]:
                 u, f, i = sharded.unit_of[p]
                 slot = f.layout.slots[i]
@@ -82,15 +85,15 @@ class Zero3Engine:
                         start=a - slot.start,
                         numel=b - a,
                         index_base=offsets[p] + (a - slot.start),
-                        moments=Moments.zeros(opt._moment_format(p.numel()), b - a, dev),  # type: ignore[arg-type]
-                        master=Master.create(opt._master_kind(p), view, device=dev),
+                        moments=Moments.zeros(setup.policy.moment_format(p.numel()), b - a, dev),  # type: ignore[arg-type]
+                        master=Master.create(setup.policy.master_kind(p), view, device=dev),
                         param_host=host,
                     )
                 )
 
     @staticmethod
-    def create(opt: "ZeroAdam", process_group: Optional[Any]) -> "Zero3Engine":
-        params = [p for g in opt.param_groups for p in g["params"]]
+    def create(setup: EngineSetup, process_group: Optional[Any]) -> "Zero3Engine":
+        params = setup.params()
         owners = {getattr(p, "_zeroadam_sharded", None) for p in params}
         if None in owners or len(owners) != 1:
             raise ValueError(
@@ -103,7 +106,7 @@ class Zero3Engine:
                 "ZeroAdam: stage=3 uses the process group the model was sharded with; pass the same "
                 "process_group to shard_model and ZeroAdam (or none to either)"
             )
-        return Zero3Engine(opt, sharded)
+        return Zero3Engine(setup, sharded)
 
     # ---------------------------------------------------------------- gradients
     @contextlib.contextmanager
@@ -151,9 +154,9 @@ class Zero3Engine:
 
     # ---------------------------------------------------------------- step
     def step(self, scale: float) -> None:
-        opt = self.opt
+        setup = self.setup
         for piece in self.pieces:
-            hyper = GroupHyper.of(opt.param_groups[piece.group_index])
+            hyper = GroupHyper.of(setup.param_groups[piece.group_index])
             piece.step += 1
             view = piece.param_view()
             param = view if piece.param_host is None else piece.param_host.copy_(view)
@@ -161,7 +164,7 @@ class Zero3Engine:
             if piece.moments.exp_avg.device != grad.device:
                 grad = grad.to(piece.moments.exp_avg.device)
             run = Run(param=param, grad=grad, moments=piece.moments, master=piece.master, index_base=piece.index_base)
-            fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), opt._backend)
+            fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), setup.backend)
             if piece.param_host is not None:
                 view.copy_(piece.param_host, non_blocking=True)
         self.sharded.release_all()  # a unit still gathered holds the old values: [Note: stale full buffers]
@@ -213,19 +216,19 @@ class Zero3Engine:
             return out
         for pc in self.pieces:
             out[pc.param] = piece_entry(pc.step, pc.moments, pc.master, pc.start, pc.start + pc.numel)
-        for group in self.opt.param_groups:
+        for group in self.setup.param_groups:
             for p in group["params"]:
                 if p not in out:
-                    fmt = self.opt._moment_format(p.numel())
+                    fmt = self.setup.policy.moment_format(p.numel())
                     empty = Moments.zeros(fmt, 0, p.device)  # type: ignore[arg-type]
-                    out[p] = piece_entry(self.step_count, empty, Master.create(self.opt._master_kind(p), p.detach().reshape(-1)[:0]), 0, 0)
+                    out[p] = piece_entry(self.step_count, empty, Master.create(self.setup.policy.master_kind(p), p.detach().reshape(-1)[:0]), 0, 0)
         return out
 
     def full_entries(self, to: int = 0) -> Optional[dict[torch.Tensor, dict[str, Any]]]:
         """Every parameter's whole state entry on rank ``to`` (CPU tensors; None elsewhere). Collective: the
         pieces travel as objects, which is simple and fine for state dicts, not for checkpoints of big models
         (``zeroadam.checkpoint`` writes pieces where they are)."""
-        index = {p: i for i, p in enumerate(p for g in self.opt.param_groups for p in g["params"])}
+        index = {p: i for i, p in enumerate(p for g in self.setup.param_groups for p in g["params"])}
         mine = [
             (index[pc.param], pc.start, pc.step, {k: t.cpu() for k, t in {**pc.moments.tensors(), **pc.master.tensors()}.items()})
             for pc in self.pieces
@@ -244,13 +247,16 @@ class Zero3Engine:
             p = by_index[i]
             pieces.sort(key=lambda x: x[0])
             whole = {k: torch.cat([pt[2][k] for pt in pieces]) for k in pieces[0][2]}
-            fmt = self.opt._moment_format(p.numel())
+            fmt = self.setup.policy.moment_format(p.numel())
             moments = Moments(fmt, whole["exp_avg"], whole["exp_avg_sq"], whole.get("exp_avg_scale"), whole.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
-            master = Master(self.opt._master_kind(p), fp32=whole.get("master"), residual=whole.get("master_residual"))
+            master = Master(self.setup.policy.master_kind(p), fp32=whole.get("master"), residual=whole.get("master_residual"))
             out[p] = entry_of(pieces[0][1], moments, master, p.shape)
         return out
 
-    def load_entries(self, checked: list[tuple[torch.Tensor, int, int, dict[str, Any]]]) -> None:
+    def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
+        return {pc.param: (pc.start, pc.start + pc.numel) for pc in self.pieces}
+
+    def load_entries(self, checked: list[CheckedEntry]) -> None:
         """Install validated entries (whole, or pieces covering this rank's part) into the pieces; nothing
         changes until every piece is converted."""
         by_param = {p: (step, entry) for p, _gi, step, entry in checked}

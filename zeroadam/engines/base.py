@@ -1,0 +1,143 @@
+"""The engine interface: everything ``ZeroAdam`` asks of whatever holds its state.
+
+``ZeroAdam`` validates options and param groups and orchestrates a step (gradient scale, clipping, the non-finite
+skip); an engine holds the state and performs the rest. One engine per optimizer, chosen once by
+``zeroadam.engines.build``:
+
+========================  ===================================================================================
+``LocalEngine``           stage 0: each parameter's whole state beside it, updated parameter by parameter
+``FlatEngine``            stages 1-2 (and offload): flat block-aligned buffers, one shard of state per rank
+``Zero3Engine``           stage 3: state for the pieces of the parameter shards that ``shard_model`` holds
+``DTensorEngine``         FSDP2 (``fully_shard``) DTensor parameters: state for each rank's local shard
+========================  ===================================================================================
+
+An engine receives an ``EngineSetup`` (the live param groups, the options, the format policy), never the optimizer.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from zeroadam.comm.collectives import Group
+from zeroadam.formats.policy import FormatPolicy
+from zeroadam.options import ZeroOptions
+
+__all__ = ["Engine", "EngineSetup", "Entries", "CheckedEntry"]
+
+Entries = dict[torch.Tensor, dict[str, Any]]
+"""Per-parameter state-dict entries (see [Note: full state and shards] in zeroadam/state_dict/api.py)."""
+CheckedEntry = tuple[torch.Tensor, int, int, dict[str, Any]]
+"""(param, group index, step, entry) of a validated state-dict entry."""
+
+
+@dataclass(eq=False)
+class EngineSetup:
+    """What an engine is built from."""
+
+    param_groups: list[dict[str, Any]]  # the optimizer's live groups: hyperparameters are read at every step
+    options: ZeroOptions
+    policy: FormatPolicy
+    backend: Optional[str]  # forced update backend ("torch", "cpu", "triton") or None to choose per run
+    state: dict[torch.Tensor, Any]  # the optimizer's ``state`` mapping (engines that keep per-parameter state)
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+
+class Engine(abc.ABC):
+    """The state holder of one ZeroAdam. Collective methods are marked so: every rank calls them together."""
+
+    group: Group  # the ranks that share this optimizer's state (one rank for stage 0)
+
+    # ---------------------------------------------------------------- what the engine is
+    gathers_state_dict: bool = False
+    """True when no rank holds the whole state: ``state_dict()`` gathers it to one rank (every rank calls it) and
+    gives the others their shard. False: ``full_entries`` serves every rank (with no communication, or, for
+    DTensor entries, collectively on every rank)."""
+    averages_gradients: bool = False
+    """True when the engine reduces gradients over ranks itself (so no DDP wrapper or framework all-reduce should)."""
+
+    def amp_owns_gradients(self) -> bool:
+        """Whether the gradients the update reads live in the engine's own buffers, so that a GradScaler must
+        unscale them through ``scale_grads`` (see zeroadam/amp.py) rather than in ``p.grad``."""
+        return True
+
+    # ---------------------------------------------------------------- gradients
+    def before_step(self) -> None:
+        """Make the gradients of this step final (finish reductions). Collective for sharded engines."""
+
+    @abc.abstractmethod
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        """Sum of squared gradients over this rank's part (a scalar; non-finite when any gradient is)."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ``group``. Collective."""
+        return t
+
+    @abc.abstractmethod
+    def scale_grads(self, factor: float) -> None:
+        """Multiply every gradient the next update reads by ``factor`` (GradScaler.unscale_)."""
+
+    def no_sync(self) -> "contextlib.AbstractContextManager[None]":
+        """Backward passes inside communicate nothing (they accumulate locally)."""
+        return contextlib.nullcontext()
+
+    def defer_gradient_sync(self, deferred: bool) -> None:
+        """Switch, outside any context manager, whether the coming backward passes communicate (DeepSpeed's
+        gradient-accumulation boundary); a no-op for engines that reduce at the step or not at all."""
+
+    def set_gradient_sync(self, sync: str) -> None:
+        """Who averages gradients, decided by an integration before the first backward; a no-op where the
+        engine does not depend on it."""
+
+    def rebind_moved_params(self) -> None:
+        """Follow parameters that ``Module.to()`` gave new storage after the optimizer was built."""
+
+    # ---------------------------------------------------------------- step
+    @abc.abstractmethod
+    def step(self, scale: float) -> None:
+        """Update every parameter with gradients multiplied by ``scale``. Collective for sharded engines."""
+
+    def after_skip(self) -> None:
+        """The step was skipped (non-finite gradients): drop this step's gradients."""
+
+    def zero_grad(self) -> None:
+        """Clear the gradients the engine holds (``p.grad`` is cleared by the optimizer)."""
+
+    # ---------------------------------------------------------------- introspection
+    @abc.abstractmethod
+    def comm_stats(self) -> dict[str, Any]:
+        ...
+
+    @abc.abstractmethod
+    def memory_stats(self) -> dict[str, int]:
+        ...
+
+    # ---------------------------------------------------------------- state dicts
+    @abc.abstractmethod
+    def has_state(self) -> bool:
+        """Whether any step was taken (or state loaded); every rank answers alike."""
+
+    @abc.abstractmethod
+    def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
+        """The flattened elements [start, end) of each parameter whose state this rank keeps."""
+
+    @abc.abstractmethod
+    def shard_entries(self) -> Entries:
+        """This rank's entries, without communication: whole entries shaped like their parameters, or shard
+        pieces carrying ``shard_elements``."""
+
+    @abc.abstractmethod
+    def full_entries(self, to: int = 0) -> Optional[Entries]:
+        """Every parameter's whole entry on rank ``to`` (None elsewhere). Collective for sharded engines."""
+
+    def check_entries(self, checked: list[CheckedEntry]) -> None:
+        """Refuse validated entries that this engine cannot install (raise ValueError); nothing changes."""
+
+    @abc.abstractmethod
+    def load_entries(self, checked: list[CheckedEntry]) -> None:
+        """Install validated entries; nothing changes unless every one converts."""

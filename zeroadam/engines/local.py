@@ -1,0 +1,153 @@
+"""Stage 0: every parameter's whole state beside it, updated parameter by parameter with its device's kernel.
+
+Each rank holds the whole state; with more than one rank, something else (DDP, DeepSpeed's stage-0 all-reduce)
+averages the gradients before the step, so every rank computes the same update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from zeroadam.comm.collectives import Group
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
+from zeroadam.formats.state import Master, Moments
+from zeroadam.options import GroupHyper
+from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece
+from zeroadam.update.contract import Run, StepScalars
+from zeroadam.update.dispatch import fused_update, grads_sq_sum
+
+__all__ = ["LocalEngine", "ParamState"]
+
+
+@dataclass
+class ParamState:
+    """Stage-0 state of one parameter (its whole flattened range)."""
+
+    step: int
+    moments: Moments
+    master: Master
+    index_base: int  # the parameter's start in its space's layout: the rounding hash index (fixed for life)
+
+
+class LocalEngine(Engine):
+    """Stage 0 (see the module docstring); the state lives in ``optimizer.state[p]``."""
+
+    state_class: type[ParamState] = ParamState
+    """What a parameter's state is built as (DeepSpeed's integration uses a subclass that reads as a dict)."""
+
+    def __init__(self, setup: EngineSetup) -> None:
+        self.setup = setup
+        self.group = Group(None, 0, 1)
+
+    def amp_owns_gradients(self) -> bool:
+        return False  # gradients stay in p.grad, where torch's GradScaler unscales them itself
+
+    def init_state(self, p: torch.Tensor, index_base: int) -> ParamState:
+        """The state a parameter gets at its first update."""
+        policy = self.setup.policy
+        return self.state_class(
+            step=0,
+            moments=Moments.zeros(policy.moment_format(p.numel()), p.numel(), p.device),  # type: ignore[arg-type]
+            master=Master.create(policy.master_kind(p), p.detach().reshape(-1)),
+            index_base=index_base,
+        )
+
+    def _states(self) -> dict[torch.Tensor, ParamState]:
+        return {p: st for p, st in self.setup.state.items() if isinstance(st, ParamState)}
+
+    # ---------------------------------------------------------------- gradients
+    def _grads(self) -> list[torch.Tensor]:
+        grads = []
+        for p in self.setup.params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "ZeroAdam does not support sparse gradients; use dense embeddings "
+                    "(nn.Embedding(sparse=False)) or torch.optim.SparseAdam for those parameters"
+                )
+            grads.append(p.grad)
+        return grads
+
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        return grads_sq_sum(self._grads())
+
+    def scale_grads(self, factor: float) -> None:
+        for g in self._grads():
+            g.mul_(factor)
+
+    # ---------------------------------------------------------------- step
+    def step(self, scale: float) -> None:
+        state = self.setup.state
+        for gi, group in enumerate(self.setup.param_groups):
+            hyper = GroupHyper.of(group)
+            offsets: Optional[dict[torch.Tensor, int]] = None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # like torch.optim.AdamW: no decay, no moment update, no step count
+                st = state.get(p)
+                if not isinstance(st, ParamState):
+                    if offsets is None:
+                        offsets = self.setup.policy.layout_offsets(group["params"])
+                    st = state[p] = self.init_state(p, offsets[p])
+                st.step += 1
+                # A non-contiguous parameter (channels_last, a transposed view) is updated in a contiguous
+                # copy in its logical order, so its blocks follow the flattened index like every other one.
+                dense = p.is_contiguous()
+                flat = p.detach().view(-1) if dense else p.detach().contiguous().view(-1)
+                run = Run(
+                    param=flat,
+                    grad=p.grad.detach().reshape(-1),
+                    moments=st.moments,
+                    master=st.master,
+                    index_base=st.index_base,
+                )
+                fused_update(run, StepScalars(hyper, st.step, scale, gi), self.setup.backend)
+                if not dense:
+                    p.detach().copy_(flat.view(p.shape))
+
+    # ---------------------------------------------------------------- introspection
+    def comm_stats(self) -> dict[str, Any]:
+        return {"elements": {}, "bytes": {}, "total_bytes": 0, "ring_bytes": 0}
+
+    def memory_stats(self) -> dict[str, int]:
+        params = self.setup.params()
+        stats = {
+            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+            "state_bytes": 0,
+            "master_bytes": 0,
+        }
+        for st in self._states().values():
+            stats["state_bytes"] += st.moments.nbytes()
+            stats["master_bytes"] += st.master.nbytes()
+        return stats
+
+    # ---------------------------------------------------------------- state dicts
+    def has_state(self) -> bool:
+        return bool(self._states())
+
+    def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
+        return {p: (0, p.numel()) for p in self.setup.params()}
+
+    def shard_entries(self) -> Entries:
+        return {p: entry_of(st.step, st.moments, st.master, p.shape) for p, st in self._states().items()}
+
+    def full_entries(self, to: int = 0) -> Optional[Entries]:
+        return self.shard_entries()
+
+    def load_entries(self, checked: list[CheckedEntry]) -> None:
+        policy = self.setup.policy
+        offsets = [policy.layout_offsets(g["params"]) for g in self.setup.param_groups]
+        new_state = {}
+        for p, gi, step, entry in checked:
+            whole = entry_piece(entry, 0, p.numel(), p.numel())
+            st = self.init_state(p, offsets[gi][p])
+            st.step = step
+            st.moments = convert_moments(whole, policy.moment_format(p.numel()), p.numel(), p.device, step)
+            st.master = convert_master(whole, policy.master_kind(p), p.detach().reshape(-1))
+            new_state[p] = st
+        self.setup.state.clear()
+        self.setup.state.update(new_state)
