@@ -81,11 +81,11 @@ def reference() -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def train(model: nn.Module, rank: int, world: int, no_sync: bool = False) -> ZeroAdam:
+def train(model: nn.Module, rank: int, world: int, no_sync: bool = False, state_dtype: str = "fp32", **options) -> ZeroAdam:
     """The reference's loop on this rank's part of the global batch; with ``no_sync`` every micro-batch but the
     last runs under ``opt.no_sync()``."""
     per = BATCH // world
-    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3, max_grad_norm=CLIP)
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype=state_dtype, stage=3, max_grad_norm=CLIP, **options)
     for mbs in data(STEPS, MICRO):
         opt.zero_grad()
         for i, (x, y) in enumerate(mbs):
@@ -354,3 +354,39 @@ def test_meta_init_fn_never_writes_a_released_buffer(cls: type) -> None:
     if cls is BiasedHeadLM:
         with torch.no_grad():
             assert torch.isfinite(model(data(1, 1)[0][0][0])).all()
+
+
+def offload_chunked(rank: int, world: int) -> dict:
+    # The GPU offload path on CPU tensors, as stages 1-2 test it: each piece's host copy is moved in chunks of 512
+    # elements around the CPU update (zeroadam.engines.offload.HostParamCopies).
+    from zeroadam.engines import offload
+
+    offload.needs_host_copy = lambda device: True
+    offload.HOST_CHUNK = 512
+    chunks = []
+    update = offload.HostParamCopies.update
+
+    def counted(self, shard, update_chunk):  # type: ignore[no-untyped-def]
+        chunks.append(-(-shard.numel() // offload.HOST_CHUNK))
+        update(self, shard, update_chunk)
+
+    offload.HostParamCopies.update = counted
+    out = {}
+    for fmt in ("fp32", "int8"):
+        runs = []
+        for opts in ({}, {"offload": "cpu"}):
+            model = zeroadam.shard_model(make())
+            train(model, rank, world, state_dtype=fmt, **opts)
+            runs.append(whole_params(model))
+        out[fmt] = runs
+    out["most_chunks"] = max(chunks)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_offload_host_copies_in_chunks_equal_no_offload(world: int) -> None:
+    for res in run_ranks(offload_chunked, world):
+        assert res.pop("most_chunks") > 1  # a piece crossed chunk boundaries
+        for fmt, (plain, off) in res.items():
+            for a, b in zip(off, plain):
+                assert float((a - b).norm() / b.norm()) <= 1e-6, fmt

@@ -27,7 +27,9 @@ __all__ = [
     "CommStats",
     "Group",
     "reduce_scatter_avg",
+    "reduce_scatter_sum",
     "reduce_to",
+    "broadcast_from_first",
     "all_gather_into",
     "all_reduce_sum",
     "all_gather_objects",
@@ -95,16 +97,30 @@ def reduce_scatter_avg(group: Group, out: torch.Tensor, full: torch.Tensor, stat
     out.mul_(1.0 / group.world)
 
 
+def reduce_scatter_sum(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
+    """out = sum over ranks of this rank's chunk of ``full`` (synchronous)."""
+    stats.add("reduce_scatter", full)
+    reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg)
+
+
 def reduce_to(group: Group, piece: torch.Tensor, dst: int, stats: CommStats) -> Any:
     """Async sum of ``piece`` into rank ``dst``'s copy; returns the work handle."""
     stats.add("reduce", piece)
     return dist.reduce(piece, dst=group.global_rank(dst), op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
 
 
-def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: CommStats) -> Any:
-    """Async all-gather of equal shards into ``full``; returns the work handle."""
-    stats.add("all_gather", full)
+def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: Optional[CommStats]) -> Any:
+    """Async all-gather of equal shards into ``full``; returns the work handle. ``stats`` None: not counted (a
+    gather outside the step, for a state dict)."""
+    if stats is not None:
+        stats.add("all_gather", full)
     return all_gather_single(full, shard, group=group.pg, async_op=True)
+
+
+def broadcast_from_first(group: Group, t: torch.Tensor) -> None:
+    """Give every rank of the group rank 0's ``t``, in place (synchronous; construction, not counted)."""
+    if group.world > 1:
+        dist.broadcast(t, src=group.global_rank(0), group=group.pg)
 
 
 def _cpu_capable(group: Group) -> bool:

@@ -25,6 +25,7 @@ from zeroadam.comm.collectives import (
     CommStats,
     Group,
     all_gather_into,
+    broadcast_from_first,
     all_gather_objects,
     all_reduce_sum,
     reduce_scatter_avg,
@@ -167,19 +168,14 @@ class FlatEngine(Engine):
         with torch.no_grad():
             for p, slot in zip(params, layout.slots):
                 flat.narrow(0, slot.start, slot.numel).copy_(p.detach().reshape(-1))
-            if g.world > 1:
-                # Like DDP: every rank starts from rank 0's values.
-                dist.broadcast(flat, src=g.global_rank(0), group=g.pg)
+            broadcast_from_first(g, flat)  # like DDP: every rank starts from rank 0's values
             for p, slot in zip(params, layout.slots):
                 p.data = _own_storage(flat.narrow(0, slot.start, slot.numel).view(slot.shape))
         lo, hi = layout.shard_range(g.rank)
-        state_dev = torch.device("cpu") if self.offload == "cpu" else dev
-        pin = self.offload == "cpu" and dev.type == "cuda"
+        state_dev, pin = offload.state_placement(self.offload, dev)
         fmt = setup.policy.format_of(params[0])
         shard = flat.narrow(0, lo, hi - lo)
-        param_host = None
-        if self.offload == "cpu" and offload.needs_host_copy(dev):
-            param_host = HostParamCopies(hi - lo, flat.dtype, dev)
+        param_host = offload.param_copies(self.offload, hi - lo, flat.dtype, dev)
         kind = setup.policy.master_kind(params[0])
         if self._direct:
             grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad

@@ -18,13 +18,29 @@ import torch
 from zeroadam import _compat
 from zeroadam.options import BLOCK_SIZE
 
-__all__ = ["HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "HOST_CHUNK"]
+__all__ = ["HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "param_copies", "state_placement", "HOST_CHUNK"]
 
 # Elements per parameter chunk moved between device and host around the CPU update: 32 MB of fp32, ~1.3 ms over
 # PCIe 4 x16, enough to amortize a copy's launch and small enough that the first chunk's update starts early. A
 # multiple of BLOCK_SIZE, so that every chunk starts an int8 block.
 HOST_CHUNK = 1 << 23
 assert HOST_CHUNK % BLOCK_SIZE == 0
+
+
+def state_placement(offload: Optional[str], device: torch.device) -> tuple[torch.device, bool]:
+    """(where a shard's state lives, whether its host buffers are pinned) for parameters on ``device``: every
+    engine places offloaded state the same way."""
+    if offload == "cpu":
+        return torch.device("cpu"), device.type == "cuda"
+    return device, False
+
+
+def param_copies(offload: Optional[str], numel: int, dtype: torch.dtype, device: torch.device) -> Optional["HostParamCopies"]:
+    """The host copy a parameter shard of ``numel`` elements needs for the CPU update, or None (no offload, or
+    parameters already on the host)."""
+    if offload == "cpu" and needs_host_copy(device):
+        return HostParamCopies(numel, dtype, device)
+    return None
 
 
 def needs_host_copy(device: torch.device) -> bool:

@@ -15,7 +15,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
+from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup
+from zeroadam.engines.offload import HostParamCopies
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
@@ -39,7 +41,7 @@ class Piece:
     index_base: int  # hash index of element 0 (see [Note: stochastic rounding])
     moments: Moments
     master: Master
-    param_host: Optional[torch.Tensor] = None  # 1D [numel] host copy when offloading from a GPU
+    param_host: Optional[HostParamCopies] = None  # the piece's host copy when offloading from a GPU
     step: int = 0
 
     def param_view(self) -> torch.Tensor:
@@ -61,7 +63,6 @@ class Zero3Engine(Engine):
         self.pieces: list[Piece] = []
         self.step_count = 0  # steps taken (or loaded); every piece steps together
         self.flats: list[UnitFlat] = [f for u in sharded.units for f in u.flats]
-        state_dev = torch.device("cpu") if self.offload == "cpu" else None
         for gi, group in enumerate(setup.param_groups):
             offsets = setup.policy.layout_offsets(group["params"])
             for p in group["params"]:
@@ -72,10 +73,7 @@ class Zero3Engine(Engine):
                 if a >= b:
                     continue
                 view = f.shard.narrow(0, a - lo, b - a)
-                dev = state_dev or view.device
-                host = None
-                if self.offload == "cpu" and view.device.type != "cpu":
-                    host = torch.empty(b - a, dtype=view.dtype, pin_memory=True)
+                dev, pin = offload.state_placement(self.offload, view.device)
                 self.pieces.append(
                     Piece(
                         param=p,
@@ -85,9 +83,9 @@ class Zero3Engine(Engine):
                         start=a - slot.start,
                         numel=b - a,
                         index_base=offsets[p] + (a - slot.start),
-                        moments=Moments.zeros(setup.policy.moment_format(p.numel()), b - a, dev),  # type: ignore[arg-type]
-                        master=Master.create(setup.policy.master_kind(p), view, device=dev),
-                        param_host=host,
+                        moments=Moments.zeros(setup.policy.moment_format(p.numel()), b - a, dev, pin=pin),  # type: ignore[arg-type]
+                        master=Master.create(setup.policy.master_kind(p), view, device=dev, pin=pin),
+                        param_host=offload.param_copies(self.offload, b - a, view.dtype, view.device),
                     )
                 )
 
@@ -158,18 +156,29 @@ class Zero3Engine(Engine):
         for piece in self.pieces:
             hyper = GroupHyper.of(setup.param_groups[piece.group_index])
             piece.step += 1
+            sc = StepScalars(hyper, piece.step, scale, piece.group_index)
             view = piece.param_view()
-            param = view if piece.param_host is None else piece.param_host.copy_(view)
-            grad = self._grad_of(piece)
-            if piece.moments.exp_avg.device != grad.device:
-                grad = grad.to(piece.moments.exp_avg.device)
-            run = Run(param=param, grad=grad, moments=piece.moments, master=piece.master, index_base=piece.index_base)
-            fused_update(run, StepScalars(hyper, piece.step, scale, piece.group_index), setup.backend)
-            if piece.param_host is not None:
-                view.copy_(piece.param_host, non_blocking=True)
+            if piece.param_host is None:
+                fused_update(self._chunk_run(piece, 0, view), sc, setup.backend)
+            else:  # the same chunked device-host pipeline as stages 1-2 (zeroadam/engines/offload.py)
+                piece.param_host.update(view, lambda a, chunk: fused_update(self._chunk_run(piece, a, chunk), sc, setup.backend))
         self.sharded.release_all()  # a unit still gathered holds the old values: [Note: stale full buffers]
         self.step_count += 1
         self._end_step()
+
+    def _chunk_run(self, piece: Piece, start: int, param: torch.Tensor) -> Run:
+        """The run of the piece's elements [start, start + len(param)) with ``param`` holding their values; the
+        gradient goes where the state is (the host, when offloading)."""
+        n = param.numel()
+        grad = self._grad_of(piece).narrow(0, start, n)
+        state_dev = piece.moments.exp_avg.device
+        return Run(
+            param=param,
+            grad=grad if grad.device == state_dev else grad.to(state_dev),
+            moments=piece.moments.narrow(start, n),
+            master=piece.master.narrow(start, n),
+            index_base=piece.index_base + start,
+        )
 
     def _clear_grads(self) -> None:
         for f in self.flats:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 
-from zeroadam.comm.collectives import CommStats, Group, all_gather_single, reduce_scatter_single
+from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
 from zeroadam.layout import FlatLayout
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
@@ -132,7 +132,8 @@ class ShardedModel:
         self.model = model
         self.group = group
         # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
-        self.grad_pg = dist.new_group(dist.get_process_group_ranks(group.pg)) if group.world > 1 else None
+        grad_pg = dist.new_group(dist.get_process_group_ranks(group.pg)) if group.world > 1 else None
+        self.grad_group = Group(grad_pg, group.rank, group.world)
         self.units = units
         self.root = units[-1]
         self.reshard_after_forward = reshard_after_forward
@@ -169,8 +170,7 @@ class ShardedModel:
             if not was:
                 self.live_bytes += f.full_bytes
             if self.group.world > 1:
-                self.stats.add("all_gather", f.full)
-                u.handles.append(all_gather_single(f.full, f.shard, group=self.group.pg, async_op=True))
+                u.handles.append(all_gather_into(self.group, f.full, f.shard, self.stats))
             else:
                 f.full.copy_(f.shard)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
@@ -300,8 +300,7 @@ class ShardedModel:
                 f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
             out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
             if self.group.world > 1:
-                self.stats.add("reduce_scatter", f.grad_full)
-                reduce_scatter_single(out, f.grad_full, op=dist.ReduceOp.SUM, group=self.grad_pg)
+                reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
                 f.grad_shard.add_(out, alpha=1.0 / self.group.world)
             else:
                 f.grad_shard.add_(f.grad_full)
@@ -330,7 +329,7 @@ class ShardedModel:
         if self.group.world == 1:
             return f.shard
         full = torch.empty(f.layout.total, dtype=f.shard.dtype, device=f.shard.device)
-        all_gather_single(full, f.shard, group=self.group.pg)
+        all_gather_into(self.group, full, f.shard, None).wait()
         return full
 
 
@@ -417,9 +416,8 @@ def _build_flats(
                     p.data = v
                     live.append(p)
             fill(live, layout, full)
-            if group.world > 1:
-                # Like DDP: every rank starts from rank 0's values (and rank 0 alone read a state dict).
-                dist.broadcast(full, src=group.global_rank(0), group=group.pg)
+            # Like DDP: every rank starts from rank 0's values (and rank 0 alone read a state dict).
+            broadcast_from_first(group, full)
         lo, hi = layout.shard_range(group.rank)
         f = UnitFlat(live, layout, full.narrow(0, lo, hi - lo).clone(), full)
         f.release()
@@ -546,8 +544,7 @@ def _materialize_buffers(model: nn.Module, device: torch.device, sd: Optional[di
             nb = torch.zeros(b.shape, dtype=b.dtype, device=device)
             if sd is not None and group.rank == 0 and key in sd:
                 nb.copy_(sd[key])
-            if group.world > 1:
-                dist.broadcast(nb, src=group.global_rank(0), group=group.pg)
+            broadcast_from_first(group, nb)
             m._buffers[bname] = nb
 
 
