@@ -38,6 +38,7 @@ import torch
 
 from zeroadam.formats import quant
 from zeroadam.formats.state import MasterKind
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
@@ -75,24 +76,8 @@ FORMAT_VERSION = 1
 INFO_FILE = "zeroadam.json"
 
 
-_MOMENT_KEYS: dict[str, dict[str, torch.dtype]] = {
-    "fp32": {"exp_avg": torch.float32, "exp_avg_sq": torch.float32},
-    "bf16": {"exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16},
-    "int8": {
-        "exp_avg": torch.int8,
-        "exp_avg_sq": torch.uint8,
-        "exp_avg_scale": torch.float32,
-        "exp_avg_sq_scale": torch.float32,
-    },
-}
-
-
-_MASTER_KEYS: dict[str, dict[str, torch.dtype]] = {
-    "param": {},
-    "none": {},
-    "fp32": {"master": torch.float32},
-    "compact": {"master_residual": torch.int8},
-}
+_MOMENT_KEYS: dict[str, dict[str, torch.dtype]] = {fmt: {t.key: t.dtype for t in ts} for fmt, ts in MOMENT_TENSORS.items()}
+_MASTER_KEYS: dict[str, dict[str, torch.dtype]] = {kind: {t.key: t.dtype for t in ts} for kind, ts in MASTER_TENSORS.items()}
 
 
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")

@@ -41,6 +41,7 @@ from zeroadam.update.dispatch import fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.formats.state import Master, Moments
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
 from zeroadam.state_dict.entries import convert_master, convert_moments
 
 __all__ = ["DTensorEngine", "Piece", "DTensorParamState"]
@@ -363,14 +364,11 @@ class DTensorEngine(Engine):
 
         out: dict[str, Any] = {"step": torch.tensor(float(st.step))}
         fmt = self.setup.policy.moment_format(p.numel())
-        dtypes = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16,) * 2, "int8": (torch.int8, torch.uint8)}
-        for key, dtype in zip(("exp_avg", "exp_avg_sq"), dtypes[fmt]):
-            out[key] = like_param([getattr(pc.moments, key) for pc in st.pieces], dtype)
         kind = self.setup.policy.master_kind(p)
-        if kind == "fp32":
-            out["master"] = like_param([pc.master.fp32 for pc in st.pieces], torch.float32)
-        elif kind == "compact":
-            out["master_residual"] = like_param([pc.master.residual for pc in st.pieces], torch.int8)
+        # Element-wise tensors are placed like the parameter; int8 block scales are added by full_entries.
+        for t in (*MOMENT_TENSORS[fmt], *MASTER_TENSORS[kind]):
+            if not t.per_block:
+                out[t.key] = like_param([{**pc.moments.tensors(), **pc.master.tensors()}[t.key] for pc in st.pieces], t.dtype)
         return out
 
     def load_entries(self, checked: list[CheckedEntry]) -> None:

@@ -467,8 +467,8 @@ class FlatEngine(Engine):
                 mt = {k: self._gather_to(t, to) for k, t in sp.master.tensors().items()}
             if out is None:
                 continue
-            full_m = Moments(sp.fmt, m["exp_avg"], m["exp_avg_sq"], m.get("exp_avg_scale"), m.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
-            full_master = Master(sp.master_kind, fp32=mt.get("master"), residual=mt.get("master_residual"))
+            full_m = Moments.of(sp.fmt, m)  # type: ignore[arg-type]
+            full_master = Master.of(sp.master_kind, mt)
             for p, slot in zip(sp.params, sp.layout.slots):
                 out[p] = entry_of(
                     sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape

@@ -257,8 +257,8 @@ class Zero3Engine(Engine):
             pieces.sort(key=lambda x: x[0])
             whole = {k: torch.cat([pt[2][k] for pt in pieces]) for k in pieces[0][2]}
             fmt = self.setup.policy.moment_format(p.numel())
-            moments = Moments(fmt, whole["exp_avg"], whole["exp_avg_sq"], whole.get("exp_avg_scale"), whole.get("exp_avg_sq_scale"))  # type: ignore[arg-type]
-            master = Master(self.setup.policy.master_kind(p), fp32=whole.get("master"), residual=whole.get("master_residual"))
+            moments = Moments.of(fmt, whole)  # type: ignore[arg-type]
+            master = Master.of(self.setup.policy.master_kind(p), whole)
             out[p] = entry_of(pieces[0][1], moments, master, p.shape)
         return out
 

@@ -20,6 +20,7 @@ from typing import Literal, Optional
 import torch
 
 from zeroadam.formats import quant
+from zeroadam.formats.table import MOMENT_TENSORS
 from zeroadam.options import StateDtype
 
 __all__ = [
@@ -124,17 +125,15 @@ class Moments:
 
     @staticmethod
     def zeros(fmt: StateDtype, numel: int, device: torch.device, *, pin: bool = False) -> "Moments":
-        def buf(dtype: torch.dtype, n: int) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, device=device, pin_memory=pin)
-
-        if fmt == "fp32":
-            return Moments(fmt, buf(torch.float32, numel), buf(torch.float32, numel))
-        if fmt == "bf16":
-            return Moments(fmt, buf(torch.bfloat16, numel), buf(torch.bfloat16, numel))
-        nb = quant.num_blocks(numel)
         return Moments(
-            fmt, buf(torch.int8, numel), buf(torch.uint8, numel), buf(torch.float32, nb), buf(torch.float32, nb)
+            fmt,
+            *(torch.zeros(t.numel(numel), dtype=t.dtype, device=device, pin_memory=pin) for t in MOMENT_TENSORS[fmt]),
         )
+
+    @staticmethod
+    def of(fmt: StateDtype, tensors: dict[str, torch.Tensor]) -> "Moments":
+        """The moments stored in ``tensors`` (state-dict keys; extra keys are ignored)."""
+        return Moments(fmt, *(tensors[t.key] for t in MOMENT_TENSORS[fmt]))
 
     @property
     def numel(self) -> int:
@@ -156,11 +155,7 @@ class Moments:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named storage tensors, as they appear in state dicts."""
-        out = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        if self.fmt == "int8":
-            out["exp_avg_scale"] = self.exp_avg_scale
-            out["exp_avg_sq_scale"] = self.exp_avg_sq_scale
-        return out
+        return {t.key: getattr(self, t.key) for t in MOMENT_TENSORS[self.fmt]}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -210,6 +205,11 @@ class Master:
         if kind == "compact":
             return Master(kind, residual=torch.zeros(param.numel(), dtype=torch.int8, device=device, pin_memory=pin))
         return Master(kind)
+
+    @staticmethod
+    def of(kind: MasterKind, tensors: dict[str, torch.Tensor]) -> "Master":
+        """The master storage held in ``tensors`` (state-dict keys; extra keys are ignored)."""
+        return Master(kind, fp32=tensors.get("master"), residual=tensors.get("master_residual"))
 
     def narrow(self, start: int, length: int) -> "Master":
         if self.kind == "fp32":

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from zeroadam.formats import quant
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS, moment_format_of
 from zeroadam.formats.state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, Master, MasterKind, Moments, compact_decode, mix_seed, ulp_up
 
 __all__ = [
@@ -89,13 +90,11 @@ def _param_name(gi: int, i: int, p: torch.Tensor) -> str:
 
 def _fmt_of(entry: dict[str, Any], where: str) -> str:
     m = entry["exp_avg"]
-    if m.dtype == torch.float32:
-        return "fp32"
-    if m.dtype == torch.bfloat16:
-        return "bf16"
-    if m.dtype == torch.int8:
-        return "int8"
-    raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg has dtype {m.dtype}; expected float32, bfloat16 or int8")
+    fmt = moment_format_of(m.dtype)
+    if fmt is None:
+        allowed = ", ".join(str(ts[0].dtype).replace("torch.", "") for ts in MOMENT_TENSORS.values())
+        raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg has dtype {m.dtype}; expected {allowed}")
+    return fmt
 
 
 def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
@@ -136,22 +135,15 @@ def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
                 f"{'parameter' if 'shard_elements' not in entry else 'shard'} has shape {shape}; "
                 "was this state saved for another model?"
             )
-    if fmt == "int8":
-        if entry["exp_avg_sq"].dtype != torch.uint8:
-            raise ValueError(f"ZeroAdam.load_state_dict: {where}: int8 'exp_avg_sq' must be uint8 codes")
-        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
-            t = entry.get(key)
-            if not isinstance(t, torch.Tensor) or t.numel() != quant.num_blocks(n) or t.dtype != torch.float32:
-                raise ValueError(
-                    f"ZeroAdam.load_state_dict: {where}: int8 state needs '{key}' with {quant.num_blocks(n)} "
-                    "float32 block scales"
-                )
-    elif entry["exp_avg_sq"].dtype != entry["exp_avg"].dtype:
-        raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg and exp_avg_sq have different dtypes")
-    for key, dtype in (("master", torch.float32), ("master_residual", torch.int8)):
-        t = entry.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype):
-            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{key}' must be {dtype} of shape {shape}")
+    for spec in MOMENT_TENSORS[fmt][1:]:  # exp_avg's dtype chose the format
+        t = entry.get(spec.key)
+        if not isinstance(t, torch.Tensor) or t.numel() != spec.numel(n) or t.dtype != spec.dtype:
+            what = f"{spec.numel(n)} {spec.dtype} block scales" if spec.per_block else f"{spec.dtype} values"
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: {fmt} state needs '{spec.key}' with {what}")
+    for spec in (s for ts in MASTER_TENSORS.values() for s in ts):
+        t = entry.get(spec.key)
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != spec.dtype):
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: '{spec.key}' must be {spec.dtype} of shape {shape}")
     step = entry["step"]
     s = float(step) if isinstance(step, (torch.Tensor, int, float)) else None
     if s is None or s < 0 or s != int(s):
