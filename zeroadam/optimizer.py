@@ -20,6 +20,16 @@ from zeroadam.state_dict.api import apply_state_dict, build_state_dict, consolid
 
 __all__ = ["ZeroAdam"]
 
+_UNSUPPORTED = ("amsgrad", "capturable", "differentiable")
+
+
+def _refuse_flag(name: str, value: Any, where: str) -> None:
+    if value:
+        raise ValueError(
+            f"ZeroAdam: {name}={value!r} in {where} is not supported (ZeroAdam has no {name} variant); remove it or "
+            f"pass {name}=False"
+        )
+
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
@@ -68,7 +78,20 @@ class ZeroAdam(torch.optim.Optimizer):
         bucket_size: int = 5_000_000,
         backend: Optional[str] = None,
         gradient_sync: str = "auto",
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        # torch.optim.AdamW's implementation flags are accepted so that swapping the class is enough: ZeroAdam is
+        # always one fused pass per run, so foreach and fused change nothing. amsgrad, capturable and differentiable
+        # have no ZeroAdam code: False is accepted, True refused (in a param group too, see add_param_group).
+        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
+            _refuse_flag(name, value, "the constructor")
+        if not isinstance(maximize, bool):
+            raise ValueError(f"ZeroAdam: invalid maximize={maximize!r}; expected True or False")
         check_hyper(lr, betas, eps, weight_decay)
         self.options = ZeroOptions(
             state_dtype=state_dtype,  # type: ignore[arg-type]
@@ -88,7 +111,7 @@ class ZeroAdam(torch.optim.Optimizer):
         self.overflow = False
         self._warned_skip = False
         self._pending_clip: Optional[float] = None  # set by clip_grad_norm_, consumed by the next step
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         setup = EngineSetup(
             param_groups=self.param_groups,
@@ -106,9 +129,16 @@ class ZeroAdam(torch.optim.Optimizer):
             raise TypeError("ZeroAdam: params must be an ordered collection (a list), not a set; pass list(params)")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}  # a generator is consumed once: keep the list
-        for p in params:
+        for flag in _UNSUPPORTED:
+            _refuse_flag(flag, param_group.get(flag, False), "a param group")
+        for item in params:
+            # (name, parameter) pairs, as model.named_parameters() gives: torch.optim keeps the names in
+            # param_group["param_names"] (and in state dicts).
+            p = item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else item
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"ZeroAdam: params must be tensors, got {type(p).__name__}")
+                raise TypeError(
+                    f"ZeroAdam: params must be tensors or (name, tensor) pairs, got {type(item).__name__}"
+                )
             if p.is_complex():
                 raise ValueError(
                     f"ZeroAdam: complex parameter of shape {tuple(p.shape)} is not supported; "
@@ -126,7 +156,10 @@ class ZeroAdam(torch.optim.Optimizer):
             param_group.get("eps", self.defaults["eps"]),
             param_group.get("weight_decay", self.defaults["weight_decay"]),
         )
-        if getattr(self, "engine", None) is not None and self.engine.gathers_state_dict:
+        maximize = param_group.get("maximize", self.defaults.get("maximize", False))
+        if not isinstance(maximize, bool):
+            raise ValueError(f"ZeroAdam: invalid maximize={maximize!r} in a param group; expected True or False")
+        if getattr(self, "engine", None) is not None and not self.engine.accepts_new_params:
             raise RuntimeError(
                 "ZeroAdam: add_param_group after construction is only supported with stage=0; with a sharded "
                 "stage pass every param group to the constructor"
@@ -242,10 +275,18 @@ class ZeroAdam(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state (see [Note: full state and shards] in state_dict.py): the whole state with
-        stage 0; with sharded stages, when every rank calls it, the whole state on rank 0 and this rank's shard
-        on the others (a rank that calls it alone gets a RuntimeError naming the fix within seconds)."""
-        return build_state_dict(self)
+        """The optimizer state (see [Note: full state and shards] in zeroadam/state_dict/api.py): the whole state
+        with stage 0; with sharded stages, when every rank calls it, the whole state on rank 0 and this rank's shard
+        on the others (a rank that calls it alone gets a RuntimeError naming the fix within seconds). The hooks of
+        ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as for any torch optimizer."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = build_state_dict(self)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the whole state to rank ``to`` of the process group (collective: every rank calls it); until the
@@ -254,4 +295,25 @@ class ZeroAdam(torch.optim.Optimizer):
         consolidate_state_dict(self, to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate, then install: nothing changes when anything is refused. Runs the hooks of
+        ``register_load_state_dict_pre_hook`` (which may return a replacement) and ``..._post_hook``."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         apply_state_dict(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Everything, so that copy.deepcopy(opt) keeps options, counters and the engine (torch's Optimizer keeps
+        # only defaults, state and param_groups). A sharded engine holds process groups and views into buffers that
+        # a copy cannot share: refused with the way to do it.
+        if not self.engine.copyable:
+            raise TypeError(
+                f"ZeroAdam(stage={self.options.stage}, offload={self.options.offload!r}) cannot be copied or "
+                "pickled: its state lives in shards tied to the process group. Save it with state_dict() (or "
+                "zeroadam.checkpoint.save) and build a new optimizer that loads it"
+            )
+        return self.__dict__.copy()

@@ -55,6 +55,7 @@ class GroupHyper:
     beta2: float
     eps: float
     weight_decay: float
+    maximize: bool = False  # ascend: the update uses the negated gradient (torch.optim.AdamW's flag)
 
     @staticmethod
     def of(group: dict) -> "GroupHyper":
@@ -66,6 +67,7 @@ class GroupHyper:
             beta2=float(b2),
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
+            maximize=bool(group.get("maximize", False)),
         )
 
 
@@ -76,9 +78,10 @@ def check_hyper(lr: object, betas: object, eps: object, weight_decay: object) ->
         raise _bad("lr", lr, "expected a finite number >= 0 (for example lr=1e-3)")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise _bad("betas", betas, "expected a pair (beta1, beta2), each in [0, 1), for example (0.9, 0.999)")
-    for i, b in enumerate(betas):
+    for i, beta in enumerate(betas):
+        b = beta.item() if isinstance(beta, torch.Tensor) and beta.numel() == 1 else beta  # as torch.optim.AdamW
         if not isinstance(b, (int, float)) or isinstance(b, bool) or not (0.0 <= b < 1.0):
-            raise _bad(f"betas[{i}]", b, "expected a number in [0, 1), for example betas=(0.9, 0.999)")
+            raise _bad(f"betas[{i}]", beta, "expected a number in [0, 1), for example betas=(0.9, 0.999)")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise _bad("eps", eps, "expected a finite number >= 0 (for example eps=1e-8)")
     if (

@@ -61,6 +61,11 @@ class Engine(abc.ABC):
     averages_gradients: bool = False
     """True when the engine reduces gradients over ranks itself (so no DDP wrapper or framework all-reduce should)."""
 
+    accepts_new_params: bool = False
+    """True when ``add_param_group`` may add parameters after the engine was built."""
+    copyable: bool = False
+    """True when ``copy.deepcopy`` / pickle of the optimizer can copy the engine with it."""
+
     def amp_owns_gradients(self) -> bool:
         """Whether the gradients the update reads live in the engine's own buffers, so that a GradScaler must
         unscale them through ``scale_grads`` (see zeroadam/amp.py) rather than in ``p.grad``."""

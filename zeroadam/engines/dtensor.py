@@ -237,7 +237,7 @@ class DTensorEngine(Engine):
                     offsets = setup.policy.layout_offsets(group["params"])
                 st = self._state(p)
                 st.step += 1
-                sc = StepScalars(hyper, st.step, scale, gi)
+                sc = StepScalars.for_group(hyper, st.step, scale, gi)
                 flat = p.to_local().detach().view(-1)
                 grad = p.grad.to_local().detach().reshape(-1)
                 for pc in st.pieces:

@@ -367,10 +367,10 @@ class FlatEngine(Engine):
             hyper = GroupHyper.of(setup.param_groups[sp.group_index])
             sp.step += 1
             if self._direct:
-                self._step_direct(sp, StepScalars(hyper, sp.step, scale, sp.group_index))
+                self._step_direct(sp, StepScalars.for_group(hyper, sp.step, scale, sp.group_index))
                 continue
             shard = sp.param_shard()
-            sc = StepScalars(hyper, sp.step, scale, sp.group_index)
+            sc = StepScalars.for_group(hyper, sp.step, scale, sp.group_index)
             if sp.param_host is None:
                 run = Run(param=shard, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
                 fused_update(run, sc, setup.backend)

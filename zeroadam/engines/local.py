@@ -5,7 +5,7 @@ averages the gradients before the step, so every rank computes the same update.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, MutableMapping
 from typing import Any, Optional
 
 import torch
@@ -14,26 +14,84 @@ from zeroadam.comm.collectives import Group
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
 from zeroadam.formats.state import Master, Moments
 from zeroadam.options import GroupHyper
-from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece
+from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 
 __all__ = ["LocalEngine", "ParamState"]
 
 
-@dataclass
-class ParamState:
-    """Stage-0 state of one parameter (its whole flattened range)."""
+class ParamState(MutableMapping):
+    """Stage-0 state of one parameter (its whole flattened range).
 
-    step: int
-    moments: Moments
-    master: Master
-    index_base: int  # the parameter's start in its space's layout: the rounding hash index (fixed for life)
+    It reads and writes like ``torch.optim.AdamW``'s ``state[p]``: a mapping of ``step`` (a float tensor) and the
+    storage tensors under their state-dict keys (``exp_avg`` / ``exp_avg_sq``, shaped like the parameter, and for
+    compact formats the scales and master tensors), so that tools which walk ``optimizer.state`` (moving it between
+    devices, logging, DCP's in-place loads) work. Assigning a key replaces that tensor; it must keep its dtype and
+    number of elements.
+    """
+
+    def __init__(self, step: int, moments: Moments, master: Master, index_base: int, shape: torch.Size) -> None:
+        # A tensor, as AdamW's: state_dict() hands out this very tensor, so an in-place load sets the step too.
+        self.step_tensor = torch.tensor(float(step))
+        self.moments = moments
+        self.master = master
+        self.index_base = index_base  # the parameter's start in its space's layout: the rounding hash index
+        self.shape = shape
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.moments.tensors(), **self.master.tensors()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key == "step":
+            return self.step_tensor
+        t = self._tensors()[key]
+        return t if key.endswith("_scale") else t.view(self.shape)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        if key == "step":
+            self.step_tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            return
+        old = self._tensors().get(key)
+        if old is None:
+            raise KeyError(f"ZeroAdam: no state {key!r} for this parameter; its keys are {list(self)}")
+        if not isinstance(value, torch.Tensor) or value.dtype != old.dtype or value.numel() != old.numel():
+            raise ValueError(
+                f"ZeroAdam: state[{key!r}] must stay a {old.dtype} tensor of {old.numel()} elements (got "
+                f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}); move it with .to(device)"
+            )
+        flat = value.reshape(-1)
+        if key in ("master", "master_residual"):
+            setattr(self.master, "fp32" if key == "master" else "residual", flat)
+        else:
+            setattr(self.moments, key, flat)
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("ZeroAdam: a parameter's state keys cannot be deleted (clear optimizer.state instead)")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["step", *self._tensors()])
+
+    def __len__(self) -> int:
+        return 1 + len(self._tensors())
+
+    def __repr__(self) -> str:
+        return f"ParamState(step={self.step}, format={self.moments.fmt!r}, master={self.master.kind!r})"
 
 
 class LocalEngine(Engine):
     """Stage 0 (see the module docstring); the state lives in ``optimizer.state[p]``."""
 
+    accepts_new_params = True
+    copyable = True
     state_class: type[ParamState] = ParamState
     """What a parameter's state is built as (DeepSpeed's integration uses a subclass that reads as a dict)."""
 
@@ -52,6 +110,7 @@ class LocalEngine(Engine):
             moments=Moments.zeros(policy.moment_format(p.numel()), p.numel(), p.device),  # type: ignore[arg-type]
             master=Master.create(policy.master_kind(p), p.detach().reshape(-1)),
             index_base=index_base,
+            shape=p.shape,
         )
 
     def _states(self) -> dict[torch.Tensor, ParamState]:
@@ -104,7 +163,7 @@ class LocalEngine(Engine):
                     master=st.master,
                     index_base=st.index_base,
                 )
-                fused_update(run, StepScalars(hyper, st.step, scale, gi), self.setup.backend)
+                fused_update(run, StepScalars.for_group(hyper, st.step, scale, gi), self.setup.backend)
                 if not dense:
                     p.detach().copy_(flat.view(p.shape))
 
@@ -133,7 +192,8 @@ class LocalEngine(Engine):
         return {p: (0, p.numel()) for p in self.setup.params()}
 
     def shard_entries(self) -> Entries:
-        return {p: entry_of(st.step, st.moments, st.master, p.shape) for p, st in self._states().items()}
+        # The live tensors, as torch.optim hands out its state: DCP loads into them in place (step included).
+        return {p: dict(st) for p, st in self._states().items()}
 
     def full_entries(self, to: int = 0) -> Optional[Entries]:
         return self.shard_entries()

@@ -156,7 +156,7 @@ class Zero3Engine(Engine):
         for piece in self.pieces:
             hyper = GroupHyper.of(setup.param_groups[piece.group_index])
             piece.step += 1
-            sc = StepScalars(hyper, piece.step, scale, piece.group_index)
+            sc = StepScalars.for_group(hyper, piece.step, scale, piece.group_index)
             view = piece.param_view()
             if piece.param_host is None:
                 fused_update(self._chunk_run(piece, 0, view), sc, setup.backend)

@@ -100,16 +100,17 @@ def _entries(opt: "ZeroAdam") -> tuple[dict[torch.Tensor, dict[str, Any]], Optio
 
 
 def build_state_dict(opt: "ZeroAdam") -> dict[str, Any]:
-    groups, state, idx = [], {}, 0
+    groups, state = [], {}
+    index: dict[int, int] = {}  # id(param) -> its number: a parameter listed twice keeps one (as torch.optim)
     entries, shard = _entries(opt)
     for group in opt.param_groups:
         g = {k: v for k, v in group.items() if k != "params"}
         g["params"] = []
         for p in group["params"]:
+            idx = index.setdefault(id(p), len(index))
             g["params"].append(idx)
             if p in entries:
                 state[idx] = entries[p]
-            idx += 1
         groups.append(g)
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "state_dtype": opt.options.state_dtype}
     if shard is not None:

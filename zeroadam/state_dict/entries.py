@@ -35,8 +35,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_UNSUPPORTED_FLAGS = {"amsgrad": False, "maximize": False}
-_IGNORED_KEYS = {"foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay", "amsgrad", "maximize"}
+# torch.optim.AdamW's flags that ZeroAdam has no code for: a group saved with them on is refused.
+_UNSUPPORTED_FLAGS = {"amsgrad": False, "capturable": False, "differentiable": False}
+# Keys that choose an implementation or name parameters, not the update: the optimizer's own are kept.
+_IGNORED_KEYS = {"foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay", "amsgrad", "param_names"}
 
 
 def entry_of(step: int, moments: Moments, master: Master, shape: torch.Size) -> dict[str, Any]:

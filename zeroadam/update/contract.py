@@ -34,8 +34,14 @@ class StepScalars:
 
     hyper: GroupHyper
     step: int  # this update's count, 1 for the first
-    grad_scale: float  # multiplies every gradient: clip coefficient / loss scale
+    grad_scale: float  # multiplies every gradient: ±1 (maximize) × clip coefficient / loss scale
     group_index: int
+
+    @staticmethod
+    def for_group(hyper: GroupHyper, step: int, scale: float, group_index: int) -> "StepScalars":
+        """The scalars of one group's step, with ``scale`` (clip / loss scale) signed for ``maximize``: ascending
+        is descending on the negated gradient, so every backend gets it for free."""
+        return StepScalars(hyper, step, -scale if hyper.maximize else scale, group_index)
 
     def seeds(self) -> tuple[int, int, int]:
         """Rounding seeds for (exp_avg, exp_avg_sq, param)."""

@@ -1,0 +1,236 @@
+"""torch.optim's contract, as a drop-in for torch.optim.AdamW must keep it: named parameters, state-dict hooks,
+deepcopy, ``optimizer.state[p]`` as a mapping, repeated param groups, ``maximize``, the implementation flags
+(``foreach`` / ``fused``), tensor betas and in-place loads of ``state_dict()`` (the torchao / DCP pattern)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zeroadam import ZeroAdam
+
+HYPER = dict(lr=1e-2, weight_decay=0.1)
+
+
+def make_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(17, 257), torch.nn.Tanh(), torch.nn.Linear(257, 3))
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    for s in range(start, start + steps):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(8, 17, generator=g), torch.randn(8, 3, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def max_rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+
+def params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# fp32 state on fp32 parameters follows torch.optim.AdamW operation for operation: 10 steps agree to rounding.
+TOL = 1e-6
+
+
+def test_named_parameters_like_adamw() -> None:
+    model, ref = make_model(), make_model()
+    opt = ZeroAdam(model.named_parameters(), state_dtype="fp32", **HYPER)
+    adamw = torch.optim.AdamW(ref.named_parameters(), **HYPER)
+    train(model, opt, 5)
+    train(ref, adamw, 5)
+    assert max_rel_err(params(model), params(ref)) <= TOL
+    names = [n for n, _ in model.named_parameters()]
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == names == adamw.state_dict()["param_groups"][0]["param_names"]
+    # A named state dict loads into an unnamed optimizer and back, keeping each optimizer's own names.
+    plain = ZeroAdam(make_model().parameters(), state_dtype="fp32", **HYPER)
+    plain.load_state_dict(sd)
+    assert "param_names" not in plain.param_groups[0]
+    named = ZeroAdam(make_model().named_parameters(), state_dtype="fp32", **HYPER)
+    named.load_state_dict(plain.state_dict())
+    assert named.param_groups[0]["param_names"] == names
+
+
+def test_named_parameters_wrong_pairs_are_refused() -> None:
+    with pytest.raises(TypeError, match="tensors or \\(name, tensor\\) pairs"):
+        ZeroAdam([("w", "not a tensor")])
+
+
+def test_state_dict_hooks_fire() -> None:
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 1)
+    seen: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and seen == ["pre"]
+    opt.load_state_dict(sd)
+    assert seen == ["pre", "load_pre", "load_post"]
+
+
+def test_load_pre_hook_may_replace_the_state_dict() -> None:
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="fp32", **HYPER)
+    train(model, opt, 1)
+    sd = opt.state_dict()
+
+    def lower_lr(o, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 1e-5
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(lower_lr)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1e-5
+
+
+def test_deepcopy_keeps_everything_and_steps_alike() -> None:
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", max_grad_norm=1.0, **HYPER)
+    train(model, opt, 2)
+    opt.skipped_steps, opt.overflow = 3, True
+    # Copy the model and the optimizer together, so the copy's state belongs to the copy's parameters.
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.options == opt.options and opt2.skipped_steps == 3 and opt2.overflow is True
+    assert list(opt2.param_groups[0]["params"]) == list(model2.parameters())
+    train(model, opt, 2, start=2)
+    train(model2, opt2, 2, start=2)
+    assert max_rel_err(params(model2), params(model)) == 0
+
+
+def test_deepcopy_of_a_sharded_engine_is_refused_with_the_fix() -> None:
+    opt = ZeroAdam(make_model().parameters(), offload="cpu")  # the flat engine, one rank
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
+
+
+def test_state_is_a_mapping_like_adamw() -> None:
+    model, ref = make_model(), make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="fp32", **HYPER)
+    adamw = torch.optim.AdamW(ref.parameters(), **HYPER)
+    train(model, opt, 3)
+    train(ref, adamw, 3)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        st, want = opt.state[p], adamw.state[q]
+        assert set(st) == set(want) == {"step", "exp_avg", "exp_avg_sq"} and len(st) == 3
+        assert float(st["step"]) == float(want["step"]) == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert st[k].shape == want[k].shape
+            # The parameters agree to rounding after each step, so the next gradients (and the moments, linear
+            # in them) agree to a few ulps relative to their norm; single small elements can differ more.
+            assert float((st[k] - want[k]).norm() / want[k].norm()) <= 1e-5
+
+
+def test_state_mapping_can_be_moved_key_by_key() -> None:
+    # What Lightning's optimizer_to_device and similar tools do: replace every tensor by a moved copy.
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 2)
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    for st in opt.state.values():
+        for k, v in list(st.items()):
+            st[k] = v.to("cpu", copy=True)
+    for p in model.parameters():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in before[id(p)].items())
+    train(model, opt, 1, start=2)  # still steps with the replaced tensors
+    assert opt.state[next(model.parameters())]["step"].item() == 3
+    with pytest.raises(ValueError, match="must stay"):
+        opt.state[next(model.parameters())]["exp_avg"] = torch.zeros(3)
+
+
+def test_repeated_param_groups_number_each_parameter_once() -> None:
+    # torch issue #36831: a parameter listed twice keeps one number.
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), **HYPER)
+    opt.param_groups.extend(opt.param_groups)
+    adamw = torch.optim.AdamW(make_model().parameters(), **HYPER)
+    adamw.param_groups.extend(adamw.param_groups)
+    ids = [g["params"] for g in opt.state_dict()["param_groups"]]
+    assert ids == [g["params"] for g in adamw.state_dict()["param_groups"]] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("where", ["kwarg", "group"])
+def test_maximize_ascends_like_adamw(where: str) -> None:
+    model, ref = make_model(), make_model()
+    if where == "kwarg":
+        opt = ZeroAdam(model.parameters(), state_dtype="fp32", maximize=True, **HYPER)
+    else:
+        opt = ZeroAdam([{"params": list(model.parameters()), "maximize": True}], state_dtype="fp32", **HYPER)
+    adamw = torch.optim.AdamW(ref.parameters(), maximize=True, **HYPER)
+    train(model, opt, 5)
+    train(ref, adamw, 5)
+    assert max_rel_err(params(model), params(ref)) <= TOL
+
+
+def test_maximize_one_weight() -> None:
+    # The issue's example: grad +1, lr 0.1, no decay; AdamW(maximize=True) moves w to 1.1.
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = ZeroAdam([{"params": [w], "maximize": True}], lr=0.1, weight_decay=0)
+    w.grad = torch.ones(1)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([1.1]))
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "capturable", "differentiable"])
+def test_unsupported_flags_are_refused_wherever_they_appear(flag: str) -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=f"{flag}=True in the constructor"):
+        ZeroAdam([w], **{flag: True})
+    with pytest.raises(ValueError, match=f"{flag}=True in a param group"):
+        ZeroAdam([{"params": [w], flag: True}])
+    ZeroAdam([w], **{flag: False})  # AdamW's defaults, passed explicitly, are fine
+
+
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True), dict(fused=False, foreach=False)])
+def test_implementation_flags_are_accepted_and_change_nothing(flags: dict) -> None:
+    model, ref = make_model(), make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **flags, **HYPER)
+    plain = ZeroAdam(ref.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 3)
+    train(ref, plain, 3)
+    assert max_rel_err(params(model), params(ref)) == 0
+
+
+def test_tensor_betas_like_adamw() -> None:
+    model, ref = make_model(), make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype="fp32", betas=(torch.tensor(0.9), torch.tensor(0.999)), **HYPER)
+    adamw = torch.optim.AdamW(ref.parameters(), betas=(torch.tensor(0.9), torch.tensor(0.999)), **HYPER)
+    train(model, opt, 3)
+    train(ref, adamw, 3)
+    # AdamW computes the bias corrections of tensor betas in fp32 tensor arithmetic, ZeroAdam in fp64 from their
+    # values: 1 - beta^t then differs by ~1 fp32 ulp (6e-8 relative), which lr / (1 - beta1^t) carries into every
+    # update; 3 steps stay within 1e-5.
+    assert max_rel_err(params(model), params(ref)) <= 1e-5
+    with pytest.raises(ValueError, match="betas\\[1\\]"):
+        ZeroAdam(make_model().parameters(), betas=(0.9, torch.tensor(1.5)))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: str) -> None:
+    """torchao's pattern: ``dcp.load(opt.state_dict())`` fills the optimizer's own tensors, step included."""
+    import torch.distributed.checkpoint as dcp
+
+    model = make_model()
+    opt = ZeroAdam(model.parameters(), state_dtype=fmt, **HYPER)
+    train(model, opt, 3)
+    dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
+
+    other = make_model()
+    opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, **HYPER)
+    train(other, opt2, 1, start=10)  # state exists (as for AdamW, an in-place load needs it)
+    dcp.load({"optim": opt2.state_dict()}, checkpoint_id=str(tmp_path))
+    for k, entry in opt2.state_dict()["state"].items():
+        for n, v in entry.items():
+            assert torch.equal(v, saved[k][n]), (k, n)
+    assert all(st.step == 3 for st in opt2.state.values())
