@@ -1,6 +1,8 @@
 """offload="cpu": the same numbers as no offload, state on the host (pinned where a GPU makes that possible)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -87,3 +89,26 @@ def test_offload_host_copies_in_chunks_equal_no_offload(world: int) -> None:
 def test_offload_rejects_unknown_device() -> None:
     with pytest.raises(ValueError, match="offload"):
         ZeroAdam(make_model().parameters(), offload="nvme")
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_stage0_offload_leaves_frozen_parameters_alone_like_adamw(fmt: str) -> None:
+    """A requires_grad=False layer under offload="cpu" (stage 0) gets no weight decay, as with AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8))
+    model[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    ref = copy.deepcopy(model)
+    opt = ZeroAdam(model.parameters(), lr=1e-2, weight_decay=0.1, state_dtype=fmt, offload="cpu")
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    for s in range(10):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+        for m, o in ((model, opt), (ref, adamw)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
+    if fmt == "fp32":
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert float((p - q).norm() / q.norm()) <= 1e-5

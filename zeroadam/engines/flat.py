@@ -371,11 +371,18 @@ class FlatEngine(Engine):
                 continue
             shard = sp.param_shard()
             sc = StepScalars.for_group(hyper, sp.step, scale, sp.group_index)
+            ranges = self._updated_ranges(sp)
             if sp.param_host is None:
-                run = Run(param=shard, grad=sp.grad_shard, moments=sp.moments, master=sp.master, index_base=sp.lo)
-                fused_update(run, sc, setup.backend)
+                for a, b in ranges:
+                    fused_update(self._chunk_run(sp, a, shard.narrow(0, a, b - a)), sc, setup.backend)
             else:
-                sp.param_host.update(shard, lambda a, chunk: fused_update(self._chunk_run(sp, a, chunk), sc, setup.backend))
+                def update_chunk(start: int, chunk: torch.Tensor) -> None:
+                    for a, b in ranges:
+                        lo, hi = max(a, start), min(b, start + chunk.numel())
+                        if lo < hi:
+                            fused_update(self._chunk_run(sp, lo, chunk.narrow(0, lo - start, hi - lo)), sc, setup.backend)
+
+                sp.param_host.update(shard, update_chunk)
             if self.group.world > 1:
                 # In place: the shard is this rank's slice of the flat buffer, as NCCL and gloo allow (a copy of a
                 # shard each step would be a large allocation; on a CPU its fresh pages cost a kernel zeroing).
@@ -383,6 +390,26 @@ class FlatEngine(Engine):
         for h in handles:
             h.wait()
         self._end_step()
+
+    def _updated_ranges(self, sp: FlatSpace) -> list[tuple[int, int]]:
+        """The ranges [a, b) of the shard that this step updates, in shard coordinates.
+
+        Sharded (more than one rank): the whole shard; a parameter without a gradient counts as zeros on every rank,
+        since no rank can know whether another had one. One rank (offload alone, stage 0): only the parameters
+        with a gradient, as torch.optim.AdamW does, so that frozen parameters get no weight decay. Ranges start
+        on block boundaries (every parameter starts a block)."""
+        n = sp.hi - sp.lo
+        if self.group.world > 1 or all(p.grad is not None for p in sp.params):
+            return [(0, n)]
+        out: list[tuple[int, int]] = []
+        for p, slot in zip(sp.params, sp.layout.slots):
+            if p.grad is None:
+                continue
+            if out and out[-1][1] >= slot.start - BLOCK_SIZE:  # adjacent (only padding between): one range
+                out[-1] = (out[-1][0], slot.end)
+            else:
+                out.append((slot.start, slot.end))
+        return out
 
     @staticmethod
     def _chunk_run(sp: FlatSpace, start: int, param: torch.Tensor) -> Run:
@@ -397,12 +424,14 @@ class FlatEngine(Engine):
         )
 
     def _step_direct(self, sp: FlatSpace, sc: StepScalars) -> None:
-        """Update parameter by parameter, reading p.grad in place (a missing gradient counts as zeros)."""
+        """Update parameter by parameter, reading p.grad in place; a parameter without a gradient is left alone,
+        as torch.optim.AdamW does (see _updated_ranges)."""
         for p, slot in zip(sp.params, sp.layout.slots):
-            grad = p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(slot.numel)
+            if p.grad is None:
+                continue
             run = Run(
                 param=sp.flat.narrow(0, slot.start, slot.numel),
-                grad=grad,
+                grad=p.grad.detach().reshape(-1),
                 moments=sp.moments.narrow(slot.start, slot.numel),
                 master=sp.master.narrow(slot.start, slot.numel),
                 index_base=slot.start,
