@@ -80,3 +80,23 @@ def test_unscale_then_clip_on_shards() -> None:
     scaler.step(opt)
     scaler.update()
     assert opt.skipped_steps == 0
+
+
+def torch_scaler_on_stage2(rank: int, world: int) -> str:
+    model = make_model()
+    opt = zeroadam.ZeroAdam(groups(model), state_dtype="fp32", stage=2, bucket_size=3000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    x, y = batches(1, 1)[0][0]
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    try:
+        scaler.step(opt)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_torch_grad_scaler_on_sharded_gradients_names_ours() -> None:
+    # torch's GradScaler finds no gradient in p.grad at stage 2 (reduced into shards): a clear error, not the
+    # bare "No inf checks were recorded prior to update" AssertionError of its update().
+    for msg in run_ranks(torch_scaler_on_stage2, 2):
+        assert "use zeroadam.GradScaler" in msg

@@ -199,12 +199,21 @@ class ZeroAdam(torch.optim.Optimizer):
         nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0))).item()
         if inv_scale != 1.0:
             self.engine.scale_grads(inv_scale)
+        self._amp_checked = True
         return bool(nonfinite)
 
     def _loss_scale(self) -> tuple[float, bool]:
         """(loss scale to divide by, found_inf) handed over by torch.amp.GradScaler, if any."""
         scale = getattr(self, "grad_scale", None)
         found = getattr(self, "found_inf", None)
+        checked, self._amp_checked = getattr(self, "_amp_checked", False), False
+        if found is not None and not checked and self.engine.amp_owns_gradients():
+            # torch's GradScaler looked for inf / NaN in p.grad, which this engine has already reduced into its
+            # shards and freed: it saw nothing (and its update() would then fail with a bare AssertionError).
+            raise RuntimeError(
+                f"ZeroAdam(stage={self.options.stage}): torch.amp.GradScaler cannot see the gradients, which live in "
+                "ZeroAdam's shards; use zeroadam.GradScaler (the same arguments) instead"
+            )
         s = 1.0 if scale is None else float(scale)
         f = False if found is None else bool(float(found) > 0)
         return s, f
