@@ -144,3 +144,37 @@ def test_process_group_without_this_rank(two_ranks: list[dict]) -> None:
 
 def test_single_rank_group_runs_as_stage0(two_ranks: list[dict]) -> None:
     assert all(r["single_group_engine"] for r in two_ranks)
+
+
+def clip_warnings(rank: int, world: int) -> dict:
+    import warnings as w
+
+    out = {}
+    for name, kwargs, clip in (
+        ("torch_clip", {}, "torch"),
+        ("max_grad_norm", {"max_grad_norm": 1.0}, None),
+        ("our_clip", {}, "ours"),
+    ):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Tanh(), torch.nn.Linear(300, 4))
+        opt = ZeroAdam(model.parameters(), stage=2, bucket_size=1000, gradient_sync="optimizer", **kwargs)
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            for _ in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                if clip == "torch":
+                    out["torch_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+                elif clip == "ours":
+                    opt.clip_grad_norm_(1.0)
+                opt.step()
+                opt.zero_grad()
+        out[name] = sum("clip_grad_norm_" in str(c.message) for c in caught)
+    return out
+
+
+def test_a_step_after_hidden_gradients_without_our_clipping_warns_once() -> None:
+    # See [Note: clipping what p.grad no longer holds] in zeroadam/optimizer.py.
+    for r in run_ranks(clip_warnings, 2):
+        assert r["torch_norm"] == 0.0  # what the user's clip saw: nothing
+        assert r["torch_clip"] == 1  # once, over two steps
+        assert r["max_grad_norm"] == 0 and r["our_clip"] == 0

@@ -23,6 +23,20 @@ __all__ = ["ZeroAdam"]
 _UNSUPPORTED = ("amsgrad", "capturable", "differentiable")
 
 
+# [Note: clipping what p.grad no longer holds]
+# At stage 2 (without a DDP wrapper) and stage 3 the gradients leave p.grad during backward, reduced into the shards;
+# torch.nn.utils.clip_grad_norm_(model.parameters(), ...) then finds no gradient, returns 0 and clips nothing, and
+# torch gives us no way to see that it was called. What we can see is a step without any clipping of ours
+# (max_grad_norm=None and no optimizer.clip_grad_norm_ since the last step) after such a backward: the first one
+# warns, once per optimizer, with the fix. A loop that does not clip at all can silence it with a warnings filter.
+_HIDDEN_GRADS_WARNING = (
+    "ZeroAdam(stage={stage}) reduced the gradients into its shards during backward, so p.grad is None between "
+    "backward and step: torch.nn.utils.clip_grad_norm_ (or any code that reads p.grad) sees no gradient and clips "
+    "nothing. Clip with ZeroAdam(max_grad_norm=...) or optimizer.clip_grad_norm_(max_norm) instead. If you do not "
+    "clip, ignore this warning (shown once)."
+)
+
+
 def _refuse_flag(name: str, value: Any, where: str) -> None:
     if value:
         raise ValueError(
@@ -110,6 +124,7 @@ class ZeroAdam(torch.optim.Optimizer):
         # a step (it then holds its lr scheduler and counts the skip), as Megatron-style loops do.
         self.overflow = False
         self._warned_skip = False
+        self._warned_hidden_grads = False
         self._pending_clip: Optional[float] = None  # set by clip_grad_norm_, consumed by the next step
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
@@ -227,6 +242,9 @@ class ZeroAdam(torch.optim.Optimizer):
         else:
             norm = self._global_norm(loss_scale)
         self._pending_clip = None
+        if max_norm is None and not self._warned_hidden_grads and self.engine.hides_gradients():
+            self._warned_hidden_grads = True
+            warnings.warn(_HIDDEN_GRADS_WARNING.format(stage=self.options.stage), UserWarning, stacklevel=3)
         if found_inf or not torch.isfinite(torch.tensor(norm)):
             return None
         clip = 1.0

@@ -71,6 +71,11 @@ class Engine(abc.ABC):
         unscale them through ``scale_grads`` (see zeroadam/amp.py) rather than in ``p.grad``."""
         return True
 
+    def hides_gradients(self) -> bool:
+        """True when backward moved the gradients out of ``p.grad`` into the engine's shards, so that code reading
+        ``p.grad`` between backward and step (``torch.nn.utils.clip_grad_norm_``, logging) sees None."""
+        return False
+
     # ---------------------------------------------------------------- gradients
     def before_step(self) -> None:
         """Make the gradients of this step final (finish reductions). Collective for sharded engines."""

@@ -262,6 +262,9 @@ class FlatEngine(Engine):
         # and skip (a step it does not call) keep Accelerate's step_was_skipped right, as with torch.optim.AdamW.
         return not self.grads_from_wrapper()
 
+    def hides_gradients(self) -> bool:
+        return self.buckets is not None and not self.grads_from_wrapper()
+
     def defer_gradient_sync(self, deferred: bool) -> None:
         if self.buckets is not None:
             self.buckets.sync = not deferred

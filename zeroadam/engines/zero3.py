@@ -121,6 +121,9 @@ class Zero3Engine(Engine):
         finally:
             self.sharded.sync = old
 
+    def hides_gradients(self) -> bool:
+        return True  # each unit's gradients are reduce-scattered into its shard during backward
+
     def _grad_of(self, piece: Piece) -> torch.Tensor:
         g = piece.flat.grad_shard
         if g is None:
