@@ -18,14 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any, pg_timeout: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout))
         result = fn(rank, world, *args)
         # Tensors go by value: shared-memory handles die with this process.
         buf = io.BytesIO()
@@ -38,16 +38,17 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0, pg_timeout: float = 60.0) -> list[Any]:
     """Run fn(rank, world, *args) on `world` spawned gloo ranks; returns the results by rank.
 
     Raises RuntimeError with every failing rank's traceback; a rank that does not finish within `timeout`
-    seconds fails the call (no test hangs).
+    seconds fails the call (no test hangs). ``pg_timeout``: the process group's own timeout, after which a rank
+    blocked in a collective gets an error (short for tests where one rank is expected to wait in vain).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, pg_timeout), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

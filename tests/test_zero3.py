@@ -390,3 +390,48 @@ def test_offload_host_copies_in_chunks_equal_no_offload(world: int) -> None:
         for fmt, (plain, off) in res.items():
             for a, b in zip(off, plain):
                 assert float((a - b).norm() / b.norm()) <= 1e-6, fmt
+
+
+def user_traps(rank: int, world: int) -> dict:
+    """What nanoGPT-style code does with a sharded model: each must be a clear error, never a broken file, a crash
+    of the process or a hang."""
+    import torch.distributed as dist
+
+    out: dict = {}
+    model = zeroadam.shard_model(make())
+    try:
+        model.state_dict()
+        out["state_dict"] = "no error"
+    except RuntimeError as e:
+        out["state_dict"] = str(e)
+    out["full_still_works"] = len(zeroadam.full_state_dict(model)) == len(make().state_dict())
+    try:
+        torch.nn.parallel.DistributedDataParallel(model)
+        out["ddp"] = "no error"
+    except RuntimeError as e:
+        out["ddp"] = str(e)
+    # Evaluation on rank 0 alone while rank 1 goes on to something else (a barrier).
+    x = data(1, 1)[0][0][0]
+    if rank == 0:
+        try:
+            with torch.no_grad():
+                model(x)
+            out["eval"] = "no error"
+        except RuntimeError as e:
+            out["eval"] = str(e)
+    else:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+        out["eval"] = ""
+    return out
+
+
+def test_sharded_model_traps_are_clear_errors() -> None:
+    results = run_ranks(user_traps, 2, timeout=90, pg_timeout=5)
+    for r in results:
+        assert "zeroadam.full_state_dict(model) on every rank" in r["state_dict"]
+        assert r["full_still_works"]
+        assert "DistributedDataParallel is not needed" in r["ddp"]
+    assert "Every rank runs every forward" in results[0]["eval"]

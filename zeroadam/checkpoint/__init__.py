@@ -25,6 +25,7 @@ optimizer, so a truncated, corrupted or mismatched checkpoint raises on every ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -290,7 +291,9 @@ def _stage_load(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate everything this rank needs; returns (model state dict, optimizer state dict). Pure."""
     info = read_info(path)
-    model_sd = model.state_dict()
+    sharded = getattr(model, "_zeroadam_sharded", None)
+    with sharded.state_dict_views() if sharded is not None else contextlib.nullcontext():
+        model_sd = model.state_dict()  # names and shapes only
     _check_model(info, model_sd)
     _check_groups(info, opt, names)
     need = opt.engine.local_ranges()

@@ -159,6 +159,34 @@ class ShardedModel:
         for p in self.unit_of:
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._views_allowed = 0
+        self._hooks.append(model.register_state_dict_post_hook(lambda *args: self._check_state_dict(*args)))
+
+    # ---------------------------------------------------------------- model.state_dict()
+    @contextlib.contextmanager
+    def state_dict_views(self) -> Iterator[None]:
+        """Inside, ``model.state_dict()`` returns the parameters as they are (released ones hold no values):
+        for code that needs names, shapes or the parameter objects, never the values."""
+        self._views_allowed += 1
+        try:
+            yield
+        finally:
+            self._views_allowed -= 1
+
+    def _check_state_dict(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        # A released unit's parameters have no storage: torch.save would write them, and torch.load then fail
+        # ("Trying to resize storage that is not resizable"). Gathering here would be a collective that a rank
+        # saving alone (rank 0) would hang in, so the values are refused and the collective way named.
+        if self._views_allowed:
+            return
+        for name, t in state_dict.items():
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().nbytes() == 0:
+                raise RuntimeError(
+                    f"model.state_dict() of a model sharded by zeroadam.shard_model has no values for {name!r} (its "
+                    "unit is released): call zeroadam.full_state_dict(model) on every rank (rank 0 gets the whole "
+                    "state dict; rank0_only=True leaves the others empty), or zeroadam.checkpoint.save(path, model, "
+                    "optimizer)"
+                )
 
     # ---------------------------------------------------------------- gather / release
     def _start_gather(self, u: Unit) -> None:
@@ -176,9 +204,18 @@ class ShardedModel:
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
 
     def gather(self, u: Unit) -> None:
-        self._start_gather(u)
-        for h in u.handles:
-            h.wait()
+        try:
+            self._start_gather(u)
+            for h in u.handles:
+                h.wait()
+        except RuntimeError as e:
+            # gloo: "Received data size doesn't match expected size"; NCCL would hang instead.
+            raise RuntimeError(
+                f"zeroadam: gathering the parameters of unit {u.name!r} failed on rank {self.group.rank}. Every rank "
+                "runs every forward of a model sharded by zeroadam.shard_model (each forward all-gathers); to "
+                "evaluate on one rank only, run the forward on all ranks, or build an unsharded copy from "
+                "zeroadam.full_state_dict(model) (every rank calls it) and evaluate that"
+            ) from e
         u.handles.clear()
         u.gathered = True
 
@@ -530,6 +567,12 @@ def shard_model(
         _materialize_buffers(model, target, full_state_dict if source == "state_dict" else None, group)
     sharded = ShardedModel(model, group, built, reshard_after_forward, prefetch)
     model._zeroadam_sharded = sharded  # type: ignore[assignment]
+    # DistributedDataParallel(model) would broadcast the released parameters (0 bytes of storage) and crash the
+    # process with no Python error; told to ignore them, it raises instead ("not needed when a module doesn't have
+    # any parameter that requires a gradient"): ZeroAdam(stage=3) already averages the gradients.
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    )
     for p in sharded.unit_of:
         p._zeroadam_sharded = sharded  # how ZeroAdam(stage=3) finds the shards of the parameters it is given
     return model
@@ -572,7 +615,9 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
             full = st.full_flat(f)
             for p, slot in zip(f.params, f.layout.slots):
                 seen[p] = full.narrow(0, slot.start, slot.numel).view(slot.shape).cpu().clone()
-    for name, t in model.state_dict(keep_vars=True).items():
+    with st.state_dict_views():
+        own = model.state_dict(keep_vars=True)
+    for name, t in own.items():
         if not keep:
             continue
         out[name] = seen[t] if t in seen else t.detach().cpu().clone()
@@ -583,7 +628,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     """Load a whole (unsharded) state dict into a sharded model: each rank copies the pieces of its shards;
     buffers load as usual. Not collective. Keys and shapes must match ``model.state_dict()`` exactly."""
     st = sharded_state(model)
-    own = model.state_dict(keep_vars=True)
+    with st.state_dict_views():
+        own = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise ValueError(
