@@ -1,4 +1,4 @@
-"""``zeroadam demo``: train a small GPT-2 with ZeroAdam on several processes, then with DDP + torch AdamW, and compare.
+"""``zeroadam demo``: train a small GPT-2-style model with ZeroAdam on several processes, then with DDP + torch AdamW, and compare.
 
 The model is a Hugging Face ``GPT2LMHeadModel`` built from a config (nothing is downloaded); the text is the
 CPython standard library's own source, read byte by byte from a sorted prefix of its top-level ``.py`` files, so
@@ -346,7 +346,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax_loss.set_ylabel("training loss (nats / byte)")
     model = results["model"]
     ax_loss.set_title(
-        f"GPT-2 '{model['size']}' ({model['num_params'] / 1e6:.2f} M parameters) on the CPython stdlib, "
+        f"a {model['num_params'] / 1e6:.2f} M-parameter GPT (demo size '{model['size']}') on the CPython stdlib, "
         f"{results['world_size']} ranks",
         fontsize=10,
     )
@@ -410,8 +410,8 @@ def run_demo(args: argparse.Namespace) -> int:
     num_params = sum(p.numel() for p in build_model(size, cfg.seed).parameters())
     tokens_per_step = world * size.batch_per_rank * size.context
     print(
-        f"zeroadam demo: GPT-2 '{cfg.size}' ({size.n_layer} layers, d={size.n_embd}, context {size.context}; "
-        f"{num_params / 1e6:.2f} M parameters) on {world} {'NCCL GPU' if cuda else 'gloo CPU'} ranks, "
+        f"zeroadam demo: a {num_params / 1e6:.2f} M-parameter GPT ({size.n_layer} layers, d={size.n_embd}, "
+        f"context {size.context}; demo size '{cfg.size}') on {world} {'NCCL GPU' if cuda else 'gloo CPU'} ranks, "
         f"{cfg.steps} steps of {tokens_per_step:,} tokens\n"
         f"data: {len(corpus) / 1e6:.1f} MB of the CPython {sys.version_info.major}.{sys.version_info.minor} standard "
         f"library ({len(files)} files, {files[0]} .. {files[-1]}), byte-level; the last 5% held out",
