@@ -384,11 +384,14 @@ class ZeroAccelerator(Accelerator):
     ) -> Any:
         """Accelerate's ``load_state``. Sharded models release their gathered units first: safetensors inspects the
         parameters' storage before loading, and reads a tied pair in a gathered unit as an alias it cannot place."""
-        for m in self._models:
-            st = _sharded_of(self.unwrap_model(m))
-            if st is not None:
-                st.release_all()
-        return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
+        with contextlib.ExitStack() as views:
+            for m in self._models:
+                st = _sharded_of(self.unwrap_model(m))
+                if st is not None:
+                    st.release_all()
+                    # safetensors' load_model reads model.state_dict() for names and storage aliases only.
+                    views.enter_context(st.state_dict_views())
+            return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
 
     # ---------------------------------------------------------------- training loop
     def _owner_of_params(self, parameters: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], Optional[ZeroAdam]]:
