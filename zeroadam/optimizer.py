@@ -182,10 +182,33 @@ class ZeroAdam(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ---------------------------------------------------------------- gradient scale, clipping, finiteness
-    def _global_norm(self, loss_scale: float) -> float:
-        """The true (unscaled) global L2 norm of the gradients, over all ranks; inf/nan when any is non-finite."""
-        sq = self.engine.all_reduce_sum(self.engine.local_grad_sq_sum())
-        return float(sq.sqrt()) / loss_scale
+    def _global_norm(self, loss_scale: float, phase: int = 0) -> float:
+        """The true (unscaled) global L2 norm of the gradients, over all ranks; inf/nan when any is non-finite.
+
+        ``phase``: which call this is (0 step, 1 clip_grad_norm_, 2 GradScaler.unscale_). With several ranks the
+        all-reduce also carries (k, k²) for k = this optimizer's count of norms so far and the phase: the ranks
+        agree exactly when W·Σk² = (Σk)², so a rank that skipped a step() (or a clip) the others made is caught at
+        once, on every rank, instead of pairing its step N with their step N + 1."""
+        sq = self.engine.local_grad_sq_sum()
+        if self.engine.group.world == 1:
+            return float(sq.sqrt()) / loss_scale
+        self._norm_count = getattr(self, "_norm_count", 0) + 1
+        # Exact in fp64 (k² up to 2^53): the norm's number, its phase and the backward passes since the last step.
+        k = float((4 * self._norm_count + phase) * 1024 + min(self.engine.backward_passes(), 1023))
+        packed = torch.tensor([0.0, k, k * k], dtype=torch.float64, device=sq.device)
+        packed[0] = sq
+        packed = self.engine.all_reduce_sum(packed)
+        world = self.engine.group.world
+        if float(packed[2]) * world != float(packed[1]) ** 2:
+            names = ("step()", "clip_grad_norm_()", "GradScaler.unscale_()")
+            raise RuntimeError(
+                f"ZeroAdam: ranks are out of step: this rank (rank {self.engine.group.rank}) is at its norm number "
+                f"{self._norm_count} ({names[phase]}) after {self.engine.backward_passes()} backward passes, but not "
+                "every rank is. A rank skipped a backward(), step(), clip_grad_norm_() or GradScaler.unscale_() that "
+                "the others made (e.g. a data-dependent branch or an early exit taken on one rank only): every rank "
+                "must make the same calls"
+            )
+        return float(packed[0].sqrt()) / loss_scale
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -197,7 +220,7 @@ class ZeroAdam(torch.optim.Optimizer):
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid norm_type={norm_type!r}; only 2.0 is supported")
         if not isinstance(max_norm, (int, float)) or max_norm <= 0:
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid max_norm={max_norm!r}; expected a number > 0")
-        norm = self._global_norm(1.0)
+        norm = self._global_norm(1.0, phase=1)
         self._pending_clip = float(max_norm)
         self._pending_norm = norm
         return torch.tensor(norm)
@@ -211,7 +234,7 @@ class ZeroAdam(torch.optim.Optimizer):
     def _amp_unscale(self, inv_scale: float) -> bool:
         """For zeroadam.GradScaler: multiply the (sharded) gradients by inv_scale; True when any is non-finite
         on any rank (collective)."""
-        nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0))).item()
+        nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0, phase=2))).item()
         if inv_scale != 1.0:
             self.engine.scale_grads(inv_scale)
         self._amp_checked = True

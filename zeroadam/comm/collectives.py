@@ -6,9 +6,21 @@ this rank: a reduce-scatter of a Ψ-element buffer counts Ψ, an all-gather into
 reduce of an n-element piece counts n. This is the accounting of the ZeRO paper (stages 1 and 2 move 2Ψ
 elements per step, the same as DDP's all-reduce, itself a reduce-scatter plus an all-gather). A ring
 implementation sends (W - 1) / W of that over each link; ``ring_bytes`` reports that figure too.
+
+[Note: collective timeout]
+A rank that skipped a call the others made (``step()``, ``backward()``, a forward of a sharded model) leaves the
+others blocked in a collective until the process group's timeout: 30 minutes on gloo by default. ZeroAdam waits on
+its own collectives for at most ``ZEROADAM_COLLECTIVE_TIMEOUT`` seconds (default 300, "0" for no limit of ours) on
+gloo, where an async collective waited with a timeout costs nothing, and then raises a RuntimeError saying what
+was waited for and the likely cause. The process group is then unusable (the collective is still pending there):
+the run has to stop, as after any collective failure. On NCCL the wait is left to torch: its watchdog aborts a
+collective after the process group's timeout (``init_process_group(timeout=...)``, 10 minutes by default), and
+``TORCH_NCCL_TRACE_BUFFER_SIZE`` turns on the flight recorder that shows which collective each rank was in.
 """
 from __future__ import annotations
 
+import datetime
+import os
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +45,9 @@ __all__ = [
     "all_gather_into",
     "all_reduce_sum",
     "all_gather_objects",
+    "Pending",
+    "collective_timeout",
+    "COLLECTIVE_TIMEOUT_S",
 ]
 
 
@@ -90,31 +105,78 @@ class Group:
         return dist.get_global_rank(self.pg, rank) if self.pg is not dist.group.WORLD else rank
 
 
+COLLECTIVE_TIMEOUT_S = 300.0
+"""Default of ZEROADAM_COLLECTIVE_TIMEOUT (see [Note: collective timeout]): well under gloo's 30 minutes, and far
+above any honest wait (a step's collectives take milliseconds to seconds)."""
+
+
+def collective_timeout(group: Group) -> Optional[float]:
+    """Seconds ZeroAdam waits on a collective of ``group``, or None to leave it to the process group."""
+    raw = os.environ.get("ZEROADAM_COLLECTIVE_TIMEOUT")
+    try:
+        value = COLLECTIVE_TIMEOUT_S if raw is None else float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(
+            f"ZeroAdam: invalid ZEROADAM_COLLECTIVE_TIMEOUT={raw!r}; expected a number of seconds >= 0 (0: no limit)"
+        )
+    if value == 0 or group.world == 1 or str(dist.get_backend(group.pg)) != "gloo":
+        return None
+    return value
+
+
+@dataclass
+class Pending:
+    """An async collective: ``wait()`` waits at most the collective timeout (see [Note: collective timeout])."""
+
+    work: Any
+    group: Group
+    what: str
+
+    def wait(self) -> None:
+        timeout = collective_timeout(self.group)
+        try:
+            if timeout is None:
+                self.work.wait()
+            else:
+                self.work.wait(datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            limit = f"within {timeout:g} s (ZEROADAM_COLLECTIVE_TIMEOUT)" if timeout is not None else ""
+            raise RuntimeError(
+                f"zeroadam: the {self.what} on rank {self.group.rank} of {self.group.world} did not complete {limit}: "
+                f"{e}. The ranks' collectives do not match: another rank is probably elsewhere — it skipped a "
+                "step(), a backward() or a forward of a sharded model that this rank ran, or built a different model "
+                "or options. The process group cannot be used after this."
+            ) from e
+
+
 def reduce_scatter_avg(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
     """out = mean over ranks of this rank's chunk of ``full`` (synchronous)."""
-    stats.add("reduce_scatter", full)
-    reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg)
+    reduce_scatter_sum(group, out, full, stats)
     out.mul_(1.0 / group.world)
 
 
 def reduce_scatter_sum(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
     """out = sum over ranks of this rank's chunk of ``full`` (synchronous)."""
     stats.add("reduce_scatter", full)
-    reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg)
+    work = reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+    Pending(work, group, "gradient reduce-scatter").wait()
 
 
-def reduce_to(group: Group, piece: torch.Tensor, dst: int, stats: CommStats) -> Any:
-    """Async sum of ``piece`` into rank ``dst``'s copy; returns the work handle."""
+def reduce_to(group: Group, piece: torch.Tensor, dst: int, stats: CommStats) -> Pending:
+    """Async sum of ``piece`` into rank ``dst``'s copy."""
     stats.add("reduce", piece)
-    return dist.reduce(piece, dst=group.global_rank(dst), op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+    work = dist.reduce(piece, dst=group.global_rank(dst), op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+    return Pending(work, group, "gradient bucket reduce")
 
 
-def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: Optional[CommStats]) -> Any:
-    """Async all-gather of equal shards into ``full``; returns the work handle. ``stats`` None: not counted (a
-    gather outside the step, for a state dict)."""
+def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: Optional[CommStats]) -> Pending:
+    """Async all-gather of equal shards into ``full``. ``stats`` None: not counted (a gather outside the step, for a
+    state dict)."""
     if stats is not None:
         stats.add("all_gather", full)
-    return all_gather_single(full, shard, group=group.pg, async_op=True)
+    return Pending(all_gather_single(full, shard, group=group.pg, async_op=True), group, "parameter all-gather")
 
 
 def broadcast_from_first(group: Group, t: torch.Tensor) -> None:
@@ -140,7 +202,8 @@ def all_reduce_sum(group: Group, t: torch.Tensor, stats: Optional[CommStats] = N
             dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group.pg)
             t.copy_(on_gpu)
         else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group.pg)
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+            Pending(work, group, "all-reduce of the gradient norm").wait()
     return t
 
 

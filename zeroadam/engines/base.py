@@ -76,6 +76,11 @@ class Engine(abc.ABC):
         ``p.grad`` between backward and step (``torch.nn.utils.clip_grad_norm_``, logging) sees None."""
         return False
 
+    def backward_passes(self) -> int:
+        """Backward passes over these parameters since the last step, where the engine counts them (0 where it
+        does not): the ranks compare it at the step, so one that skipped a backward is caught."""
+        return 0
+
     # ---------------------------------------------------------------- gradients
     def before_step(self) -> None:
         """Make the gradients of this step final (finish reductions). Collective for sharded engines."""

@@ -121,6 +121,14 @@ class FlatEngine(Engine):
             position = {p: i / len(g["params"]) for g in setup.param_groups for i, p in enumerate(g["params"])}
             self.buckets = GradBuckets(self.spaces, group, setup.options.bucket_size, self.stats, position)
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
+        # Backward passes since the last step, told to the other ranks with the norm (see backward_passes).
+        self._passes = 0
+        self._in_pass = False
+        self._pass_hooks = []
+        if group.world > 1:
+            for p in setup.params():
+                if p.requires_grad:
+                    self._pass_hooks.append(p.register_post_accumulate_grad_hook(self._count_pass))
 
     # ---------------------------------------------------------------- construction
     def _fingerprint(self) -> list[tuple[str, Any]]:
@@ -257,6 +265,18 @@ class FlatEngine(Engine):
             self._close_ddp_watch()
         return self._grad_sync == "wrapper"
 
+    def _count_pass(self, p: torch.Tensor) -> None:
+        if not self._in_pass:
+            self._in_pass = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self) -> None:
+        self._in_pass = False
+        self._passes += 1
+
+    def backward_passes(self) -> int:
+        return self._passes
+
     def amp_owns_gradients(self) -> bool:
         # Not when a DDP wrapper averages the gradients: p.grad then holds all of them, and GradScaler's own unscale
         # and skip (a step it does not call) keep Accelerate's step_was_skipped right, as with torch.optim.AdamW.
@@ -356,6 +376,7 @@ class FlatEngine(Engine):
         self._reduced = False
 
     def _end_step(self) -> None:
+        self._passes = 0
         self._clear_grads()
         self._last_stats = self.stats.snapshot()
         self.stats.reset()
