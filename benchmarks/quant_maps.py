@@ -18,8 +18,8 @@ stores and reloads them. Two measurements:
   jittered by 1e-6 (relative) gives the noise floor: how much the final loss moves from a perturbation alone.
 
 Every unsigned map keeps a non-zero v off code 0 (the stored maps' rule, see ``zeroadam.formats.quant``), so the
-comparison is between maps, not between that rule and its absence. ``quant.dynamic_map`` returns 257 entries,
-one more than a byte holds; it is used as it is, which can only favour it.
+comparison is between maps, not between that rule and its absence. ``code_maps.dynamic_map`` has 256 (unsigned)
+and 255 (signed) entries, so it fits a byte like the others.
 
 Run: ``python benchmarks/quant_maps.py`` (about 1-3 minutes on 2 CPU cores); writes
 ``benchmarks/results/quant_maps.json``.
@@ -45,7 +45,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import charlm  # noqa: E402  (tests/charlm.py: the model and data shared with the training tests)
 
-from zeroadam import MIN_QUANT_NUMEL, adamw_reference, quant  # noqa: E402
+import code_maps  # noqa: E402  (benchmarks/code_maps.py: the candidate maps)
+
+from zeroadam import MIN_QUANT_NUMEL, adamw_reference  # noqa: E402
+from zeroadam.formats import quant  # noqa: E402
 from zeroadam.options import BLOCK_SIZE  # noqa: E402
 
 Kind = Literal["signed", "unsigned"]
@@ -79,24 +82,24 @@ def linear_map(kind: Kind) -> CodeMap:
 
 
 def dynamic_tree_map(kind: Kind) -> CodeMap:
-    table = quant.dynamic_map(kind)
+    table = code_maps.dynamic_map(kind)
     zero = int(torch.nonzero(table == 0).item())
 
     def enc(y: torch.Tensor) -> torch.Tensor:
-        idx = quant.encode_table(y, table)
+        idx = code_maps.encode_table(y, table)
         if kind == "unsigned":
             idx = torch.where((y > 0) & (idx == zero), idx + 1, idx)
         return idx
 
-    return CodeMap("dynamic", kind, enc, lambda i: quant.decode_table(i, table))
+    return CodeMap("dynamic", kind, enc, lambda i: code_maps.decode_table(i, table))
 
 
 def power_map(kind: Kind, power: int) -> CodeMap:
     return CodeMap(
         f"power{power}",
         kind,
-        lambda y: quant.encode_power(y, kind, power),
-        lambda c: quant.decode_power(c, kind, power),
+        lambda y: code_maps.encode_power(y, kind, power),
+        lambda c: code_maps.decode_power(c, kind, power),
     )
 
 
@@ -437,7 +440,7 @@ def main() -> None:
                    "train_chars": corpus.train.numel(), "val_chars": corpus.val.numel(), "eval_windows": EVAL_WINDOWS},
             "sources": {s.name: {"description": s.description, "numel": s.x0.numel()} for s in sources},
             "quantized_tensors": quantized_tensors,
-            "dynamic_map_entries": {k: quant.dynamic_map(k).numel() for k in ("signed", "unsigned")},
+            "dynamic_map_entries": {k: code_maps.dynamic_map(k).numel() for k in ("signed", "unsigned")},
             "unsigned_floor": "every unsigned map keeps v > 0 off code 0",
             "torch": torch.__version__,
             "python": platform.python_version(),
