@@ -10,7 +10,7 @@ stores and reloads them. Two measurements:
 
 * open loop: the same gradient sequence is fed to every candidate, and the error is the relative L2 distance of
   the parameter change from the fp32 run's, ``|dx_q - dx_fp32| / |dx_fp32|``, at the last step and the worst
-  over checkpoints. Sources: gradients recorded while training the char-level GPT of ``tests/charlm.py`` on
+  over checkpoints. Sources: gradients recorded while training the char-level GPT of ``benchmarks/charlm.py`` on
   stdlib source (every tensor ZeroAdam would quantize), heavy-tailed synthetic gradients (Student-t noise with
   column scales spread over decades), and sparse embedding-like gradients (Zipf-distributed row activity).
 * closed loop: the char-level GPT is trained with the candidate, from the same init and batches (the setup of
@@ -38,18 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+import charlm  # benchmarks/charlm.py: the model and data shared with the training tests
+import code_maps  # benchmarks/code_maps.py: the candidate maps
 import torch
 
+from zeroadam import MIN_QUANT_NUMEL, adamw_reference
+from zeroadam.formats import quant
+from zeroadam.options import BLOCK_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import charlm  # noqa: E402  (tests/charlm.py: the model and data shared with the training tests)
-
-import code_maps  # noqa: E402  (benchmarks/code_maps.py: the candidate maps)
-
-from zeroadam import MIN_QUANT_NUMEL, adamw_reference  # noqa: E402
-from zeroadam.formats import quant  # noqa: E402
-from zeroadam.options import BLOCK_SIZE  # noqa: E402
 
 Kind = Literal["signed", "unsigned"]
 EVAL_WINDOWS = 128  # as tests/test_training.py
@@ -338,7 +335,7 @@ def main() -> None:
     sources = [
         GradSource(
             "charlm",
-            "gradients recorded from the char-level GPT (tests/charlm.py) on stdlib source during the fp32 run; "
+            "gradients recorded from the char-level GPT (benchmarks/charlm.py) on stdlib source during the fp32 run; "
             f"the {len(quantized_tensors)} tensors ZeroAdam quantizes; warmup + cosine lr as in training",
             x0,
             torch.stack(recorded),
