@@ -9,7 +9,6 @@ implementation sends (W - 1) / W of that over each link; ``ring_bytes`` reports 
 """
 from __future__ import annotations
 
-import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -135,9 +134,3 @@ def all_gather_objects(group: Group, obj: Any) -> list[Any]:
     out: list[Any] = [None] * group.world
     dist.all_gather_object(out, obj, group=group.pg)
     return out
-
-
-def object_digest(obj: Any) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(pickle.dumps(obj)).digest()

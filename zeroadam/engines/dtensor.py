@@ -45,11 +45,7 @@ from zeroadam.state_dict.api import convert_master, convert_moments
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
 
-__all__ = ["DTensorEngine", "Piece", "DTensorParamState", "has_dtensor_params"]
-
-
-def has_dtensor_params(param_groups: list[dict[str, Any]]) -> bool:
-    return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
+__all__ = ["DTensorEngine", "Piece", "DTensorParamState"]
 
 
 @dataclass(eq=False)
