@@ -10,7 +10,7 @@ stores and reloads them. Two measurements:
 
 * open loop: the same gradient sequence is fed to every candidate, and the error is the relative L2 distance of
   the parameter change from the fp32 run's, ``|dx_q - dx_fp32| / |dx_fp32|``, at the last step and the worst
-  over checkpoints. Sources: gradients recorded while training the char-level GPT of ``tests/charlm.py`` on
+  over checkpoints. Sources: gradients recorded while training the char-level GPT of ``benchmarks/charlm.py`` on
   stdlib source (every tensor ZeroAdam would quantize), heavy-tailed synthetic gradients (Student-t noise with
   column scales spread over decades), and sparse embedding-like gradients (Zipf-distributed row activity).
 * closed loop: the char-level GPT is trained with the candidate, from the same init and batches (the setup of
@@ -18,8 +18,8 @@ stores and reloads them. Two measurements:
   jittered by 1e-6 (relative) gives the noise floor: how much the final loss moves from a perturbation alone.
 
 Every unsigned map keeps a non-zero v off code 0 (the stored maps' rule, see ``zeroadam.formats.quant``), so the
-comparison is between maps, not between that rule and its absence. ``quant.dynamic_map`` returns 257 entries,
-one more than a byte holds; it is used as it is, which can only favour it.
+comparison is between maps, not between that rule and its absence. ``code_maps.dynamic_map`` has 256 (unsigned)
+and 255 (signed) entries, so it fits a byte like the others.
 
 Run: ``python benchmarks/quant_maps.py`` (about 1-3 minutes on 2 CPU cores); writes
 ``benchmarks/results/quant_maps.json``.
@@ -38,15 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+import charlm  # benchmarks/charlm.py: the model and data shared with the training tests
+import code_maps  # benchmarks/code_maps.py: the candidate maps
 import torch
 
+from zeroadam import MIN_QUANT_NUMEL, adamw_reference
+from zeroadam.formats import quant
+from zeroadam.options import BLOCK_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import charlm  # noqa: E402  (tests/charlm.py: the model and data shared with the training tests)
-
-from zeroadam import MIN_QUANT_NUMEL, adamw_reference, quant  # noqa: E402
-from zeroadam.options import BLOCK_SIZE  # noqa: E402
 
 Kind = Literal["signed", "unsigned"]
 EVAL_WINDOWS = 128  # as tests/test_training.py
@@ -79,24 +79,24 @@ def linear_map(kind: Kind) -> CodeMap:
 
 
 def dynamic_tree_map(kind: Kind) -> CodeMap:
-    table = quant.dynamic_map(kind)
+    table = code_maps.dynamic_map(kind)
     zero = int(torch.nonzero(table == 0).item())
 
     def enc(y: torch.Tensor) -> torch.Tensor:
-        idx = quant.encode_table(y, table)
+        idx = code_maps.encode_table(y, table)
         if kind == "unsigned":
             idx = torch.where((y > 0) & (idx == zero), idx + 1, idx)
         return idx
 
-    return CodeMap("dynamic", kind, enc, lambda i: quant.decode_table(i, table))
+    return CodeMap("dynamic", kind, enc, lambda i: code_maps.decode_table(i, table))
 
 
 def power_map(kind: Kind, power: int) -> CodeMap:
     return CodeMap(
         f"power{power}",
         kind,
-        lambda y: quant.encode_power(y, kind, power),
-        lambda c: quant.decode_power(c, kind, power),
+        lambda y: code_maps.encode_power(y, kind, power),
+        lambda c: code_maps.decode_power(c, kind, power),
     )
 
 
@@ -335,7 +335,7 @@ def main() -> None:
     sources = [
         GradSource(
             "charlm",
-            "gradients recorded from the char-level GPT (tests/charlm.py) on stdlib source during the fp32 run; "
+            "gradients recorded from the char-level GPT (benchmarks/charlm.py) on stdlib source during the fp32 run; "
             f"the {len(quantized_tensors)} tensors ZeroAdam quantizes; warmup + cosine lr as in training",
             x0,
             torch.stack(recorded),
@@ -437,7 +437,7 @@ def main() -> None:
                    "train_chars": corpus.train.numel(), "val_chars": corpus.val.numel(), "eval_windows": EVAL_WINDOWS},
             "sources": {s.name: {"description": s.description, "numel": s.x0.numel()} for s in sources},
             "quantized_tensors": quantized_tensors,
-            "dynamic_map_entries": {k: quant.dynamic_map(k).numel() for k in ("signed", "unsigned")},
+            "dynamic_map_entries": {k: code_maps.dynamic_map(k).numel() for k in ("signed", "unsigned")},
             "unsigned_floor": "every unsigned map keeps v > 0 off code 0",
             "torch": torch.__version__,
             "python": platform.python_version(),

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from toy import GLOBAL_BATCH, batch, make_model  # the script's folder is on sys.path
+from helpers import GLOBAL_BATCH, batch, make_model  # the script's folder is on sys.path
 
 STEPS, LR = 5, 1e-2
 

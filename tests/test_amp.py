@@ -7,7 +7,8 @@ import torch
 
 import zeroadam
 from distributed import run_ranks
-from test_zero import GLOBAL_BATCH, batches, groups, make_model
+from helpers import make_model
+from test_zero import GLOBAL_BATCH, batches, groups
 
 STEPS, BAD_STEP = 6, 2  # at BAD_STEP rank 0's batch holds an inf: every rank must skip that step
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed import free_port
+from helpers import make_model, max_rel_err
 from zeroadam import ZeroAdam, checkpoint
 from zeroadam.checkpoint import format as fmt_
 from zeroadam.checkpoint import CheckpointError
@@ -38,13 +39,6 @@ TOL = {"fp32": 1e-5, "int8": 2e-3}
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    # 67*97 = 6499 elements (int8 when asked) and 97*13 = 1261 (always fp32): shards end inside parameters, at
-    # other places on 2 and 3 ranks; on 3 ranks one rank holds no bias at all.
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
-
-
 def groups(model: torch.nn.Module) -> list[dict]:
     named = dict(model.named_parameters())
     return [
@@ -74,10 +68,6 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank
 
 def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
-
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(a, b))
 
 
 def cloned(sd: dict) -> dict:
@@ -292,7 +282,7 @@ def three_ranks(rank: int, world: int, root: Path) -> dict:
     before_params, before_state = params_of(model), shard_snapshot(opt)
     out["truncated"] = timed(lambda: checkpoint.load(root / "truncated", model, opt))[0]
     after = shard_snapshot(opt)
-    out["truncated_unchanged"] = rel_err(params_of(model), before_params) == 0 and all(
+    out["truncated_unchanged"] = max_rel_err(params_of(model), before_params) == 0 and all(
         same_state({0: a}, {0: b}) for a, b in zip(before_state.values(), after.values())
     )
 
@@ -307,14 +297,14 @@ def three_ranks(rank: int, world: int, root: Path) -> dict:
 def test_save_on_2_load_into_stage3_on_3_continues_the_same(runs: dict) -> None:
     for fmt, tol in (("fp32", 1e-5), ("int8", 2e-3)):
         for r in runs["three"]:
-            assert rel_err(r[f"{fmt}/stage3_final"], runs["two"][0][f"{fmt}/final"]) <= tol
+            assert max_rel_err(r[f"{fmt}/stage3_final"], runs["two"][0][f"{fmt}/final"]) <= tol
 
 
 def test_save_from_stage3_loads_into_stage2(runs: dict) -> None:
     for fmt in ("fp32", "int8"):
         for r in runs["three"]:
-            assert rel_err(r[f"{fmt}/stage3_to_stage2_loaded"], r[f"{fmt}/stage3_final"]) == 0.0
-            assert rel_err(r[f"{fmt}/stage3_to_stage2_next"], r[f"{fmt}/stage3_next"]) <= 1e-6
+            assert max_rel_err(r[f"{fmt}/stage3_to_stage2_loaded"], r[f"{fmt}/stage3_final"]) == 0.0
+            assert max_rel_err(r[f"{fmt}/stage3_to_stage2_next"], r[f"{fmt}/stage3_next"]) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -336,8 +326,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_save_on_2_load_on_3_continues_the_same(runs: dict, fmt: str) -> None:
     ref = runs["two"][0][f"{fmt}/final"]
     for r in runs["three"]:
-        assert rel_err(r[f"{fmt}/loaded"], runs["two"][0][f"{fmt}/at_save"]) == 0
-        assert rel_err(r[f"{fmt}/final"], ref) <= TOL[fmt]
+        assert max_rel_err(r[f"{fmt}/loaded"], runs["two"][0][f"{fmt}/at_save"]) == 0
+        assert max_rel_err(r[f"{fmt}/final"], ref) <= TOL[fmt]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -347,9 +337,9 @@ def test_save_on_2_load_on_1_process_continues_the_same(runs: dict, fmt: str, of
     model, opt = build(fmt, stage=0, seed=1, offload=offload)
     assert opt.engine.gathers_state_dict == (offload is not None)
     checkpoint.load(runs["root"] / fmt, model, opt)
-    assert rel_err(params_of(model), runs["two"][0][f"{fmt}/at_save"]) == 0
+    assert max_rel_err(params_of(model), runs["two"][0][f"{fmt}/at_save"]) == 0
     train(model, opt, range(BEFORE, BEFORE + AFTER))
-    assert rel_err(params_of(model), runs["two"][0][f"{fmt}/final"]) <= TOL[fmt]
+    assert max_rel_err(params_of(model), runs["two"][0][f"{fmt}/final"]) <= TOL[fmt]
 
 
 def test_int8_codes_are_not_requantized(runs: dict) -> None:
@@ -382,7 +372,7 @@ def _assert_load_fails_unchanged(path: Path, model: torch.nn.Module, opt: ZeroAd
     before_params, before_state = params_of(model), cloned(opt.state_dict())
     with pytest.raises(CheckpointError, match=match):
         checkpoint.load(path, model, opt)
-    assert rel_err(params_of(model), before_params) == 0
+    assert max_rel_err(params_of(model), before_params) == 0
     after = opt.state_dict()
     assert same_state(after["state"], before_state["state"])
     assert after["param_groups"] == before_state["param_groups"]
@@ -439,7 +429,7 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(runs: dict) -> None:
     assert r0["killed/seconds"] < 30
     model, opt = build("fp32", stage=0, seed=1)
     checkpoint.load(runs["root"] / "killed", model, opt)
-    assert rel_err(params_of(model), r0["killed/at_save"]) == 0
+    assert max_rel_err(params_of(model), r0["killed/at_save"]) == 0
     # The next save clears the partial directory the dead rank left behind.
     assert (runs["root"] / ".killed.partial").exists()
     checkpoint.save(runs["root"] / "killed", model, opt)
@@ -454,7 +444,7 @@ def test_crash_between_renames_is_recovered(tmp_path: Path) -> None:
     other, other_opt = build("fp32", stage=0, seed=4)
     with pytest.warns(RuntimeWarning, match="interrupted"):
         checkpoint.load(tmp_path / "ck", other, other_opt)
-    assert rel_err(params_of(other), params_of(model)) == 0
+    assert max_rel_err(params_of(other), params_of(model)) == 0
     checkpoint.save(tmp_path / "ck", model, opt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
@@ -477,12 +467,12 @@ def test_consolidated_files_load_into_plain_pytorch(runs: dict, tmp_path: Path) 
     assert run_consolidate(parser.parse_args([str(runs["root"] / "fp32"), str(tmp_path / "model.pt"), "--optimizer"])) == 0
     plain = make_model(5)
     plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    assert rel_err(params_of(plain), runs["two"][0]["fp32/at_save"]) == 0
+    assert max_rel_err(params_of(plain), runs["two"][0]["fp32/at_save"]) == 0
     # The AdamW state continues the run: torch.optim.AdamW ends where ZeroAdam did without the interruption.
     adamw = torch.optim.AdamW(groups(plain), lr=1e-2, weight_decay=0.0)
     adamw.load_state_dict(torch.load(tmp_path / "model.optim.pt", weights_only=True))
     train(plain, adamw, range(BEFORE, BEFORE + AFTER))
-    assert rel_err(params_of(plain), runs["two"][0]["fp32/final"]) <= TOL["fp32"]
+    assert max_rel_err(params_of(plain), runs["two"][0]["fp32/final"]) <= TOL["fp32"]
 
 
 def test_inspect_reports_world_stage_formats_and_sizes(runs: dict, capsys: pytest.CaptureFixture) -> None:
@@ -513,7 +503,7 @@ def test_bf16_parameters_with_compact_master_round_trip(tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "ck", model, opt)
     other, other_opt = bf16_model(1)
     checkpoint.load(tmp_path / "ck", other, other_opt)
-    assert rel_err(params_of(other), params_of(model)) == 0
+    assert max_rel_err(params_of(other), params_of(model)) == 0
     assert same_state(other_opt.state_dict()["state"], opt.state_dict()["state"])
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from toy import GLOBAL_BATCH, batch, make_model
+from helpers import GLOBAL_BATCH, batch, make_model, max_rel_err
 from zeroadam import ZeroAdam
 
 WORLD, STEPS = 2, 4
@@ -87,10 +87,6 @@ def ref() -> list[torch.Tensor]:
     return reference()
 
 
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("sync", ["wrapper", "auto"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ddp_wrapper_averages_and_zeroadam_sends_no_gradient(
@@ -99,7 +95,7 @@ def test_ddp_wrapper_averages_and_zeroadam_sends_no_gradient(
     # "auto" sees the DistributedDataParallel forward over its parameters (no Accelerate here).
     for r in ranks:
         res = r[f"ddp_{sync}_{stage}"]
-        assert rel_err(res["params"], ref) <= 1e-5
+        assert max_rel_err(res["params"], ref) <= 1e-5
         assert set(res["comm"]) == {"all_reduce", "all_gather"}  # the check, the norm, the parameters
         assert res["grads_kept"] == 4 and not res["warnings"]
 
@@ -107,7 +103,7 @@ def test_ddp_wrapper_averages_and_zeroadam_sends_no_gradient(
 def test_wrapper_mode_without_a_wrapper_reduces_and_warns(ranks: list[dict], ref: list[torch.Tensor]) -> None:
     for r in ranks:
         res = r["unwrapped_wrapper"]
-        assert rel_err(res["params"], ref) <= 1e-5
+        assert max_rel_err(res["params"], ref) <= 1e-5
         assert "reduce_scatter" in res["comm"]
         assert len(res["warnings"]) == 1 and "p.grad differs between ranks" in res["warnings"][0]
 
@@ -115,13 +111,13 @@ def test_wrapper_mode_without_a_wrapper_reduces_and_warns(ranks: list[dict], ref
 def test_auto_without_a_ddp_framework_reduces_itself(ranks: list[dict], ref: list[torch.Tensor]) -> None:
     for r in ranks:
         res = r["auto"]
-        assert rel_err(res["params"], ref) <= 1e-5
+        assert max_rel_err(res["params"], ref) <= 1e-5
         assert "reduce" in res["comm"] and res["grads_kept"] == 0
 
 
 def test_parameters_moved_by_module_to_are_rebound(ranks: list[dict], ref: list[torch.Tensor]) -> None:
     for r in ranks:
-        assert rel_err(r["moved"]["params"], ref) <= 1e-5
+        assert max_rel_err(r["moved"]["params"], ref) <= 1e-5
         assert "build the optimizer after moving the model" in r["moved_dtype"]
 
 

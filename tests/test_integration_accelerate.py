@@ -13,18 +13,13 @@ import torch
 pytest.importorskip("accelerate")
 
 from distributed import run_ranks  # noqa: E402
+from helpers import make_model, max_rel_err  # noqa: E402
 
 WORLD = 2
 GLOBAL_BATCH = 12
 STEPS, MICRO, CLIP, SAVE_AT = 6, 2, 0.5, 3
 LR = 1e-2
 BAD_STEP = 2  # GradScaler runs: rank 0's loss is inf at this step, so every rank must skip it
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    # 67*97 = 6499 and 97*13 = 1261 elements: shards end inside parameters and blocks need padding.
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
 
 
 def groups(model: torch.nn.Module) -> list[dict]:
@@ -91,10 +86,6 @@ class Tied(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.body(self.emb(idx))))
-
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------------------------------------- ranks
@@ -214,7 +205,7 @@ def _zero_scaler_run(rank: int, stage: int) -> dict:
         "scales": scales,
         "norms": norms,
         "params": params[-1],
-        "untouched": rel_err(params[BAD_STEP], params[BAD_STEP - 1]) == 0.0,
+        "untouched": max_rel_err(params[BAD_STEP], params[BAD_STEP - 1]) == 0.0,
     }
 
 
@@ -251,7 +242,7 @@ def _stage3_tied_checkpoint(rank: int, ckpt: str) -> dict:
     with torch.no_grad():
         loaded_out = model(idx)
     out = {
-        "params_err": rel_err(_full_params(model), saved),
+        "params_err": max_rel_err(_full_params(model), saved),
         "out_err": float((loaded_out - saved_out).abs().max()),
         "moved": float((moved_out - saved_out).abs().max()),
     }
@@ -336,17 +327,17 @@ def test_trains_like_adamw_on_the_global_batch(ranks: list[dict], ref, kind: str
     ref_params, ref_norms = ref
     for r in ranks:
         res = r[kind, stage]
-        assert rel_err(res["params"], ref_params) <= 1e-5
+        assert max_rel_err(res["params"], ref_params) <= 1e-5
         # accelerator.clip_grad_norm_ returns (and clips by) the global norm of the averaged gradients.
         assert max(abs(a - b) / b for a, b in zip(res["norms"], ref_norms)) <= 1e-5
     assert max(ref_norms) > CLIP  # clipping is active
-    assert rel_err(ranks[1][kind, stage]["params"], ranks[0][kind, stage]["params"]) == 0.0
+    assert max_rel_err(ranks[1][kind, stage]["params"], ranks[0][kind, stage]["params"]) == 0.0
 
 
 @pytest.mark.parametrize(("kind", "stage"), RUNS)
 def test_save_state_load_state_resumes_exactly(ranks: list[dict], kind: str, stage: int) -> None:
     for r in ranks:
-        assert rel_err(r[kind, stage, "resumed"]["params"], r[kind, stage]["params"]) == 0.0
+        assert max_rel_err(r[kind, stage, "resumed"]["params"], r[kind, stage]["params"]) == 0.0
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -405,7 +396,7 @@ def test_zero_accelerator_fp16_skips_are_reported(ranks: list[dict], scaler_ref,
         assert res["skipped"] == [s == BAD_STEP for s in range(STEPS)]  # on every rank, from one global check
         assert res["untouched"]  # the skipped step left the parameters as they were
         assert res["scales"] == ref_scales
-        assert rel_err(res["params"], ref_params) <= 1e-5
+        assert max_rel_err(res["params"], ref_params) <= 1e-5
         # Clipping unscaled first: the norms are the true ones (inf at the skipped step).
         good = [i for i in range(STEPS) if i != BAD_STEP]
         assert max(abs(res["norms"][i] - ref_norms[i]) / ref_norms[i] for i in good) <= 1e-5
@@ -417,7 +408,7 @@ def test_grad_scaler_skips_are_reported_to_accelerate(ranks: list[dict]) -> None
         ours, adamw = r["scaler", "zeroadam"], r["scaler", "adamw"]
         assert ours["skipped"] == adamw["skipped"] == [False, False, True, False, False, False]
         assert ours["scales"] == adamw["scales"]
-        assert rel_err(ours["params"], adamw["params"]) <= 1e-5
+        assert max_rel_err(ours["params"], adamw["params"]) <= 1e-5
 
 
 def test_zero_accelerator_refuses_what_it_cannot_do(ranks: list[dict]) -> None:

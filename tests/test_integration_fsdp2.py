@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from helpers import max_rel_err
 from zeroadam import GradScaler, ZeroAdam
 
 WORLD, GLOBAL_BATCH, STEPS, SAVE_AT, CLIP, SKIP = 2, 12, 5, 3, 0.5, 2
 HYPER = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=CLIP)
 
 
-def make_model() -> torch.nn.Sequential:
+def make_three_layer_model() -> torch.nn.Sequential:
     torch.manual_seed(0)
     # 97*67 = 6499 and 61*97 = 5917 elements (int8 state); FSDP2 cuts them after 49*67 = 3283 and 31*97 = 3007
     # elements, inside a 256-element block. 13*61 = 793 keeps fp32 state.
@@ -66,7 +67,7 @@ def sharded(rank: int, world: int):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
+    model = make_three_layer_model()
     for layer in (model[0], model[2], model[4]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -142,12 +143,8 @@ def ranks(ckpt_dir: str) -> list[dict]:
     return run_ranks(suite, WORLD, ckpt_dir, timeout=240)
 
 
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
-
-
 def reference_adamw(skip: tuple[int, ...] = ()) -> list[torch.Tensor]:
-    model = make_model()
+    model = make_three_layer_model()
     opt = torch.optim.AdamW(model.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
     for s in range(STEPS):
         x, y = batch(s)
@@ -162,7 +159,7 @@ def reference_adamw(skip: tuple[int, ...] = ()) -> list[torch.Tensor]:
 def test_fp32_state_trains_like_adamw(ranks: list[dict]) -> None:
     ref = reference_adamw()
     for r in ranks:
-        assert rel_err(r["fp32"], ref) <= 1e-5
+        assert max_rel_err(r["fp32"], ref) <= 1e-5
 
 
 def test_grad_scaler_unscale_and_clip_with_a_skipped_step(ranks: list[dict]) -> None:
@@ -172,24 +169,24 @@ def test_grad_scaler_unscale_and_clip_with_a_skipped_step(ranks: list[dict]) -> 
     for r in ranks:
         assert r["scaler_scale"] == 2.0**9
         # The scale is a power of two, so scaling and unscaling are exact: the fp32 run's tolerance holds.
-        assert rel_err(r["scaler"], ref) <= 1e-5
+        assert max_rel_err(r["scaler"], ref) <= 1e-5
 
 
 def test_int8_state_is_the_same_as_one_process(ranks: list[dict]) -> None:
     """Blocks follow the global parameter, so a 2-rank mesh keeps the state one process keeps."""
-    model = make_model()
+    model = make_three_layer_model()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, range(SAVE_AT))
     one_params, one_moments = [p.detach().clone() for p in model.parameters()], moments(opt, model)
     for r in ranks:
-        assert rel_err(r["int8_at_save"], one_params) <= 1e-5
+        assert max_rel_err(r["int8_at_save"], one_params) <= 1e-5
         assert sorted(r["moments_at_save"]) == sorted(one_moments) == ["0.weight", "2.weight"]
         for name, m in one_moments.items():
             assert float((r["moments_at_save"][name] - m).norm() / m.norm()) <= 1e-5
 
 
 def test_state_lives_on_the_local_shard(ranks: list[dict]) -> None:
-    model = make_model()
+    model = make_three_layer_model()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, range(1))
     whole = opt.memory_stats()["state_bytes"]
@@ -203,7 +200,7 @@ def test_state_lives_on_the_local_shard(ranks: list[dict]) -> None:
 
 def test_dcp_save_load_resumes_exactly(ranks: list[dict]) -> None:
     for r in ranks:
-        assert rel_err(r["resumed"], r["int8"]) == 0.0
+        assert max_rel_err(r["resumed"], r["int8"]) == 0.0
 
 
 def test_dcp_checkpoint_loads_into_one_process(ranks: list[dict], ckpt_dir: str) -> None:
@@ -216,7 +213,7 @@ def test_dcp_checkpoint_loads_into_one_process(ranks: list[dict], ckpt_dir: str)
         set_optimizer_state_dict,
     )
 
-    model = make_model()
+    model = make_three_layer_model()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     with warnings.catch_warnings():
@@ -225,4 +222,4 @@ def test_dcp_checkpoint_loads_into_one_process(ranks: list[dict], ckpt_dir: str)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
     train(model, opt, range(SAVE_AT, STEPS))
-    assert rel_err([p.detach() for p in model.parameters()], ranks[0]["int8"]) <= 1e-5
+    assert max_rel_err([p.detach() for p in model.parameters()], ranks[0]["int8"]) <= 1e-5

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from test_zero import groups, make_model, train_zero
+from helpers import make_model
+from test_zero import groups, train_zero
 from zeroadam import ZeroAdam, _compat
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
+from helpers import max_rel_err, rel_err
 from zeroadam import MIN_QUANT_NUMEL, ZeroAdam
 from zeroadam.formats.state import compact_decode
 
@@ -31,17 +32,6 @@ GROUP_HYPERS = [
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative L2 norm of the difference, in float64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    return ((a - e).norm() / e.norm()).item()
-
-
-def max_rel_err(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    assert len(actual) == len(expected)
-    return max(rel_err(a, e) for a, e in zip(actual, expected))
-
-
 def make_params(dtype: torch.dtype = torch.float32, shapes: Sequence[tuple] = SHAPES) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]

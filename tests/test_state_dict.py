@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import pytest
 import torch
 
+from helpers import rel_err
 from zeroadam import BLOCK_SIZE, MIN_QUANT_NUMEL, ZeroAdam
 
 STATE_DTYPES = ["int8", "bf16", "fp32"]
@@ -32,11 +33,6 @@ MOMENT_DTYPES = {  # (exp_avg, exp_avg_sq) storage of each format
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    return ((a - e).norm() / e.norm()).item()
-
-
 def make_params(shapes: Sequence[tuple] = SHAPES, dtypes: Sequence[torch.dtype] = DTYPES) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=g).to(d).requires_grad_() for s, d in zip(shapes, dtypes)]

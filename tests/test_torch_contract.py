@@ -8,12 +8,13 @@ import copy
 import pytest
 import torch
 
+from helpers import max_rel_err
 from zeroadam import ZeroAdam
 
 HYPER = dict(lr=1e-2, weight_decay=0.1)
 
 
-def make_model() -> torch.nn.Sequential:
+def make_mlp() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(17, 257), torch.nn.Tanh(), torch.nn.Linear(257, 3))
 
@@ -27,10 +28,6 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start:
         opt.step()
 
 
-def max_rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
-
-
 def params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -40,7 +37,7 @@ TOL = 1e-6
 
 
 def test_named_parameters_like_adamw() -> None:
-    model, ref = make_model(), make_model()
+    model, ref = make_mlp(), make_mlp()
     opt = ZeroAdam(model.named_parameters(), state_dtype="fp32", **HYPER)
     adamw = torch.optim.AdamW(ref.named_parameters(), **HYPER)
     train(model, opt, 5)
@@ -50,10 +47,10 @@ def test_named_parameters_like_adamw() -> None:
     sd = opt.state_dict()
     assert sd["param_groups"][0]["param_names"] == names == adamw.state_dict()["param_groups"][0]["param_names"]
     # A named state dict loads into an unnamed optimizer and back, keeping each optimizer's own names.
-    plain = ZeroAdam(make_model().parameters(), state_dtype="fp32", **HYPER)
+    plain = ZeroAdam(make_mlp().parameters(), state_dtype="fp32", **HYPER)
     plain.load_state_dict(sd)
     assert "param_names" not in plain.param_groups[0]
-    named = ZeroAdam(make_model().named_parameters(), state_dtype="fp32", **HYPER)
+    named = ZeroAdam(make_mlp().named_parameters(), state_dtype="fp32", **HYPER)
     named.load_state_dict(plain.state_dict())
     assert named.param_groups[0]["param_names"] == names
 
@@ -64,7 +61,7 @@ def test_named_parameters_wrong_pairs_are_refused() -> None:
 
 
 def test_state_dict_hooks_fire() -> None:
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, 1)
     seen: list[str] = []
@@ -79,7 +76,7 @@ def test_state_dict_hooks_fire() -> None:
 
 
 def test_load_pre_hook_may_replace_the_state_dict() -> None:
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="fp32", **HYPER)
     train(model, opt, 1)
     sd = opt.state_dict()
@@ -95,7 +92,7 @@ def test_load_pre_hook_may_replace_the_state_dict() -> None:
 
 
 def test_deepcopy_keeps_everything_and_steps_alike() -> None:
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", max_grad_norm=1.0, **HYPER)
     train(model, opt, 2)
     opt.skipped_steps, opt.overflow = 3, True
@@ -109,13 +106,13 @@ def test_deepcopy_keeps_everything_and_steps_alike() -> None:
 
 
 def test_deepcopy_of_a_sharded_engine_is_refused_with_the_fix() -> None:
-    opt = ZeroAdam(make_model().parameters(), offload="cpu")  # the flat engine, one rank
+    opt = ZeroAdam(make_mlp().parameters(), offload="cpu")  # the flat engine, one rank
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt)
 
 
 def test_state_is_a_mapping_like_adamw() -> None:
-    model, ref = make_model(), make_model()
+    model, ref = make_mlp(), make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="fp32", **HYPER)
     adamw = torch.optim.AdamW(ref.parameters(), **HYPER)
     train(model, opt, 3)
@@ -133,7 +130,7 @@ def test_state_is_a_mapping_like_adamw() -> None:
 
 def test_state_mapping_can_be_moved_key_by_key() -> None:
     # What Lightning's optimizer_to_device and similar tools do: replace every tensor by a moved copy.
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, 2)
     before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
@@ -150,10 +147,10 @@ def test_state_mapping_can_be_moved_key_by_key() -> None:
 
 def test_repeated_param_groups_number_each_parameter_once() -> None:
     # torch issue #36831: a parameter listed twice keeps one number.
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), **HYPER)
     opt.param_groups.extend(opt.param_groups)
-    adamw = torch.optim.AdamW(make_model().parameters(), **HYPER)
+    adamw = torch.optim.AdamW(make_mlp().parameters(), **HYPER)
     adamw.param_groups.extend(adamw.param_groups)
     ids = [g["params"] for g in opt.state_dict()["param_groups"]]
     assert ids == [g["params"] for g in adamw.state_dict()["param_groups"]] == [[0, 1, 2, 3], [0, 1, 2, 3]]
@@ -161,7 +158,7 @@ def test_repeated_param_groups_number_each_parameter_once() -> None:
 
 @pytest.mark.parametrize("where", ["kwarg", "group"])
 def test_maximize_ascends_like_adamw(where: str) -> None:
-    model, ref = make_model(), make_model()
+    model, ref = make_mlp(), make_mlp()
     if where == "kwarg":
         opt = ZeroAdam(model.parameters(), state_dtype="fp32", maximize=True, **HYPER)
     else:
@@ -193,7 +190,7 @@ def test_unsupported_flags_are_refused_wherever_they_appear(flag: str) -> None:
 
 @pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True), dict(fused=False, foreach=False)])
 def test_implementation_flags_are_accepted_and_change_nothing(flags: dict) -> None:
-    model, ref = make_model(), make_model()
+    model, ref = make_mlp(), make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="int8", **flags, **HYPER)
     plain = ZeroAdam(ref.parameters(), state_dtype="int8", **HYPER)
     train(model, opt, 3)
@@ -202,7 +199,7 @@ def test_implementation_flags_are_accepted_and_change_nothing(flags: dict) -> No
 
 
 def test_tensor_betas_like_adamw() -> None:
-    model, ref = make_model(), make_model()
+    model, ref = make_mlp(), make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype="fp32", betas=(torch.tensor(0.9), torch.tensor(0.999)), **HYPER)
     adamw = torch.optim.AdamW(ref.parameters(), betas=(torch.tensor(0.9), torch.tensor(0.999)), **HYPER)
     train(model, opt, 3)
@@ -212,7 +209,7 @@ def test_tensor_betas_like_adamw() -> None:
     # update; 3 steps stay within 1e-5.
     assert max_rel_err(params(model), params(ref)) <= 1e-5
     with pytest.raises(ValueError, match="betas\\[1\\]"):
-        ZeroAdam(make_model().parameters(), betas=(0.9, torch.tensor(1.5)))
+        ZeroAdam(make_mlp().parameters(), betas=(0.9, torch.tensor(1.5)))
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
@@ -220,13 +217,13 @@ def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: st
     """torchao's pattern: ``dcp.load(opt.state_dict())`` fills the optimizer's own tensors, step included."""
     import torch.distributed.checkpoint as dcp
 
-    model = make_model()
+    model = make_mlp()
     opt = ZeroAdam(model.parameters(), state_dtype=fmt, **HYPER)
     train(model, opt, 3)
     dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
     saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
 
-    other = make_model()
+    other = make_mlp()
     opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, **HYPER)
     train(other, opt2, 1, start=10)  # state exists (as for AdamW, an in-place load needs it)
     dcp.load({"optim": opt2.state_dict()}, checkpoint_id=str(tmp_path))

@@ -1,6 +1,6 @@
 """End to end: ZeroAdam trains a char-level GPT on real text (stdlib source), and compact state costs < 1% loss.
 
-fp32, bf16 and int8 moments train the model of ``tests/charlm.py`` from the same initial weights on the same
+fp32, bf16 and int8 moments train the model of ``benchmarks/charlm.py`` from the same initial weights on the same
 batches; the held-out loss of bf16 and int8 must be within 1% of fp32's. ZeroAdam with fp32 state must also
 follow ``torch.optim.AdamW`` step for step on the same model.
 """

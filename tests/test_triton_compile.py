@@ -17,14 +17,14 @@ import pytest
 
 pytest.importorskip("triton")
 
-# (kernel, param dtype, grad dtype, master kind, with the non-finite flag)
+# (kernel, param dtype, grad dtype, master kind)
 VARIANTS = [
-    ("fp32", "fp32", "fp32", "param", False),
-    ("bf16", "fp32", "bf16", "param", True),
-    ("int8", "fp32", "fp32", "param", True),
-    ("int8", "bf16", "bf16", "compact", False),
-    ("int8", "fp16", "fp16", "fp32", False),
-    ("int8", "bf16", "fp32", "none", False),
+    ("fp32", "fp32", "fp32", "param"),
+    ("bf16", "fp32", "bf16", "param"),
+    ("int8", "fp32", "fp32", "param"),
+    ("int8", "bf16", "bf16", "compact"),
+    ("int8", "fp16", "fp16", "fp32"),
+    ("int8", "bf16", "fp32", "none"),
 ]
 
 _SCRIPT = r"""
@@ -39,13 +39,13 @@ variants = json.loads(sys.argv[1])
 MOMENTS = {"fp32": ("*fp32", "*fp32"), "bf16": ("*bf16", "*bf16"), "int8": ("*i8", "*u8")}
 MASTER_PTR = {"param": "*fp32", "fp32": "*fp32", "compact": "*i8", "none": "*fp32"}
 out = []
-for fmt, param, grad, master, flag in variants:
+for fmt, param, grad, master in variants:
     fn = getattr(adamw, f"_adamw_{fmt}_kernel")
     m, v = MOMENTS[fmt]
     pointers = {"param_ptr": "*" + param, "grad_ptr": "*" + grad, "master_ptr": MASTER_PTR[master],
                 "exp_avg_ptr": m, "exp_avg_sq_ptr": v, "exp_avg_scale_ptr": "*fp32",
-                "exp_avg_sq_scale_ptr": "*fp32", "nonfinite_ptr": "*i32"}
-    consts = {"MASTER": master, "HAS_FLAG": flag, "TILE": 1024, "ROWS": 4, "QBLOCK": BLOCK_SIZE}
+                "exp_avg_sq_scale_ptr": "*fp32"}
+    consts = {"MASTER": master, "TILE": 1024, "ROWS": 4, "QBLOCK": BLOCK_SIZE}
     signature, constexprs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -61,7 +61,7 @@ for fmt, param, grad, master, flag in variants:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = k.asm["ptx"]
     approx = sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)[a-z.]*\.f32", ptx)))
-    out.append({"variant": [fmt, param, grad, master, flag], "cubin_bytes": len(k.asm["cubin"]), "approx": approx})
+    out.append({"variant": [fmt, param, grad, master], "cubin_bytes": len(k.asm["cubin"]), "approx": approx})
 print(json.dumps(out))
 """
 

@@ -8,15 +8,10 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_ranks
+from helpers import make_model, max_rel_err
 from zeroadam import ZeroAdam
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    # 67*97 = 6499 and 97*13 = 1261 elements: shards end inside parameters and blocks need padding.
-    return torch.nn.Sequential(torch.nn.Linear(67, 97), torch.nn.Tanh(), torch.nn.Linear(97, 13))
 
 
 def groups(model: torch.nn.Module, lr: float = 1e-2) -> list[dict]:
@@ -65,10 +60,6 @@ def train_zero(rank: int, world: int, stage: int, state_dtype: str, steps: int, 
     return [p.detach().clone() for p in model.parameters()], opt.memory_stats(), opt.comm_stats()
 
 
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
-
-
 STEPS, MICRO, CLIP = 20, 2, 0.5
 
 
@@ -102,15 +93,15 @@ def ref() -> list[torch.Tensor]:
 def test_fp32_matches_adamw_on_global_batch(world: int, stage: int, ref: list[torch.Tensor]) -> None:
     results = [r[f"stage{stage}"] for r in results_for(world)]
     for params, _, _ in results:
-        assert rel_err(params, ref) <= 1e-5
+        assert max_rel_err(params, ref) <= 1e-5
     for params, _, _ in results[1:]:
-        assert rel_err(params, results[0][0]) == 0.0  # every rank ends with the same parameters
+        assert max_rel_err(params, results[0][0]) == 0.0  # every rank ends with the same parameters
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_int8_same_at_every_world_size(world: int) -> None:
     one = results_for(1)[0]["int8"][0]
-    assert rel_err(results_for(world)[0]["int8"][0], one) <= 1e-3
+    assert max_rel_err(results_for(world)[0]["int8"][0], one) <= 1e-3
 
 
 def test_state_memory_is_sharded_and_comm_matches_theory() -> None:

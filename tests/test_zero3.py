@@ -9,6 +9,7 @@ from torch import nn
 
 import zeroadam
 from distributed import run_ranks
+from helpers import rel_err
 from zeroadam import ZeroAdam
 
 VOCAB, DIM, CTX, BATCH = 61, 72, 9, 6  # the global batch of 6 splits over 2 and 3 ranks
@@ -156,10 +157,6 @@ def suite(rank: int, world: int) -> dict:
         except ValueError as e:
             out[key] = str(e)
     return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def eval_after_steps(rank: int, world: int, reshard_after_forward: bool) -> list[float]:

@@ -136,14 +136,9 @@ def _ulp_up(p):
 
 # ---------------------------------------------------------------------------------------------- loads and stores
 @triton.jit
-def _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG: tl.constexpr):
-    """fp32 gradient times grad_scale; sets *nonfinite_ptr to 1 if any of it is inf or nan."""
-    g = _to_f32(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * grad_scale
-    if HAS_FLAG:
-        n_bad = tl.sum((~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))  # NaN fails every comparison
-        # Every program that sees one writes the same 1: the race is benign.
-        tl.store(nonfinite_ptr, 1, mask=n_bad > 0)
-    return g
+def _load_grad(grad_ptr, offs, mask, grad_scale):
+    """fp32 gradient times grad_scale."""
+    return _to_f32(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * grad_scale
 
 
 @triton.jit
@@ -231,14 +226,14 @@ def _encode_unsigned(v, root, absmax):
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _adamw_fp32_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, nonfinite_ptr,
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     n, index_base, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, TILE: tl.constexpr,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
-    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
@@ -250,14 +245,14 @@ def _adamw_fp32_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _adamw_bf16_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, nonfinite_ptr,
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     n, index_base, seed_m, seed_v, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, TILE: tl.constexpr,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
-    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = _to_f32(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0))
     v = _to_f32(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0))
@@ -271,17 +266,16 @@ def _adamw_bf16_kernel(
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _adamw_int8_kernel(
     param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
-    nonfinite_ptr,
     n, index_base, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, HAS_FLAG: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+    MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     # A [ROWS, QBLOCK] tile of whole quantization blocks: each row's new absmax is a reduction along axis 1.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < n
     row_mask = rows * QBLOCK < n
-    g = _load_grad(grad_ptr, offs, mask, grad_scale, nonfinite_ptr, HAS_FLAG)
+    g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m_scale = tl.load(exp_avg_scale_ptr + rows, mask=row_mask, other=0.0)
     v_scale = tl.load(exp_avg_sq_scale_ptr + rows, mask=row_mask, other=0.0)
@@ -302,7 +296,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _check_run(run: Run, nonfinite_flag: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _check_run(run: Run) -> Optional[torch.Tensor]:
     """Validate the run's tensors; returns the master tensor the kernel takes (or None)."""
     n, dev = run.param.numel(), run.param.device
     _launch.check_flat("param", run.param, n, _FLOATS, dev)
@@ -318,8 +312,6 @@ def _check_run(run: Run, nonfinite_flag: Optional[torch.Tensor]) -> Optional[tor
         dtype = torch.bfloat16 if mom.fmt == "bf16" else torch.float32
         _launch.check_flat("exp_avg", mom.exp_avg, n, (dtype,), dev)
         _launch.check_flat("exp_avg_sq", mom.exp_avg_sq, n, (dtype,), dev)
-    if nonfinite_flag is not None:
-        _launch.check_flat("nonfinite_flag", nonfinite_flag, 1, (torch.int32,), dev)
     kind = run.master.kind
     if kind in ("compact", "none") and run.param.dtype not in _HALF:
         raise ValueError(
@@ -334,39 +326,34 @@ def _check_run(run: Run, nonfinite_flag: Optional[torch.Tensor]) -> Optional[tor
     return None
 
 
-def update_triton(run: Run, sc: StepScalars, *, nonfinite_flag: Optional[torch.Tensor] = None) -> None:
-    """Update one run in place with one launch of the fused kernel of its moment format.
-
-    ``nonfinite_flag``: an optional int32 tensor of one element on the run's device. The kernel sets it to 1 when
-    any scaled gradient is inf or nan and never clears it; the update is applied either way.
-    """
+def update_triton(run: Run, sc: StepScalars) -> None:
+    """Update one run in place with one launch of the fused kernel of its moment format."""
     n = run.param.numel()
     if n == 0:
         return
-    master = _check_run(run, nonfinite_flag)
+    master = _check_run(run)
     seed_m, seed_v, seed_p = sc.seeds()
     scalars = coefficients(sc)
     mom = run.moments
-    flags = dict(MASTER=run.master.kind, HAS_FLAG=nonfinite_flag is not None)
     head = (run.param, run.grad, master, mom.exp_avg, mom.exp_avg_sq)
     # Triton launches on the current CUDA device; for CPU tensors (the interpreter) this is a no-op.
     with torch.cuda.device_of(run.param):
         if mom.fmt == "int8":
             tile = _launch.block_tile(n)
             _adamw_int8_kernel[(tile.programs,)](
-                *head, mom.exp_avg_scale, mom.exp_avg_sq_scale, nonfinite_flag,
+                *head, mom.exp_avg_scale, mom.exp_avg_sq_scale,
                 n, run.index_base, seed_p, *scalars,
-                **flags, ROWS=tile.rows, QBLOCK=BLOCK_SIZE, **_launch.launch_options(tile),
+                MASTER=run.master.kind, ROWS=tile.rows, QBLOCK=BLOCK_SIZE, **_launch.launch_options(tile),
             )  # fmt: skip
         elif mom.fmt == "bf16":
             tile = _launch.elementwise_tile(n)
             _adamw_bf16_kernel[(tile.programs,)](
-                *head, nonfinite_flag, n, run.index_base, seed_m, seed_v, seed_p, *scalars,
-                **flags, TILE=tile.size, **_launch.launch_options(tile),
+                *head, n, run.index_base, seed_m, seed_v, seed_p, *scalars,
+                MASTER=run.master.kind, TILE=tile.size, **_launch.launch_options(tile),
             )  # fmt: skip
         else:
             tile = _launch.elementwise_tile(n)
             _adamw_fp32_kernel[(tile.programs,)](
-                *head, nonfinite_flag, n, run.index_base, seed_p, *scalars,
-                **flags, TILE=tile.size, **_launch.launch_options(tile),
+                *head, n, run.index_base, seed_p, *scalars,
+                MASTER=run.master.kind, TILE=tile.size, **_launch.launch_options(tile),
             )  # fmt: skip

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -214,9 +213,3 @@ def all_gather_objects(group: Group, obj: Any) -> list[Any]:
     out: list[Any] = [None] * group.world
     dist.all_gather_object(out, obj, group=group.pg)
     return out
-
-
-def object_digest(obj: Any) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(pickle.dumps(obj)).digest()

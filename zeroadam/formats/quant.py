@@ -13,12 +13,12 @@ non-zero v is scale * 255 ** -V_POWER) while keeping a fixed relative step near 
 
 The maps were chosen by the parameter error of 200 AdamW steps against the fp32 reference, with both moments
 quantized after every step (``benchmarks/quant_maps.py`` → ``benchmarks/results/quant_maps.json``; README "Why
-these code maps"). Power maps beat linear absmax (3-6x less error) and dynamic-exponent maps on every gradient
-source. Within the power family, (2, 4) ties the best pair on gradients recorded from a real language model
-(3.5e-2 relative, like (3, 5)), while (3, 5) and (3, 4) do better on our synthetic heavy-tailed and sparse-row
-stress sources; a char-level GPT trained with either ends within 0.04% of fp32. We keep (2, 4) because it
-encodes with square roots only (one and two), the cheapest operation in both kernels; (3, 4) is the candidate if
-stress cases matter more than speed.
+these code maps"; the candidate maps, which the library never uses, are in ``benchmarks/code_maps.py``). Power maps
+beat linear absmax (3-6x less error) and dynamic-exponent maps on every gradient source. Within the power family,
+(2, 4) ties the best pair on gradients recorded from a real language model (3.5e-2 relative, like (3, 5)), while
+(3, 5) and (3, 4) do better on our synthetic heavy-tailed and sparse-row stress sources; a char-level GPT trained
+with either ends within 0.04% of fp32. We keep (2, 4) because it encodes with square roots only (one and two), the
+cheapest operation in both kernels; (3, 4) is the candidate if stress cases matter more than speed.
 
 A non-zero v is never encoded as 0 (its code is at least 1): a zero second moment under a non-zero first
 moment would turn the update into m / eps. Rounding a tiny v up only shrinks that element's step.
@@ -56,11 +56,6 @@ __all__ = [
     "encode",
     "encode_blocks",
     "decode",
-    "encode_power",
-    "decode_power",
-    "dynamic_map",
-    "encode_table",
-    "decode_table",
 ]
 
 M_POWER = 2
@@ -90,57 +85,6 @@ def _block_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def _per_element(scales: torch.Tensor, n: int) -> torch.Tensor:
     return scales.repeat_interleave(BLOCK_SIZE)[:n]
-
-
-def encode_power(y: torch.Tensor, kind: Kind, power: int) -> torch.Tensor:
-    """Codes of normalized values y (|y| <= 1) under a power-companded map."""
-    if kind == "signed":
-        c = torch.round(y.abs().pow(1.0 / power) * 127.0).clamp_(0, 127)
-        return (c * torch.sign(y)).to(torch.int8)
-    c = torch.round(y.clamp(min=0).pow(1.0 / power) * 255.0).clamp_(0, 255)
-    c = torch.where((y > 0) & (c == 0), torch.ones_like(c), c)
-    return c.to(torch.uint8)
-
-
-def decode_power(codes: torch.Tensor, kind: Kind, power: int) -> torch.Tensor:
-    c = codes.to(torch.float32)
-    if kind == "signed":
-        return torch.sign(c) * (c.abs() / 127.0).pow(power)
-    return (c / 255.0).pow(power)
-
-
-def dynamic_map(kind: Kind) -> torch.Tensor:
-    """The 8-bit dynamic-exponent ("dynamic tree") code map, sorted, 256 (unsigned) or 255 (signed) values.
-
-    A value is 10**-e * f: the count e of leading zero bits is the exponent, the remaining bits are a linear
-    fraction f in (0.1, 1]. Used only for the code-map comparison, not for stored state.
-    """
-    signed = kind == "signed"
-    total_bits = 7 if signed else 8
-    values: list[float] = []
-    # Exponents 0 .. total_bits - 2 give 2**(total_bits - 1) - 1 midpoints; with 0 and 1 that is 256 unsigned
-    # values, or 255 signed ones once mirrored.
-    for e in range(total_bits - 1):
-        frac_bits = total_bits - 1 - e
-        n = 2**frac_bits
-        bounds = torch.linspace(0.1, 1.0, n + 1)
-        mids = ((bounds[:-1] + bounds[1:]) / 2).tolist()
-        values += [10.0 ** (-e) * m for m in mids]
-    values += [0.0, 1.0]
-    t = torch.tensor(sorted(set(values)), dtype=torch.float32)
-    if signed:
-        t = torch.cat([-t.flip(0)[:-1], t])
-    return t
-
-
-def encode_table(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of a sorted table (as int64)."""
-    mids = (table[1:] + table[:-1]) / 2
-    return torch.bucketize(y.contiguous(), mids)
-
-
-def decode_table(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    return table[idx.long()]
 
 
 # fp32 (rounded from fp64, as the kernels round their constants): decode's unit steps, see [Note: quantizing

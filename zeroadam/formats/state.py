@@ -74,10 +74,6 @@ def hash_uniform(index_base: int, numel: int, seed: int, device: torch.device) -
     return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def _int_view(dtype: torch.dtype) -> torch.dtype:
-    return torch.int16 if dtype in (torch.bfloat16, torch.float16) else torch.int32
-
-
 def ulp_up(y: torch.Tensor) -> torch.Tensor:
     """fp32 distance from |y| (a 16-bit tensor) to the next larger magnitude of its dtype."""
     a = y.abs()

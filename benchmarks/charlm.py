@@ -1,11 +1,12 @@
 """A tiny character-level GPT trained on real text: the CPython standard library's own ``.py`` files.
 
-Shared by the training tests, the code-map study (``benchmarks/quant_maps.py``) and the demo, so that they all
-train the same model on the same data. Everything is deterministic for a given Python installation: the files are
-a fixed, sorted subset of the stdlib directory, the vocabulary is fixed (printable ASCII), and batches come from
-an explicitly seeded generator.
+Shared by the training tests (``tests/test_training.py``) and the code-map study (``benchmarks/quant_maps.py``), so
+that both train the same model on the same data. Everything is deterministic for a given Python installation: the
+files are a fixed, sorted subset of the stdlib directory, the vocabulary is fixed (printable ASCII), and batches come
+from an explicitly seeded generator.
 
-Import it as ``charlm`` with ``tests/`` on ``sys.path`` (pytest puts it there; scripts insert it).
+Import it as ``charlm``: benchmark scripts find it in their own folder, the first entry of ``sys.path``; pytest puts
+``benchmarks/`` on the tests' path (``pythonpath`` in pyproject.toml).
 """
 from __future__ import annotations
 
