@@ -361,10 +361,12 @@ class ModelTensors(NamedTuple):
     root: list[int]  # embeddings, final norm, untied output head: the root unit
     block: list[int]  # one transformer block
     layers: int
+    embeddings: int = 0  # how many of root's tensors come before the blocks in the model (the rest follow them)
 
     @property
     def numels(self) -> list[int]:
-        return self.root + self.block * self.layers
+        """Every tensor's size in the model's order, which is the order of the flat buffers and their buckets."""
+        return self.root[: self.embeddings] + self.block * self.layers + self.root[self.embeddings :]
 
     @property
     def num_params(self) -> int:
@@ -380,7 +382,7 @@ def _gpt2_tensors(cfg: dict[str, Any]) -> ModelTensors:
     root = [v * d, positions * d, d, d]  # wte, wpe, ln_f
     if not _field(cfg, "tie_word_embeddings", default=True):
         root.append(v * d)
-    return ModelTensors(root, block, layers)
+    return ModelTensors(root, block, layers, embeddings=2)
 
 
 def _llama_tensors(cfg: dict[str, Any]) -> ModelTensors:
@@ -398,7 +400,7 @@ def _llama_tensors(cfg: dict[str, Any]) -> ModelTensors:
     root = [v * h, h]  # embed_tokens, final norm
     if not _field(cfg, "tie_word_embeddings", default=False):
         root.append(v * h)
-    return ModelTensors(root, attn + mlp + [h, h], layers)
+    return ModelTensors(root, attn + mlp + [h, h], layers, embeddings=1)
 
 
 def config_tensors(cfg: dict[str, Any]) -> ModelTensors:
