@@ -307,3 +307,25 @@ def test_estimate_matches_a_two_rank_run(stage: int, tiny_llama_estimates: dict[
             # The engine's buckets are the ones the sizing rule lays out, element for element.
             for numels, buckets in zip(held["space_numels"], held["buckets"]):
                 assert sorted(buckets) == sorted(sizes.bucket_extents(numels, TINY_BUCKET))
+
+
+@pytest.mark.parametrize("numel", [1, 255, 256, 257, 4096, 6499])
+def test_sizing_rules_are_what_the_formats_allocate(numel: int) -> None:
+    from zeroadam.formats.state import Master, Moments
+
+    for fmt in ("int8", "bf16", "fp32"):
+        assert sizes.moment_bytes(fmt, numel) == Moments.zeros(fmt, numel, torch.device("cpu")).nbytes()  # type: ignore[arg-type]
+    for kind in ("fp32", "compact", "none"):
+        master = Master.create(kind, torch.zeros(numel, dtype=torch.bfloat16))  # type: ignore[arg-type]
+        assert sizes.master_bytes(kind, numel) == master.nbytes()  # type: ignore[arg-type]
+    # Each rank's shard: whole blocks, one at least, covering the padded tensors.
+    for world in (1, 2, 3):
+        shard = sizes.shard_numel(sizes.padded(numel), world)
+        assert shard % 256 == 0 and shard >= 256 and world * shard >= sizes.padded(numel) > world * shard - 256 * world
+
+
+def test_stage1_staging_is_about_one_bucket() -> None:
+    # world chunks sent and one received; a chunk never exceeds the shard and is one block at least.
+    assert sizes.stage1_staging_numel(5_000_000, 8, 10**9) == 9 * 624_896
+    assert sizes.stage1_staging_numel(5_000_000, 8, 1000) == 9 * 1000
+    assert sizes.stage1_staging_numel(100, 3, 10**6) == 4 * 256
