@@ -329,3 +329,20 @@ def test_stage1_staging_is_about_one_bucket() -> None:
     assert sizes.stage1_staging_numel(5_000_000, 8, 10**9) == 9 * 624_896
     assert sizes.stage1_staging_numel(5_000_000, 8, 1000) == 9 * 1000
     assert sizes.stage1_staging_numel(100, 3, 10**6) == 4 * 256
+
+
+def offloaded_whole(rank: int, world: int) -> dict[str, int]:
+    model = awkward_model()
+    opt = ZeroAdam(model.parameters(), lr=1e-3, state_dtype="int8", stage=0, offload="cpu")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt.memory_stats()
+
+
+def test_offload_at_stage_0_keeps_the_whole_state_on_every_rank() -> None:
+    numels = [p.numel() for p in awkward_model().parameters()]
+    setup = Setup(world_size=2, stage=0, state_dtype="int8", param_dtype="fp32", offload="cpu")
+    est = zeroadam_memory(sum(numels), setup, model=ModelTensors(numels, [], 0))
+    for stats in run_ranks(offloaded_whole, 2):
+        assert stats["state_bytes"] == est.host["moments"] == sharded_moment_bytes(numels, "int8", 1)

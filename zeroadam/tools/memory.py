@@ -38,8 +38,9 @@ transformer blocks (U elements each) the current one and one prefetched are gath
 buffer filling (``stage3_peak_buffer_bytes``). With ``--config`` R and U come from the model; from a bare count
 both are taken as b.
 With ``offload="cpu"`` the moments, the master and the fp32 gradient shard live in host memory instead, with a
-host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies; the engine partitions
-what it offloads, so offloading at stage 0 shards like stage 1.
+host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies. Offloading at stage 0
+partitions nothing: every rank keeps (and offloads) the whole state in one flat buffer per space, and a DDP
+wrapper averages the gradients (``ZeroEngine.create`` runs it on a group of one rank).
 
 DDP + torch AdamW is the usual mixed-precision recipe: fp32 parameters (autocast computes in 16 bits), fp32
 gradients, fp32 exp_avg and exp_avg_sq: 4 + 4 + 8 = 16 B per parameter on every GPU, plus DDP's bucket copy of
@@ -268,11 +269,11 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     p = param_bytes_per_param(setup.param_dtype)
     w = master_bytes_per_param(setup.master_weights, setup.param_dtype)
     stage = setup.stage
-    if setup.offload is not None and n > 1:
-        stage = max(stage, 1)
     shard = n if stage >= 1 else 1
     if model is None:
         moments = moment_bytes_per_param(setup.state_dtype) * psi / shard
+    elif stage == 0 and setup.offload is not None:  # one rank's flat buffers: whole, block-padded
+        moments = float(sharded_moment_bytes(model.numels, setup.state_dtype, 1))
     elif stage == 0:
         moments = float(moment_bytes(model.numels, setup.state_dtype))
     elif stage <= 2:
@@ -299,7 +300,7 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     host_buffers = p * psi / shard + 4 * psi / shard
     host = {"params": 0.0, "grads": 4 * psi / shard, "moments": moments, "master": master, "buffers": host_buffers}
     if setup.stage == 0 and n > 1:
-        notes.append("offload partitions the state: stage 0 with offload shards like stage 1")
+        notes.append("offload at stage 0 keeps the whole state on every rank's host; stage 1 partitions it")
     return Placement(gpu, host, tuple(notes))
 
 
