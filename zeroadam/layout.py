@@ -14,14 +14,9 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from zeroadam.options import BLOCK_SIZE
+from zeroadam.sizes import padded, shard_numel
 
 __all__ = ["Slot", "FlatLayout", "padded", "space_key", "group_spaces"]
-
-
-def padded(numel: int) -> int:
-    """numel rounded up to whole quantization blocks."""
-    return -(-numel // BLOCK_SIZE) * BLOCK_SIZE
 
 
 def space_key(p: torch.Tensor, fmt: str) -> tuple[torch.dtype, torch.device, str]:
@@ -65,8 +60,7 @@ class FlatLayout:
         for i, p in enumerate(params):
             slots.append(Slot(i, off, p.numel(), p.shape))
             off += padded(p.numel())
-        per_rank = -(-off // (BLOCK_SIZE * world)) * BLOCK_SIZE
-        per_rank = max(per_rank, BLOCK_SIZE)
+        per_rank = shard_numel(off, world)
         return FlatLayout(tuple(slots), world, per_rank * world, per_rank)
 
     def shard_range(self, rank: int) -> tuple[int, int]:

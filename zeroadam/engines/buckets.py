@@ -21,6 +21,7 @@ import torch
 
 from zeroadam.comm.collectives import CommStats, Group, reduce_to
 from zeroadam.layout import Slot
+from zeroadam.sizes import GRAD_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.engines.flat import FlatSpace
@@ -98,7 +99,7 @@ class GradBuckets:
             h.remove()
 
     def live_bytes(self) -> int:
-        return sum(b.buffer.numel() * 4 for b in self.buckets if b.buffer is not None)
+        return sum(b.buffer.numel() * GRAD_BYTES for b in self.buckets if b.buffer is not None)
 
     # ---------------------------------------------------------------- backward
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -124,6 +125,7 @@ class GradBuckets:
     def _launch(self, i: int) -> None:
         b = self.buckets[i]
         buf = b.ensure_buffer()
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes())  # end of a pass: zeros for the missing
         for r, s, e in b.space.layout.owner_pieces(b.lo, b.hi):
             b.handles.append((reduce_to(self.group, buf.narrow(0, s - b.lo, e - s), r, self.stats), r, s, e))
         self._next = i + 1

@@ -294,6 +294,7 @@ class DTensorEngine(Engine):
             "grad_bytes": sum(p.grad.to_local().numel() * p.element_size() for p in params if p.grad is not None),
             "state_bytes": 0,
             "master_bytes": 0,
+            "buffer_bytes": 0,  # FSDP2 allocates and owns the communication buffers
         }
         for st in self.setup.state.values():
             if isinstance(st, DTensorParamState):

@@ -44,6 +44,7 @@ from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.formats.state import Master, MasterKind, Moments
+from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes, stage1_chunk, stage1_staging_numel
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["FlatSpace", "FlatEngine"]
@@ -234,9 +235,9 @@ class FlatEngine(Engine):
                 sp.sink.drain()
                 continue
             shard = sp.hi - sp.lo
-            c = min(shard, max(BLOCK_SIZE, self.setup.options.bucket_size // world // BLOCK_SIZE * BLOCK_SIZE))
-            buf = self._staging(world * c, sp.flat.device)
-            out = torch.empty(c, dtype=torch.float32, device=sp.flat.device)
+            c = stage1_chunk(self.setup.options.bucket_size, world, shard)
+            buf = self._staging(stage1_staging_numel(self.setup.options.bucket_size, world, shard), sp.flat.device)
+            out = buf.narrow(0, world * c, c)  # the received chunk, after the world chunks sent
             for k in range(0, shard, c):
                 n = min(c, shard - k)
                 chunk = buf.narrow(0, 0, world * n).view(world, n)
@@ -472,7 +473,7 @@ class FlatEngine(Engine):
         return self._last_stats
 
     def memory_stats(self) -> dict[str, int]:
-        grads = sum(sp.grad_shard.numel() * 4 for sp in self.spaces)
+        grads = sum(grad_shard_bytes(sp.grad_shard.numel()) for sp in self.spaces)
         grads += sum(p.grad.numel() * p.grad.element_size() for sp in self.spaces for p in sp.params if p.grad is not None)
         if self.buckets is not None:
             grads += self.buckets.live_bytes()
@@ -481,6 +482,10 @@ class FlatEngine(Engine):
             "grad_bytes": grads,
             "state_bytes": sum(sp.moments.nbytes() for sp in self.spaces),
             "master_bytes": sum(sp.master.nbytes() for sp in self.spaces),
+            # [Note: communication buffers] in sizes.py: the stage-1 staging buffer (kept between steps) and the
+            # most bytes of stage-2 buckets alive at once so far.
+            "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel() * GRAD_BYTES)
+            + (0 if self.buckets is None else self.buckets.peak_live_bytes),
         }
 
     # ---------------------------------------------------------------- state dicts

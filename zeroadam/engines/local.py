@@ -178,6 +178,7 @@ class LocalEngine(Engine):
             "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
             "state_bytes": 0,
             "master_bytes": 0,
+            "buffer_bytes": 0,  # stage 0 communicates nothing of its own
         }
         for st in self._states().values():
             stats["state_bytes"] += st.moments.nbytes()

@@ -23,6 +23,7 @@ from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
 from zeroadam.sharding.model import ShardedModel, UnitFlat
 from zeroadam.formats.state import Master, Moments
+from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["Zero3Engine", "Piece"]
@@ -205,14 +206,17 @@ class Zero3Engine(Engine):
 
     def memory_stats(self) -> dict[str, int]:
         st = self.sharded
-        grads = sum(f.grad_shard.numel() * 4 for f in self.flats if f.grad_shard is not None)
-        grads += sum(f.grad_full.numel() * 4 for f in self.flats if f.grad_full is not None)
+        grads = sum(grad_shard_bytes(f.grad_shard.numel()) for f in self.flats if f.grad_shard is not None)
+        grads += sum(f.grad_full.numel() * GRAD_BYTES for f in self.flats if f.grad_full is not None)
         grads += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
         return {
             "param_bytes": sum(f.shard.numel() * f.shard.element_size() for f in self.flats) + st.live_bytes,
             "grad_bytes": grads,
             "state_bytes": sum(pc.moments.nbytes() for pc in self.pieces),
             "master_bytes": sum(pc.master.nbytes() for pc in self.pieces),
+            # The most bytes of gathered units and fp32 gradient buffers at once so far ([Note: communication
+            # buffers] in sizes.py); those alive now are also in param_bytes and grad_bytes.
+            "buffer_bytes": st.peak_buffer_bytes,
         }
 
     # ---------------------------------------------------------------- state dicts

@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 
 from zeroadam.options import BLOCK_SIZE
+from zeroadam.sizes import num_blocks  # one scale per started block, the rule the estimator counts
 
 __all__ = [
     "M_POWER",
@@ -67,10 +68,6 @@ Kind = Literal["signed", "unsigned"]
 class Quantized(NamedTuple):
     codes: torch.Tensor  # 1D int8 (signed) or uint8 (unsigned), one per element
     scales: torch.Tensor  # 1D fp32, one per 256-element block (absmax)
-
-
-def num_blocks(numel: int) -> int:
-    return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
 def _block_absmax(x: torch.Tensor) -> torch.Tensor:

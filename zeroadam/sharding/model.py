@@ -42,6 +42,7 @@ from torch import nn
 
 from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
 from zeroadam.layout import FlatLayout
+from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
 
@@ -147,6 +148,8 @@ class ShardedModel:
         self._rs_next = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
+        self.grad_live_bytes = 0  # fp32 gradient buffers (grad_full) alive
+        self.peak_buffer_bytes = 0  # most bytes of gathered units and gradient buffers at once
         self.unit_of: dict[nn.Parameter, tuple[Unit, UnitFlat, int]] = {}
         for u in units:
             for f in u.flats:
@@ -202,6 +205,7 @@ class ShardedModel:
             else:
                 f.full.copy_(f.shard)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
 
     def gather(self, u: Unit) -> None:
         try:
@@ -307,13 +311,20 @@ class ShardedModel:
         if not self._in_backward:
             self._begin_backward()
         u, f, i = self.unit_of[p]  # type: ignore[index]
-        if f.grad_full is None:
-            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+        self._grad_buffer(f)
         slot = f.layout.slots[i]
         f.grad_full.narrow(0, slot.start, slot.numel).copy_(p.grad.detach().reshape(-1))
         p.grad = None
         f.filled += 1
         self._launch_ready()
+
+    def _grad_buffer(self, f: UnitFlat) -> torch.Tensor:
+        """The flat's fp32 gradient buffer, allocated (and counted) at its first use in a backward pass."""
+        if f.grad_full is None:
+            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+            self.grad_live_bytes += f.layout.total * GRAD_BYTES
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
+        return f.grad_full
 
     def _complete(self, u: Unit) -> bool:
         return sum(f.filled for f in u.flats) >= u.grad_params
@@ -331,8 +342,7 @@ class ShardedModel:
         for f in u.flats:
             if not any(p.requires_grad for p in f.params):
                 continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
-            if f.grad_full is None:
-                f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+            self._grad_buffer(f)
             if f.grad_shard is None:
                 f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
             out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
@@ -342,6 +352,7 @@ class ShardedModel:
             else:
                 f.grad_shard.add_(f.grad_full)
             f.grad_full = None
+            self.grad_live_bytes -= f.layout.total * GRAD_BYTES
             f.filled = 0
         u.reduced = True
         if u is not self.root:
@@ -491,7 +502,7 @@ def shard_model(
     process_group: Optional[Any] = None,
     units: UnitPolicy = None,
     reshard_after_forward: bool = True,
-    prefetch: int = 1,
+    prefetch: int = DEFAULT_PREFETCH,
     device: Optional[Union[str, torch.device]] = None,
     full_state_dict: Optional[dict[str, torch.Tensor]] = None,
     init_fn: Optional[Callable[[nn.Module], None]] = None,

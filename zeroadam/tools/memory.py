@@ -2,6 +2,7 @@
 
 The live counterpart is ``ZeroAdam.memory_stats()``, which reports what one rank holds; this module predicts the
 same categories for a model that may not fit anywhere yet, from its parameter count (or a Hugging Face config).
+Every ZeroAdam number comes from the sizing rules the engines allocate with (``zeroadam/sizes.py``).
 
 [Note: memory formulas]
 Ψ is the number of parameters, N the data-parallel world size, P the bytes of one parameter (2 for bf16 / fp16,
@@ -23,19 +24,23 @@ ZeroAdam, per GPU:
     grads      PΨ               PΨ + 4Ψ / N             4Ψ / N                4Ψ / N
     moments    MΨ               MΨ / N                  MΨ / N                MΨ / N
     master     WΨ               WΨ / N                  WΨ / N                WΨ / N
-    buffers    PΨ (DDP)         4Ψ + PΨ / N             8b + PΨ / N           (P + 4)R + (2P + 8)U
+    buffers    PΨ (DDP)         4(N + 1)c               8b                    (P + 4)R + 2PU + 4U
 
-Buffers are what the implementation allocates for communication: stage 0 runs under DDP, whose buckets hold a
-copy of every gradient (``gradient_as_bucket_view=False``, its default); stage 1 reduce-scatters one fp32 copy
-of each flat buffer's gradients at ``step()`` (a transient 4Ψ) and all-gathers from a copy of the parameter
-shard; stage 2 keeps at most two fp32 buckets alive (one filling, one in flight) and the same all-gather copy.
-Stage 3 (``shard_model``) gathers whole units: the root unit (embeddings, output head, final norm; R elements)
-stays gathered through forward and backward with its fp32 gradient buffer, and of the transformer blocks (U
-elements each) the current one and one prefetched are gathered, and two fp32 gradient buffers are live (one
-filling, one reducing). With ``--config`` R and U come from the model; from a bare count both are taken as b.
+Buffers are what the implementation allocates for communication ([Note: communication buffers] in sizes.py):
+stage 0 runs under DDP, whose buckets hold a copy of every gradient (``gradient_as_bucket_view=False``, its
+default). Stage 1 reduce-scatters at ``step()`` through one fp32 staging buffer of N + 1 chunks of c = b / N
+elements (``stage1_staging_numel``); the all-gather after the update is in place. Stage 2 keeps two consecutive
+fp32 buckets alive (one reducing, one filling); a bucket is b elements plus up to one tensor, so with
+``--config`` the buckets are laid out as the engine lays them out (``stage2_peak_bucket_numel``), and from a bare
+count each is taken as b. Stage 3 (``shard_model``) gathers whole units: the root unit (embeddings, output head,
+final norm; R elements) stays gathered through forward and backward with its fp32 gradient buffer, and of the
+transformer blocks (U elements each) the current one and one prefetched are gathered, with one fp32 gradient
+buffer filling (``stage3_peak_buffer_bytes``). With ``--config`` R and U come from the model; from a bare count
+both are taken as b.
 With ``offload="cpu"`` the moments, the master and the fp32 gradient shard live in host memory instead, with a
-host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies; the engine partitions
-what it offloads, so offloading at stage 0 shards like stage 1.
+host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies. Offloading at stage 0
+partitions nothing: every rank keeps (and offloads) the whole state in one flat buffer per space, and a DDP
+wrapper averages the gradients (``ZeroEngine.create`` runs it on a group of one rank).
 
 DDP + torch AdamW is the usual mixed-precision recipe: fp32 parameters (autocast computes in 16 bits), fp32
 gradients, fp32 exp_avg and exp_avg_sq: 4 + 4 + 8 = 16 B per parameter on every GPU, plus DDP's bucket copy of
@@ -63,8 +68,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Sequence, get_args
 
-from zeroadam.layout import padded
+from zeroadam import sizes
 from zeroadam.options import BLOCK_SIZE, MIN_QUANT_NUMEL, MasterWeights, Offload, StateDtype, ZeroOptions
+from zeroadam.sizes import padded
 
 __all__ = [
     "CATEGORIES",
@@ -168,29 +174,40 @@ def param_bytes_per_param(param_dtype: ParamDtype) -> int:
 
 def moment_bytes_per_param(state_dtype: StateDtype) -> float:
     """exp_avg + exp_avg_sq storage per parameter of a tensor that takes the ``state_dtype`` path."""
-    return {"int8": 2 + 2 * 4 / BLOCK_SIZE, "bf16": 4.0, "fp32": 8.0}[state_dtype]
+    return sizes.moment_bytes(state_dtype, BLOCK_SIZE) / BLOCK_SIZE
+
+
+def _master_kind(master_weights: MasterWeights, param_dtype: ParamDtype) -> sizes.MasterKind:
+    """What ``ZeroAdam`` stores for a parameter of this dtype (an fp32 parameter is its own master)."""
+    if param_dtype == "fp32":
+        return "param"
+    return "compact" if master_weights == "auto" else master_weights
 
 
 def master_bytes_per_param(master_weights: MasterWeights, param_dtype: ParamDtype) -> float:
-    if param_dtype == "fp32":
-        return 0.0
-    return {"fp32": 4.0, "compact": 1.0, "auto": 1.0, "none": 0.0}[master_weights]
+    return float(sizes.MASTER_BYTES[_master_kind(master_weights, param_dtype)])
 
 
 def _moment_format(numel: int, state_dtype: StateDtype) -> StateDtype:
     return state_dtype if numel >= MIN_QUANT_NUMEL else "fp32"
 
 
-def _run_moment_bytes(numel: int, fmt: StateDtype) -> int:
-    """Moments of one contiguous run of ``numel`` elements, scales included (one per started block)."""
-    if fmt == "int8":
-        return 2 * numel + 2 * 4 * (-(-numel // BLOCK_SIZE))
-    return {"bf16": 4, "fp32": 8}[fmt] * numel
+def _spaces(numels: Sequence[int], state_dtype: StateDtype) -> dict[StateDtype, list[int]]:
+    """Tensor sizes by moment format, in order: the flat buffers of stages 1-2 (``zeroadam.layout.group_spaces``)."""
+    out: dict[StateDtype, list[int]] = {}
+    for n in numels:
+        out.setdefault(_moment_format(n, state_dtype), []).append(n)
+    return out
+
+
+def _shard(numels: Sequence[int], world_size: int) -> int:
+    """Elements of each rank's shard of one flat buffer of tensors of these sizes."""
+    return sizes.shard_numel(sum(padded(n) for n in numels), world_size)
 
 
 def moment_bytes(numels: Sequence[int], state_dtype: StateDtype) -> int:
     """Exact unsharded moment bytes of tensors of these sizes (stage 0: each tensor is its own run)."""
-    return sum(_run_moment_bytes(n, _moment_format(n, state_dtype)) for n in numels)
+    return sum(sizes.moment_bytes(_moment_format(n, state_dtype), n) for n in numels)
 
 
 def sharded_moment_bytes(numels: Sequence[int], state_dtype: StateDtype, world_size: int) -> int:
@@ -199,36 +216,64 @@ def sharded_moment_bytes(numels: Sequence[int], state_dtype: StateDtype, world_s
     Tensors of each moment format share a flat buffer, each starting on a block; the buffer is padded to whole
     blocks per rank (``zeroadam.layout.FlatLayout``), and every rank's shard has the same length.
     """
-    total: dict[str, int] = {}
-    for n in numels:
-        fmt = _moment_format(n, state_dtype)
-        total[fmt] = total.get(fmt, 0) + padded(n)
-    out = 0
-    for fmt, t in total.items():
-        shard = max(-(-t // (BLOCK_SIZE * world_size)), 1) * BLOCK_SIZE
-        out += _run_moment_bytes(shard, fmt)  # type: ignore[arg-type]
-    return out
+    return sum(sizes.moment_bytes(fmt, _shard(ns, world_size)) for fmt, ns in _spaces(numels, state_dtype).items())
 
 
 def _cap(bucket: int, num_params: float) -> float:
     return float(min(bucket, num_params))
 
 
+def _buffers(psi: float, p: int, stage: int, n: int, setup: Setup, model: Optional[ModelTensors]) -> float:
+    """Communication buffers of one rank; see [Note: communication buffers] in zeroadam/sizes.py."""
+    b = _cap(setup.bucket_size, psi)
+    if stage == 0:
+        return p * psi if n > 1 else 0.0  # DDP's bucket copy of the gradients
+    if stage == 1:
+        if model is None:
+            shards = [sizes.shard_numel(padded(int(psi)), n)]
+        else:
+            shards = [_shard(ns, n) for ns in _spaces(model.numels, setup.state_dtype).values()]
+        # One buffer serves every flat buffer, grown to the largest.
+        return float(sizes.GRAD_BYTES * max(sizes.stage1_staging_numel(setup.bucket_size, n, s) for s in shards))
+    if stage == 2:
+        if model is None:
+            return sizes.GRAD_BYTES * sizes.BUCKETS_IN_FLIGHT * b
+        spaces = list(_spaces(model.numels, setup.state_dtype).values())
+        return float(sizes.GRAD_BYTES * sizes.stage2_peak_bucket_numel(spaces, setup.bucket_size))
+    if model is None:
+        return float(sizes.stage3_peak_buffer_bytes(int(b), int(b), 1 + sizes.DEFAULT_PREFETCH, p))
+    # Unit flat buffers hold whole blocks per rank (one flat per dtype and unit, whatever the moment format).
+    root_total = n * _shard(model.root, n) if model.root else 0
+    block_total = n * _shard(model.block, n) if model.block else 0
+    return float(sizes.stage3_peak_buffer_bytes(root_total, block_total, model.layers, p))
+
+
+def _grad_shards(psi: float, n: int, stage: int, setup: Setup, model: Optional[ModelTensors]) -> float:
+    """The fp32 gradient shards the update reads: 4 / N bytes per parameter, in whole blocks with a model."""
+    if model is None:
+        return sizes.GRAD_BYTES * psi / n
+    if stage <= 2:
+        return float(sum(sizes.grad_shard_bytes(_shard(ns, n)) for ns in _spaces(model.numels, setup.state_dtype).values()))
+    root = sizes.grad_shard_bytes(_shard(model.root, n)) if model.root else 0
+    block = sizes.grad_shard_bytes(_shard(model.block, n)) if model.block else 0
+    return float(root + model.layers * block)
+
+
 def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTensors] = None) -> Placement:
     """ZeroAdam's bytes per GPU (and host, with offload) by category; see [Note: memory formulas].
 
-    ``model``, the sizes of the model's tensors, makes the moments exact (small tensors in fp32, block padding)
-    and gives stage 3 its unit sizes.
+    ``model``, the sizes of the model's tensors, makes the moments and gradient shards exact (small tensors in
+    fp32, block padding) and gives the buffers the model's own buckets (stage 2) and units (stage 3).
     """
     psi, n = float(num_params), setup.world_size
     p = param_bytes_per_param(setup.param_dtype)
     w = master_bytes_per_param(setup.master_weights, setup.param_dtype)
     stage = setup.stage
-    if setup.offload is not None and n > 1:
-        stage = max(stage, 1)
     shard = n if stage >= 1 else 1
     if model is None:
         moments = moment_bytes_per_param(setup.state_dtype) * psi / shard
+    elif stage == 0 and setup.offload is not None:  # one rank's flat buffers: whole, block-padded
+        moments = float(sharded_moment_bytes(model.numels, setup.state_dtype, 1))
     elif stage == 0:
         moments = float(moment_bytes(model.numels, setup.state_dtype))
     elif stage <= 2:
@@ -238,22 +283,15 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
         block = sharded_moment_bytes(model.block, setup.state_dtype, n) if model.block else 0
         moments = float(root + model.layers * block)
     master = w * psi / shard
-    b = _cap(setup.bucket_size, psi)
     params = p * psi / (n if stage >= 3 else 1)
     full_grads = p * psi if stage <= 1 else 0.0
-    grad_shard = 4 * psi / n if stage >= 1 else 0.0
-    if stage == 0:
-        buffers = p * psi if n > 1 else 0.0
-    elif stage == 1:
-        buffers = 4 * psi + p * psi / n
-    elif stage == 2:
-        buffers = 8 * b + p * psi / n
-    else:
-        root, unit = (float(sum(model.root)), float(sum(model.block))) if model is not None else (b, b)
-        buffers = (p + 4) * root + (2 * p + 8) * unit
+    grad_shard = _grad_shards(psi, n, stage, setup, model) if stage >= 1 else 0.0
+    buffers = _buffers(psi, p, stage, n, setup, model)
     notes = []
     if setup.stage == 3 and model is None:
         notes.append("stage 3 units taken as one bucket each; pass --config for the model's own")
+    if setup.stage == 2 and model is None and setup.bucket_size < psi:
+        notes.append("stage 2 buckets taken as --bucket-size elements (a bucket holds whole tensors); pass --config for the model's own")
     if setup.offload is None:
         gpu = {"params": params, "grads": full_grads + grad_shard, "moments": moments, "master": master, "buffers": buffers}
         return Placement(gpu, notes=tuple(notes))
@@ -262,7 +300,7 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     host_buffers = p * psi / shard + 4 * psi / shard
     host = {"params": 0.0, "grads": 4 * psi / shard, "moments": moments, "master": master, "buffers": host_buffers}
     if setup.stage == 0 and n > 1:
-        notes.append("offload partitions the state: stage 0 with offload shards like stage 1")
+        notes.append("offload at stage 0 keeps the whole state on every rank's host; stage 1 partitions it")
     return Placement(gpu, host, tuple(notes))
 
 
@@ -324,10 +362,12 @@ class ModelTensors(NamedTuple):
     root: list[int]  # embeddings, final norm, untied output head: the root unit
     block: list[int]  # one transformer block
     layers: int
+    embeddings: int = 0  # how many of root's tensors come before the blocks in the model (the rest follow them)
 
     @property
     def numels(self) -> list[int]:
-        return self.root + self.block * self.layers
+        """Every tensor's size in the model's order, which is the order of the flat buffers and their buckets."""
+        return self.root[: self.embeddings] + self.block * self.layers + self.root[self.embeddings :]
 
     @property
     def num_params(self) -> int:
@@ -343,7 +383,7 @@ def _gpt2_tensors(cfg: dict[str, Any]) -> ModelTensors:
     root = [v * d, positions * d, d, d]  # wte, wpe, ln_f
     if not _field(cfg, "tie_word_embeddings", default=True):
         root.append(v * d)
-    return ModelTensors(root, block, layers)
+    return ModelTensors(root, block, layers, embeddings=2)
 
 
 def _llama_tensors(cfg: dict[str, Any]) -> ModelTensors:
@@ -361,7 +401,7 @@ def _llama_tensors(cfg: dict[str, Any]) -> ModelTensors:
     root = [v * h, h]  # embed_tokens, final norm
     if not _field(cfg, "tie_word_embeddings", default=False):
         root.append(v * h)
-    return ModelTensors(root, attn + mlp + [h, h], layers)
+    return ModelTensors(root, attn + mlp + [h, h], layers, embeddings=1)
 
 
 def config_tensors(cfg: dict[str, Any]) -> ModelTensors:
