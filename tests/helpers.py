@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["rel_err", "max_rel_err", "make_model", "GLOBAL_BATCH", "batch"]
+__all__ = ["rel_err", "max_rel_err", "make_model", "GLOBAL_BATCH", "batch", "force_host_copies"]
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4
 
@@ -37,3 +37,22 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of ``step`` for ``make_model``, GLOBAL_BATCH rows; each rank takes its slice."""
     g = torch.Generator().manual_seed(step)
     return torch.randn(GLOBAL_BATCH, 67, generator=g), torch.randn(GLOBAL_BATCH, 13, generator=g)
+
+
+def force_host_copies(chunk: int = 512) -> list[int]:
+    """Make offload take its GPU path on CPU tensors, in this process (a spawned rank): every parameter shard gets
+    a host copy, moved in chunks of ``chunk`` elements around the CPU update (zeroadam.engines.offload's
+    HostParamCopies). Returns a list that then collects the element count of every shard moved."""
+    from zeroadam.engines import offload
+
+    offload.needs_host_copy = lambda device: True
+    offload.HOST_CHUNK = chunk
+    moved: list[int] = []
+    update = offload.HostParamCopies.update
+
+    def counted(self, shard, update_chunk):  # type: ignore[no-untyped-def]
+        moved.append(shard.numel())
+        update(self, shard, update_chunk)
+
+    offload.HostParamCopies.update = counted
+    return moved

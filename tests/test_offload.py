@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from helpers import make_model
+from helpers import force_host_copies, make_model
 from test_zero import groups, train_zero
 from zeroadam import ZeroAdam, _compat
 
@@ -55,20 +55,8 @@ def test_offload_equals_no_offload(world: int) -> None:
 
 
 def offload_chunked_pairs(rank: int, world: int) -> dict:
-    # The GPU path on CPU tensors: a host copy of the parameter shard, moved in chunks of 512 elements around the
-    # CPU update (zeroadam.engines.offload.HostParamCopies), with every chunk boundary inside the shard.
-    from zeroadam.engines import offload
-
-    offload.needs_host_copy = lambda device: True
-    offload.HOST_CHUNK = 512
-    shard_sizes = []
-    update = offload.HostParamCopies.update
-
-    def counted(self, shard, update_chunk):  # type: ignore[no-untyped-def]
-        shard_sizes.append(shard.numel())
-        update(self, shard, update_chunk)
-
-    offload.HostParamCopies.update = counted
+    # The GPU path on CPU tensors, with every chunk boundary inside the shard.
+    shard_sizes = force_host_copies(512)
     out: dict = {}
     for fmt in ("fp32", "int8"):
         for stage in (1, 2):

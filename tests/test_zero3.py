@@ -9,7 +9,7 @@ from torch import nn
 
 import zeroadam
 from distributed import run_ranks
-from helpers import rel_err
+from helpers import force_host_copies, rel_err
 from zeroadam import ZeroAdam
 
 VOCAB, DIM, CTX, BATCH = 61, 72, 9, 6  # the global batch of 6 splits over 2 and 3 ranks
@@ -354,20 +354,8 @@ def test_meta_init_fn_never_writes_a_released_buffer(cls: type) -> None:
 
 
 def offload_chunked(rank: int, world: int) -> dict:
-    # The GPU offload path on CPU tensors, as stages 1-2 test it: each piece's host copy is moved in chunks of 512
-    # elements around the CPU update (zeroadam.engines.offload.HostParamCopies).
-    from zeroadam.engines import offload
-
-    offload.needs_host_copy = lambda device: True
-    offload.HOST_CHUNK = 512
-    chunks = []
-    update = offload.HostParamCopies.update
-
-    def counted(self, shard, update_chunk):  # type: ignore[no-untyped-def]
-        chunks.append(-(-shard.numel() // offload.HOST_CHUNK))
-        update(self, shard, update_chunk)
-
-    offload.HostParamCopies.update = counted
+    # The GPU offload path on CPU tensors, as stages 1-2 test it (pieces moved in chunks of 512 elements).
+    moved = force_host_copies(512)
     out = {}
     for fmt in ("fp32", "int8"):
         runs = []
@@ -376,7 +364,7 @@ def offload_chunked(rank: int, world: int) -> dict:
             train(model, rank, world, state_dtype=fmt, **opts)
             runs.append(whole_params(model))
         out[fmt] = runs
-    out["most_chunks"] = max(chunks)
+    out["most_chunks"] = max(-(-n // 512) for n in moved)
     return out
 
 
