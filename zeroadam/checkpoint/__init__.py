@@ -25,6 +25,7 @@ optimizer, so a truncated, corrupted or mismatched checkpoint raises on every ra
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -40,11 +41,13 @@ from zeroadam.checkpoint.format import (
     INFO_FILE,
     PathLike,
     SCALE_KEYS,
+    DCP_ERRORS,
     CheckpointError,
     CheckpointInfo,
     ParamRecord,
     assemble,
     build_info,
+    check_zero_step_state,
     crc32_of,
     dtype_name,
     piece_key,
@@ -138,6 +141,73 @@ def _agree(group: Group, error: Optional[BaseException], what: str) -> None:
         raise CheckpointError(f"zeroadam.checkpoint: {what} failed on rank {r} (nothing was changed): {m}")
 
 
+def _agree_or_discard(group: Group, error: Optional[BaseException], what: str, tmp: Path) -> None:
+    """``_agree``; when any rank failed, rank 0 removes the partial directory (every rank has stopped writing
+    into it once the agreement returns) so that a failed save leaves only the previous checkpoint."""
+    try:
+        _agree(group, error, what)
+    except BaseException:
+        if group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Bytes of serialization framing DCP adds per tensor (see [Note: checkpoint layout] in format.py).
+_FRAMING_BYTES = 1024
+
+
+def _bytes_needed(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() + _FRAMING_BYTES for t in tensors.values())
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _is_no_space(e: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in ``e``: its causes, or the per-rank failures DCP's CheckpointException holds."""
+    seen: set[int] = set()
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        if isinstance(x, tuple):
+            todo.extend(x)
+            continue
+        if isinstance(x, BaseException):
+            todo.extend((x.__cause__, x.__context__))
+            failures = getattr(x, "failures", None)
+            if isinstance(failures, dict):
+                todo.extend(failures.values())
+    return False
+
+
+def _write_error(e: BaseException, tmp: Path, needed: int) -> BaseException:
+    """The error to report for a failed write. A full disk surfaces from torch.save as "unexpected pos 704 vs 598"
+    (no errno): it is recognised by ENOSPC or by less free space left than this rank had to write."""
+    try:
+        free = shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free
+    except OSError:
+        free = None
+    if _is_no_space(e) or (free is not None and free < needed):
+        return CheckpointError(
+            f"zeroadam.checkpoint.save: no space left on the device holding {tmp.parent} (mounted at "
+            f"{_mount_point(tmp.parent)}), needed ~{needed:,} bytes for this rank's part"
+            f"{'' if free is None else f', {free:,} free'}; free space or save elsewhere (the previous checkpoint, "
+            "if any, is unchanged)"
+        )
+    if isinstance(e, Exception):
+        return e
+    return CheckpointError(f"zeroadam.checkpoint.save: writing {tmp} failed: {e}")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -222,14 +292,19 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
         for k, t in model_sd.items():
             tensors[f"model/{k}"] = t.detach()
             model_crc[k] = crc32_of(t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it runs without torch.distributed
-        dcp.save(
-            tensors,
-            storage_writer=dcp.FileSystemWriter(tmp),
-            process_group=group.pg if group.world > 1 else None,
-            no_dist=group.world == 1,
-        )
+    error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it runs without torch.distributed
+            dcp.save(
+                tensors,
+                storage_writer=dcp.FileSystemWriter(tmp),
+                process_group=group.pg if group.world > 1 else None,
+                no_dist=group.world == 1,
+            )
+    except DCP_ERRORS as e:  # see [Note: DCP exceptions]
+        error = _write_error(e, tmp, _bytes_needed(tensors))
+    _agree_or_discard(group, error, "writing the tensors", tmp)
     everyone = [pieces]
     if group.world > 1:
         everyone = [None] * group.world if group.rank == 0 else None  # type: ignore[assignment]
@@ -246,8 +321,8 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
             _fsync_dir(tmp)
             _swap_into_place(tmp, target)
         except (OSError, CheckpointError) as e:
-            error = e
-    _agree(group, error, "writing the checkpoint")
+            error = _write_error(e, tmp, 0) if isinstance(e, OSError) else e
+    _agree_or_discard(group, error, "writing the checkpoint", tmp)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -297,7 +372,7 @@ def _stage_load(
     wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
     for p, (a, b) in need.items():
         rec = info.params[names[p]]
-        if rec.step > 0:
+        if rec.has_state:
             wanted.update(wanted_pieces(rec, a, b))
     data = read_tensors(info, wanted)
 
@@ -309,13 +384,19 @@ def _stage_load(
         for p in group["params"]:
             g["params"].append(idx)
             rec = info.params[names[p]]
-            if rec.step > 0:
+            if rec.has_state:
                 a, b = need.get(p, (0, 0))  # outside this rank's shard: an empty piece that carries the step
                 state[idx] = assemble(rec, a, b, data)
+                check_zero_step_state(rec, state[idx])
             idx += 1
         groups.append(g)
     sd = {"state": state, "param_groups": groups}
-    opt.engine.check_entries(validate_state_dict(opt.param_groups, need, sd))
+    try:
+        opt.engine.check_entries(validate_state_dict(opt.param_groups, need, sd))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"zeroadam.checkpoint: {info.path}: {str(e).removeprefix('ZeroAdam.load_state_dict: ')}") from None
     return {k: data[f"model/{k}"] for k in info.model}, sd
 
 
@@ -328,8 +409,8 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     staged, error = None, None
     try:
         staged = _stage_load(path, model, optimizer, _param_names(model, optimizer))
-    except Exception as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
-        error = e
+    except DCP_ERRORS as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
+        error = e if isinstance(e, Exception) else CheckpointError(f"zeroadam.checkpoint: loading {path} failed: {e}")
     _agree(group, error, "loading")
     model_sd, opt_sd = staged  # type: ignore[misc]
     # The model first: master residuals are relative to the parameter values they were saved with.
@@ -348,7 +429,7 @@ def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, to
     wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
     if optimizer:
         for rec in info.params.values():
-            if rec.step > 0:
+            if rec.has_state:
                 wanted.update(wanted_pieces(rec, 0, rec.numel))
     data = read_tensors(info, wanted)
     model_sd = {k: data[f"model/{k}"] for k in info.model}
@@ -364,8 +445,10 @@ def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, to
         for name in saved["params"]:
             g["params"].append(idx)
             rec = info.params[name]
-            if rec.step > 0:
-                m, v = decode_entry(assemble(rec, 0, rec.numel, data))
+            if rec.has_state:
+                entry = assemble(rec, 0, rec.numel, data)
+                check_zero_step_state(rec, entry)
+                m, v = decode_entry(entry)
                 state[idx] = {"step": torch.tensor(float(rec.step)), "exp_avg": m.view(rec.shape), "exp_avg_sq": v.view(rec.shape)}
             idx += 1
         groups.append(g)
@@ -385,7 +468,7 @@ def describe(path: PathLike) -> dict[str, Any]:
             by_kind["scales" if k in SCALE_KEYS else "master" if k.startswith("master") else "moments"] += n
     formats: dict[str, int] = {}
     for r in info.params.values():
-        if r.step > 0:
+        if r.has_state:
             label = f"{dtype_name(r.dtype)} params, {r.moments} moments, master {r.master}"
             formats[label] = formats.get(label, 0) + r.numel
     return {
