@@ -49,6 +49,7 @@ from zeroadam.checkpoint.format import (
     build_info,
     check_zero_step_state,
     crc32_of,
+    failure_reason,
     dtype_name,
     piece_key,
     previous_dir,
@@ -69,6 +70,7 @@ __all__ = [
     "load",
     "consolidate",
     "describe",
+    "verify",
     "read_info",
     "CheckpointError",
     "CheckpointInfo",
@@ -205,7 +207,7 @@ def _write_error(e: BaseException, tmp: Path, needed: int) -> BaseException:
         )
     if isinstance(e, Exception):
         return e
-    return CheckpointError(f"zeroadam.checkpoint.save: writing {tmp} failed: {e}")
+    return CheckpointError(f"zeroadam.checkpoint.save: writing {tmp} failed: {failure_reason(e)}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -410,7 +412,7 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     try:
         staged = _stage_load(path, model, optimizer, _param_names(model, optimizer))
     except DCP_ERRORS as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
-        error = e if isinstance(e, Exception) else CheckpointError(f"zeroadam.checkpoint: loading {path} failed: {e}")
+        error = e if isinstance(e, Exception) else CheckpointError(f"zeroadam.checkpoint: loading {path} failed: {failure_reason(e)}")
     _agree(group, error, "loading")
     model_sd, opt_sd = staged  # type: ignore[misc]
     # The model first: master residuals are relative to the parameter values they were saved with.
@@ -503,37 +505,95 @@ def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _save_file(obj: Any, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, out)
+def _check_output(out: Path, what: str) -> None:
+    """Refuse an output path that cannot be written, before anything is read or written."""
+    if out.is_dir():
+        raise CheckpointError(f"{what} {out} is a directory; pass a file name (for example {out / 'model.pt'})")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"{what} {out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {out}: the directory {parent} is not writable (read-only file system?)")
+
+
+def _write_files(files: list[tuple[Any, Path]]) -> None:
+    """torch.save each object beside its target, then move them all into place: on any failure every partial file
+    is removed and no target is touched."""
+    partials = []
+    try:
+        for obj, out in files:
+            tmp = out.with_name(f".{out.name}.partial")
+            partials.append((tmp, out))
+            torch.save(obj, tmp)
+    except BaseException:
+        for tmp, _ in partials:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, out in partials:
+        os.replace(tmp, out)
+
+
+def _optimizer_output(args: argparse.Namespace, out: Path) -> Optional[Path]:
+    if args.optimizer is None:
+        return None
+    return Path(args.optimizer) if args.optimizer else out.with_name(f"{out.stem}.optim{out.suffix or '.pt'}")
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    opt_out = _optimizer_output(args, out)
     try:
-        model_sd, opt_sd = consolidate(args.checkpoint, optimizer=args.optimizer is not None)
-    except CheckpointError as e:
-        print(f"zeroadam consolidate: error: {e}", file=sys.stderr)
+        _check_output(out, "OUT_FILE")
+        if opt_out is not None:
+            _check_output(opt_out, "OPT_FILE")
+            if opt_out.resolve() == out.resolve():
+                raise CheckpointError(f"OPT_FILE {opt_out} is the same file as OUT_FILE; pass another name")
+        model_sd, opt_sd = consolidate(args.checkpoint, optimizer=opt_out is not None)
+        files: list[tuple[Any, Path]] = [(model_sd, out)]
+        if opt_sd is not None and opt_out is not None:
+            files.append((opt_sd, opt_out))
+        _write_files(files)
+    except (CheckpointError, OSError) as e:
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"zeroadam consolidate: error: {detail}", file=sys.stderr)
         return 1
-    _save_file(model_sd, out)
     print(f"wrote the model state dict ({len(model_sd)} tensors) to {out}")
     if opt_sd is not None:
-        opt_out = Path(args.optimizer) if args.optimizer else out.with_name(f"{out.stem}.optim{out.suffix or '.pt'}")
-        _save_file(opt_sd, opt_out)
         print(f"wrote a torch.optim.AdamW state dict ({len(opt_sd['state'])} parameters with state) to {opt_out}")
     return 0
+
+
+def verify(path: PathLike) -> int:
+    """Read every tensor of a checkpoint, one parameter at a time, and compare it with the checksum zeroadam.json
+    records; returns how many tensors were checked. Raises CheckpointError at the first mismatch or unreadable
+    file."""
+    info = read_info(path)
+    batches: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [
+        {f"model/{k}": v for k, v in info.model.items()}
+    ]
+    batches += [wanted_pieces(rec, 0, rec.numel) for rec in info.params.values() if rec.has_state]
+    count = 0
+    for wanted in batches:
+        count += len(read_tensors(info, wanted))
+    return count
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not read the tensors to compare them with their checksums (only the metadata and file sizes are "
+        "checked)",
+    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
         d = describe(args.checkpoint)
-    except CheckpointError as e:
+        d["checksums_verified"] = None if args.no_verify else verify(args.checkpoint)
+    except (CheckpointError, OSError) as e:
         print(f"zeroadam inspect: error: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -546,4 +606,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     for label, n in d["formats_numel"].items():
         print(f"  {n:>14,} elements: {label}")
     print("bytes on disk  " + ", ".join(f"{k} {v:,} ({d['bytes_per_param'][k]:.3f}/param)" for k, v in d["bytes"].items()))
+    if d["checksums_verified"] is None:
+        print("checksums      not verified (--no-verify): only the metadata and file sizes were checked")
+    else:
+        print(f"checksums      all {d['checksums_verified']} tensors read and match")
     return 0

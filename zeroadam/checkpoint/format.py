@@ -66,6 +66,7 @@ __all__ = [
     "assemble",
     "check_zero_step_state",
     "DCP_ERRORS",
+    "failure_reason",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -91,7 +92,20 @@ DCP_ERRORS = (Exception, CheckpointException)
 """What a checkpoint operation may raise. [Note: DCP exceptions]
 torch.distributed.checkpoint raises ``CheckpointException``, which derives from ``BaseException``: an
 ``except Exception`` misses it, and a rank that raises it instead of reporting to ``_agree`` leaves the other
-ranks waiting there for the process group's timeout. Every handler that must hear of a failure catches these."""
+ranks waiting there for the process group's timeout. Every handler that must hear of a failure catches these.
+Its ``str()`` is every failing rank's whole traceback: ``failure_reason`` gives the one line a message needs."""
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line naming what went wrong: for a CheckpointException, the first failing rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and isinstance(failures, dict) and failures:
+        rank, pair = sorted(failures.items())[0]
+        inner = pair[0] if isinstance(pair, tuple) else pair
+        if isinstance(inner, BaseException):
+            return f"rank {rank}: {failure_reason(inner)}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, incomplete, truncated, corrupted, or for another model."""
@@ -336,7 +350,7 @@ def read_info(path: PathLike) -> CheckpointInfo:
         md = FileSystemReader(root).read_metadata()
     except DCP_ERRORS as e:  # noqa: BLE001 - a damaged pickle raises anything
         raise CheckpointError(
-            f"zeroadam.checkpoint: {root}: DCP metadata (.metadata) is missing or unreadable ({type(e).__name__}: {e}): "
+            f"zeroadam.checkpoint: {root}: DCP metadata (.metadata) is missing or unreadable ({failure_reason(e)}): "
             "an interrupted or corrupted save"
         ) from e
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
@@ -492,7 +506,7 @@ def read_tensors(info: CheckpointInfo, wanted: dict[str, tuple[tuple[int, ...], 
     except DCP_ERRORS as e:  # noqa: BLE001 - damaged data raises anything from torch.load
         # DCP wraps a reader's failure in CheckpointException, a BaseException: see [Note: DCP exceptions].
         raise CheckpointError(
-            f"zeroadam.checkpoint: reading {info.path} failed ({type(e).__name__}: {e}): a corrupted checkpoint"
+            f"zeroadam.checkpoint: reading {info.path} failed ({failure_reason(e)}): a corrupted checkpoint"
         ) from e
     for key, t in out.items():
         if crc32_of(t) != info.crc32[key]:
