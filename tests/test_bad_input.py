@@ -127,3 +127,34 @@ def test_complex_parameter_is_refused() -> None:
 def test_integer_parameter_is_refused() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         ZeroAdam([torch.arange(17)])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_sparse_gradient_is_refused_with_offload(stage: int) -> None:
+    emb = torch.nn.Embedding(17, 4, sparse=True)
+    dense = torch.nn.Linear(4, 3)
+    opt = ZeroAdam([*dense.parameters(), emb.weight], state_dtype="fp32", offload="cpu", stage=stage)
+    dense(emb(torch.tensor([1, 5, 5]))).sum().backward()
+    before = [p.detach().clone() for p in (*dense.parameters(), emb.weight)]
+    with pytest.raises(RuntimeError, match="sparse") as info:
+        opt.step()
+    assert "sparse=False" in str(info.value) and "reshape" not in str(info.value)
+    assert all(torch.equal(p, q) for p, q in zip((*dense.parameters(), emb.weight), before))
+
+
+def test_sparse_embedding_is_refused_by_shard_model() -> None:
+    from zeroadam import shard_model
+
+    model = torch.nn.Sequential(torch.nn.Embedding(17, 4, sparse=True), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=re.escape("0 is Embedding(sparse=True)")) as info:
+        shard_model(model)
+    assert "sparse=False" in str(info.value)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_meta_parameters_with_offload_are_refused_at_construction(stage: int) -> None:
+    with torch.device("meta"):
+        model = torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="meta device") as info:
+        ZeroAdam(model.parameters(), offload="cpu", stage=stage)
+    assert "to_empty" in str(info.value) and "init_fn" in str(info.value)

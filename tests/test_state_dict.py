@@ -292,6 +292,12 @@ REJECTED = {
     "step": (lambda: _tamper("step", 4, torch.tensor(2.5)), "param_groups[1]['params'][1]"),
     "amsgrad": (lambda: _with_group_flag(1, "amsgrad", True), "param_groups[1] has amsgrad=True"),
     "unlisted": (lambda: _with_extra_entry(99), "parameter 99"),
+    # Hyperparameters get the constructor's checks, naming the group: none of these may reach a step.
+    "lr": (lambda: _with_group_flag(1, "lr", -5.0), "param_groups[1]: invalid lr=-5.0"),
+    "lr_text": (lambda: _with_group_flag(0, "lr", "fast"), "param_groups[0]: invalid lr='fast'"),
+    "weight_decay": (lambda: _with_group_flag(1, "weight_decay", math.nan), "param_groups[1]: invalid weight_decay=nan"),
+    "betas": (lambda: _with_group_flag(0, "betas", [1.5, 2]), "param_groups[0]: invalid betas[0]=1.5"),
+    "eps": (lambda: _with_group_flag(1, "eps", -1e-8), "param_groups[1]: invalid eps=-1e-08"),
 }
 
 
@@ -314,6 +320,23 @@ def test_rejected_state_dict_leaves_optimizer_unchanged(case: str) -> None:
         assert torch.equal(p, q)
     train([(opt, params), (twin, twin_params)], range(3, 6))
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_adamw_state_dict_with_bad_hyperparameters_is_rejected() -> None:
+    params = make_params()
+    adamw = torch.optim.AdamW(groups(params))
+    train([(adamw, params)], range(2))
+    sd = adamw.state_dict()
+    sd["param_groups"][0]["lr"] = -1.0
+    opt, target = _trained_target()
+    before = cloned_state_dict(opt)
+    with pytest.raises(ValueError, match=re.escape("param_groups[0]: invalid lr=-1.0")):
+        opt.load_state_dict(sd)
+    sd["param_groups"][0]["lr"] = 1e-3
+    sd["param_groups"][1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=re.escape("param_groups[1]: invalid betas[1]=1.5")):
+        opt.load_state_dict(sd)
+    assert_state_dicts_equal(cloned_state_dict(opt), before)
 
 
 def test_transposed_shape_is_rejected() -> None:

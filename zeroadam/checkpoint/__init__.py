@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -41,12 +42,15 @@ from zeroadam.checkpoint.format import (
     INFO_FILE,
     PathLike,
     SCALE_KEYS,
+    DCP_ERRORS,
     CheckpointError,
     CheckpointInfo,
     ParamRecord,
     assemble,
     build_info,
+    check_zero_step_state,
     crc32_of,
+    failure_reason,
     dtype_name,
     piece_key,
     previous_dir,
@@ -67,6 +71,7 @@ __all__ = [
     "load",
     "consolidate",
     "describe",
+    "verify",
     "read_info",
     "CheckpointError",
     "CheckpointInfo",
@@ -137,6 +142,73 @@ def _agree(group: Group, error: Optional[BaseException], what: str) -> None:
     if failed:
         r, m = failed[0]
         raise CheckpointError(f"zeroadam.checkpoint: {what} failed on rank {r} (nothing was changed): {m}")
+
+
+def _agree_or_discard(group: Group, error: Optional[BaseException], what: str, tmp: Path) -> None:
+    """``_agree``; when any rank failed, rank 0 removes the partial directory (every rank has stopped writing
+    into it once the agreement returns) so that a failed save leaves only the previous checkpoint."""
+    try:
+        _agree(group, error, what)
+    except BaseException:
+        if group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Bytes of serialization framing DCP adds per tensor (see [Note: checkpoint layout] in format.py).
+_FRAMING_BYTES = 1024
+
+
+def _bytes_needed(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() + _FRAMING_BYTES for t in tensors.values())
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _is_no_space(e: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in ``e``: its causes, or the per-rank failures DCP's CheckpointException holds."""
+    seen: set[int] = set()
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        if isinstance(x, tuple):
+            todo.extend(x)
+            continue
+        if isinstance(x, BaseException):
+            todo.extend((x.__cause__, x.__context__))
+            failures = getattr(x, "failures", None)
+            if isinstance(failures, dict):
+                todo.extend(failures.values())
+    return False
+
+
+def _write_error(e: BaseException, tmp: Path, needed: int) -> BaseException:
+    """The error to report for a failed write. A full disk surfaces from torch.save as "unexpected pos 704 vs 598"
+    (no errno): it is recognised by ENOSPC or by less free space left than this rank had to write."""
+    try:
+        free = shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free
+    except OSError:
+        free = None
+    if _is_no_space(e) or (free is not None and free < needed):
+        return CheckpointError(
+            f"zeroadam.checkpoint.save: no space left on the device holding {tmp.parent} (mounted at "
+            f"{_mount_point(tmp.parent)}), needed ~{needed:,} bytes for this rank's part"
+            f"{'' if free is None else f', {free:,} free'}; free space or save elsewhere (the previous checkpoint, "
+            "if any, is unchanged)"
+        )
+    if isinstance(e, Exception):
+        return e
+    return CheckpointError(f"zeroadam.checkpoint.save: writing {tmp} failed: {failure_reason(e)}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -223,14 +295,19 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
         for k, t in model_sd.items():
             tensors[f"model/{k}"] = t.detach()
             model_crc[k] = crc32_of(t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it runs without torch.distributed
-        dcp.save(
-            tensors,
-            storage_writer=dcp.FileSystemWriter(tmp),
-            process_group=group.pg if group.world > 1 else None,
-            no_dist=group.world == 1,
-        )
+    error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it runs without torch.distributed
+            dcp.save(
+                tensors,
+                storage_writer=dcp.FileSystemWriter(tmp),
+                process_group=group.pg if group.world > 1 else None,
+                no_dist=group.world == 1,
+            )
+    except DCP_ERRORS as e:  # see [Note: DCP exceptions]
+        error = _write_error(e, tmp, _bytes_needed(tensors))
+    _agree_or_discard(group, error, "writing the tensors", tmp)
     everyone = [pieces]
     if group.world > 1:
         everyone = [None] * group.world if group.rank == 0 else None  # type: ignore[assignment]
@@ -247,8 +324,8 @@ def save(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
             _fsync_dir(tmp)
             _swap_into_place(tmp, target)
         except (OSError, CheckpointError) as e:
-            error = e
-    _agree(group, error, "writing the checkpoint")
+            error = _write_error(e, tmp, 0) if isinstance(e, OSError) else e
+    _agree_or_discard(group, error, "writing the checkpoint", tmp)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -300,7 +377,7 @@ def _stage_load(
     wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
     for p, (a, b) in need.items():
         rec = info.params[names[p]]
-        if rec.step > 0:
+        if rec.has_state:
             wanted.update(wanted_pieces(rec, a, b))
     data = read_tensors(info, wanted)
 
@@ -312,13 +389,19 @@ def _stage_load(
         for p in group["params"]:
             g["params"].append(idx)
             rec = info.params[names[p]]
-            if rec.step > 0:
+            if rec.has_state:
                 a, b = need.get(p, (0, 0))  # outside this rank's shard: an empty piece that carries the step
                 state[idx] = assemble(rec, a, b, data)
+                check_zero_step_state(rec, state[idx])
             idx += 1
         groups.append(g)
     sd = {"state": state, "param_groups": groups}
-    opt.engine.check_entries(validate_state_dict(opt.param_groups, need, sd))
+    try:
+        opt.engine.check_entries(validate_state_dict(opt.param_groups, need, sd))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"zeroadam.checkpoint: {info.path}: {str(e).removeprefix('ZeroAdam.load_state_dict: ')}") from None
     return {k: data[f"model/{k}"] for k in info.model}, sd
 
 
@@ -331,8 +414,8 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
     staged, error = None, None
     try:
         staged = _stage_load(path, model, optimizer, _param_names(model, optimizer))
-    except Exception as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
-        error = e
+    except DCP_ERRORS as e:  # noqa: BLE001 - every rank must hear of any failure before anyone changes anything
+        error = e if isinstance(e, Exception) else CheckpointError(f"zeroadam.checkpoint: loading {path} failed: {failure_reason(e)}")
     _agree(group, error, "loading")
     model_sd, opt_sd = staged  # type: ignore[misc]
     # The model first: master residuals are relative to the parameter values they were saved with.
@@ -351,7 +434,7 @@ def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, to
     wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
     if optimizer:
         for rec in info.params.values():
-            if rec.step > 0:
+            if rec.has_state:
                 wanted.update(wanted_pieces(rec, 0, rec.numel))
     data = read_tensors(info, wanted)
     model_sd = {k: data[f"model/{k}"] for k in info.model}
@@ -367,8 +450,10 @@ def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, to
         for name in saved["params"]:
             g["params"].append(idx)
             rec = info.params[name]
-            if rec.step > 0:
-                m, v = decode_entry(assemble(rec, 0, rec.numel, data))
+            if rec.has_state:
+                entry = assemble(rec, 0, rec.numel, data)
+                check_zero_step_state(rec, entry)
+                m, v = decode_entry(entry)
                 state[idx] = {"step": torch.tensor(float(rec.step)), "exp_avg": m.view(rec.shape), "exp_avg_sq": v.view(rec.shape)}
             idx += 1
         groups.append(g)
@@ -388,7 +473,7 @@ def describe(path: PathLike) -> dict[str, Any]:
             by_kind["scales" if k in SCALE_KEYS else "master" if k.startswith("master") else "moments"] += n
     formats: dict[str, int] = {}
     for r in info.params.values():
-        if r.step > 0:
+        if r.has_state:
             label = f"{dtype_name(r.dtype)} params, {r.moments} moments, master {r.master}"
             formats[label] = formats.get(label, 0) + r.numel
     return {
@@ -423,37 +508,95 @@ def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _save_file(obj: Any, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, out)
+def _check_output(out: Path, what: str) -> None:
+    """Refuse an output path that cannot be written, before anything is read or written."""
+    if out.is_dir():
+        raise CheckpointError(f"{what} {out} is a directory; pass a file name (for example {out / 'model.pt'})")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"{what} {out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {out}: the directory {parent} is not writable (read-only file system?)")
+
+
+def _write_files(files: list[tuple[Any, Path]]) -> None:
+    """torch.save each object beside its target, then move them all into place: on any failure every partial file
+    is removed and no target is touched."""
+    partials = []
+    try:
+        for obj, out in files:
+            tmp = out.with_name(f".{out.name}.partial")
+            partials.append((tmp, out))
+            torch.save(obj, tmp)
+    except BaseException:
+        for tmp, _ in partials:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, out in partials:
+        os.replace(tmp, out)
+
+
+def _optimizer_output(args: argparse.Namespace, out: Path) -> Optional[Path]:
+    if args.optimizer is None:
+        return None
+    return Path(args.optimizer) if args.optimizer else out.with_name(f"{out.stem}.optim{out.suffix or '.pt'}")
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    opt_out = _optimizer_output(args, out)
     try:
-        model_sd, opt_sd = consolidate(args.checkpoint, optimizer=args.optimizer is not None)
-    except CheckpointError as e:
-        print(f"zeroadam consolidate: error: {e}", file=sys.stderr)
+        _check_output(out, "OUT_FILE")
+        if opt_out is not None:
+            _check_output(opt_out, "OPT_FILE")
+            if opt_out.resolve() == out.resolve():
+                raise CheckpointError(f"OPT_FILE {opt_out} is the same file as OUT_FILE; pass another name")
+        model_sd, opt_sd = consolidate(args.checkpoint, optimizer=opt_out is not None)
+        files: list[tuple[Any, Path]] = [(model_sd, out)]
+        if opt_sd is not None and opt_out is not None:
+            files.append((opt_sd, opt_out))
+        _write_files(files)
+    except (CheckpointError, OSError) as e:
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"zeroadam consolidate: error: {detail}", file=sys.stderr)
         return 1
-    _save_file(model_sd, out)
     print(f"wrote the model state dict ({len(model_sd)} tensors) to {out}")
     if opt_sd is not None:
-        opt_out = Path(args.optimizer) if args.optimizer else out.with_name(f"{out.stem}.optim{out.suffix or '.pt'}")
-        _save_file(opt_sd, opt_out)
         print(f"wrote a torch.optim.AdamW state dict ({len(opt_sd['state'])} parameters with state) to {opt_out}")
     return 0
+
+
+def verify(path: PathLike) -> int:
+    """Read every tensor of a checkpoint, one parameter at a time, and compare it with the checksum zeroadam.json
+    records; returns how many tensors were checked. Raises CheckpointError at the first mismatch or unreadable
+    file."""
+    info = read_info(path)
+    batches: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [
+        {f"model/{k}": v for k, v in info.model.items()}
+    ]
+    batches += [wanted_pieces(rec, 0, rec.numel) for rec in info.params.values() if rec.has_state]
+    count = 0
+    for wanted in batches:
+        count += len(read_tensors(info, wanted))
+    return count
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not read the tensors to compare them with their checksums (only the metadata and file sizes are "
+        "checked)",
+    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
         d = describe(args.checkpoint)
-    except CheckpointError as e:
+        d["checksums_verified"] = None if args.no_verify else verify(args.checkpoint)
+    except (CheckpointError, OSError) as e:
         print(f"zeroadam inspect: error: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -466,4 +609,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     for label, n in d["formats_numel"].items():
         print(f"  {n:>14,} elements: {label}")
     print("bytes on disk  " + ", ".join(f"{k} {v:,} ({d['bytes_per_param'][k]:.3f}/param)" for k, v in d["bytes"].items()))
+    if d["checksums_verified"] is None:
+        print("checksums      not verified (--no-verify): only the metadata and file sizes were checked")
+    else:
+        print(f"checksums      all {d['checksums_verified']} tensors read and match")
     return 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from zeroadam.formats import quant
 from zeroadam.formats.state import MasterKind
@@ -63,6 +64,9 @@ __all__ = [
     "read_tensors",
     "wanted_pieces",
     "assemble",
+    "check_zero_step_state",
+    "DCP_ERRORS",
+    "failure_reason",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -84,6 +88,25 @@ SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 
 
 # ---------------------------------------------------------------------------------------------- records
+DCP_ERRORS = (Exception, CheckpointException)
+"""What a checkpoint operation may raise. [Note: DCP exceptions]
+torch.distributed.checkpoint raises ``CheckpointException``, which derives from ``BaseException``: an
+``except Exception`` misses it, and a rank that raises it instead of reporting to ``_agree`` leaves the other
+ranks waiting there for the process group's timeout. Every handler that must hear of a failure catches these.
+Its ``str()`` is every failing rank's whole traceback: ``failure_reason`` gives the one line a message needs."""
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line naming what went wrong: for a CheckpointException, the first failing rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and isinstance(failures, dict) and failures:
+        rank, pair = sorted(failures.items())[0]
+        inner = pair[0] if isinstance(pair, tuple) else pair
+        if isinstance(inner, BaseException):
+            return f"rank {rank}: {failure_reason(inner)}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, incomplete, truncated, corrupted, or for another model."""
 
@@ -96,10 +119,15 @@ class ParamRecord:
     group: int
     shape: tuple[int, ...]
     dtype: torch.dtype
-    step: int  # 0: no state saved
+    step: int  # >= 0; 0 without state (or with state loaded at step 0, whose moments must then be zeros)
     moments: Optional[str]  # "fp32" | "bf16" | "int8"; None without state
     master: Optional[str]  # a MasterKind; None without state
-    pieces: tuple[tuple[int, int], ...]  # [a, b) element ranges, sorted, covering the parameter when step > 0
+    pieces: tuple[tuple[int, int], ...]  # [a, b) element ranges, sorted, covering the parameter when it has state
+
+    @property
+    def has_state(self) -> bool:
+        """Whether state was saved for this parameter (its pieces are on disk)."""
+        return self.moments is not None
 
     @property
     def numel(self) -> int:
@@ -320,9 +348,9 @@ def read_info(path: PathLike) -> CheckpointInfo:
 
     try:
         md = FileSystemReader(root).read_metadata()
-    except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything
+    except DCP_ERRORS as e:  # noqa: BLE001 - a damaged pickle raises anything
         raise CheckpointError(
-            f"zeroadam.checkpoint: {root}: DCP metadata (.metadata) is missing or unreadable ({type(e).__name__}: {e}): "
+            f"zeroadam.checkpoint: {root}: DCP metadata (.metadata) is missing or unreadable ({failure_reason(e)}): "
             "an interrupted or corrupted save"
         ) from e
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {f"model/{k}": v for k, v in info.model.items()}
@@ -374,20 +402,10 @@ def _parse_info(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
             master=r["master"],
             pieces=tuple((int(a), int(b)) for a, b in r["pieces"]),
         )
-        if rec.step > 0:
-            if rec.moments not in _MOMENT_KEYS or rec.master not in _MASTER_KEYS:
-                raise CheckpointError(f"zeroadam.checkpoint: {root}: parameter {name!r} has unknown formats")
-            end = 0
-            for a, b in rec.pieces:  # sorted, contiguous, block-aligned, covering [0, numel)
-                if a != end or b <= a or a % quant.BLOCK_SIZE:
-                    break
-                end = b
-            if end != rec.numel:
-                raise CheckpointError(
-                    f"zeroadam.checkpoint: {root}: the saved pieces of parameter {name!r} {list(rec.pieces)} do not "
-                    f"cover its {rec.numel} elements: a corrupted checkpoint"
-                )
+        _check_record(root, rec)
         params[name] = rec
+    groups = [{"params": list(g["params"]), "options": dict(g["options"])} for g in raw["param_groups"]]
+    _check_membership(root, groups, params)
     model = {k: (tuple(int(d) for d in v["shape"]), _dtype_from(v["dtype"], k)) for k, v in raw["model"].items()}
     return CheckpointInfo(
         path=root,
@@ -396,13 +414,82 @@ def _parse_info(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
         offload=raw["offload"],
         state_dtype=str(raw["state_dtype"]),
         master_weights=str(raw["master_weights"]),
-        param_groups=[{"params": list(g["params"]), "options": dict(g["options"])} for g in raw["param_groups"]],
+        param_groups=groups,
         params=params,
         model=model,
         crc32={k: int(v) for k, v in raw["crc32"].items()},
         stored_bytes={},
         file_bytes=0,
     )
+
+
+def _check_record(root: Path, rec: ParamRecord) -> None:
+    """A record's step, formats and pieces agree with each other. A step <= 0 is not "no state" unless the record
+    holds none: taking it so would silently reset the moments of a parameter that has them."""
+    name = rec.name
+    if rec.step < 0:
+        raise CheckpointError(
+            f"zeroadam.checkpoint: {root}: parameter {name!r} has step {rec.step}; steps count from 0: a corrupted "
+            "checkpoint"
+        )
+    if not rec.has_state:
+        if rec.step > 0 or rec.master is not None or rec.pieces:
+            raise CheckpointError(
+                f"zeroadam.checkpoint: {root}: parameter {name!r} has step {rec.step} and pieces {list(rec.pieces)} "
+                "but no moment format: a corrupted checkpoint"
+            )
+        return
+    if rec.moments not in _MOMENT_KEYS or rec.master not in _MASTER_KEYS:
+        raise CheckpointError(f"zeroadam.checkpoint: {root}: parameter {name!r} has unknown formats")
+    end = 0
+    for a, b in rec.pieces:  # sorted, contiguous, block-aligned, covering [0, numel)
+        if a != end or b <= a or a % quant.BLOCK_SIZE:
+            break
+        end = b
+    if end != rec.numel:
+        raise CheckpointError(
+            f"zeroadam.checkpoint: {root}: the saved pieces of parameter {name!r} {list(rec.pieces)} do not "
+            f"cover its {rec.numel} elements: a corrupted checkpoint"
+        )
+
+
+def _check_membership(root: Path, groups: list[dict[str, Any]], params: dict[str, ParamRecord]) -> None:
+    """Every parameter a param group lists has a record naming that group, and every record is listed once."""
+    listed: set[str] = set()
+    for gi, g in enumerate(groups):
+        for name in g["params"]:
+            rec = params.get(name)
+            if rec is None:
+                raise CheckpointError(
+                    f"zeroadam.checkpoint: {root}: param_groups[{gi}] lists parameter {name!r}, but {INFO_FILE} has "
+                    "no record of it: a corrupted checkpoint"
+                )
+            if rec.group != gi or name in listed:
+                raise CheckpointError(
+                    f"zeroadam.checkpoint: {root}: parameter {name!r} is recorded in param group {rec.group} but "
+                    f"listed in param_groups[{gi}]: a corrupted checkpoint"
+                )
+            listed.add(name)
+    unlisted = sorted(set(params) - listed)
+    if unlisted:
+        raise CheckpointError(
+            f"zeroadam.checkpoint: {root}: {INFO_FILE} records parameters {unlisted[:5]} that no param group lists: "
+            "a corrupted checkpoint"
+        )
+
+
+def check_zero_step_state(rec: ParamRecord, entry: dict[str, Any]) -> None:
+    """A record at step 0 may hold state only if its moments are zeros (state loaded before any step, then saved);
+    otherwise the step was lost and the moments would be used with the wrong bias correction."""
+    if rec.step != 0:
+        return
+    from zeroadam.state_dict.entries import decode_entry
+
+    m, v = decode_entry(entry)
+    if bool(m.any()) or bool(v.any()):
+        raise CheckpointError(
+            f"zeroadam.checkpoint: parameter {rec.name!r} has step 0 but non-zero moments: a corrupted checkpoint"
+        )
 
 
 def read_tensors(info: CheckpointInfo, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
@@ -416,9 +503,10 @@ def read_tensors(info: CheckpointInfo, wanted: dict[str, tuple[tuple[int, ...], 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # DCP's notice that it loads without torch.distributed
             dcp.load(out, storage_reader=dcp.FileSystemReader(info.path), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - damaged data raises anything from torch.load
+    except DCP_ERRORS as e:  # noqa: BLE001 - damaged data raises anything from torch.load
+        # DCP wraps a reader's failure in CheckpointException, a BaseException: see [Note: DCP exceptions].
         raise CheckpointError(
-            f"zeroadam.checkpoint: reading {info.path} failed ({type(e).__name__}: {e}): a corrupted checkpoint"
+            f"zeroadam.checkpoint: reading {info.path} failed ({failure_reason(e)}): a corrupted checkpoint"
         ) from e
     for key, t in out.items():
         if crc32_of(t) != info.crc32[key]:

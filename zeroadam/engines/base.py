@@ -26,12 +26,45 @@ from zeroadam.comm.collectives import Group
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions
 
-__all__ = ["Engine", "EngineSetup", "Entries", "CheckedEntry"]
+__all__ = ["Engine", "EngineSetup", "Entries", "CheckedEntry", "refuse_sparse_grad", "refuse_meta_params", "SPARSE_GRAD_FIX"]
 
 Entries = dict[torch.Tensor, dict[str, Any]]
 """Per-parameter state-dict entries (see [Note: full state and shards] in zeroadam/state_dict/api.py)."""
 CheckedEntry = tuple[torch.Tensor, int, int, dict[str, Any]]
 """(param, group index, step, entry) of a validated state-dict entry."""
+
+
+SPARSE_GRAD_FIX = (
+    "use dense embeddings (nn.Embedding(sparse=False)) or torch.optim.SparseAdam for those parameters"
+)
+
+
+def refuse_sparse_grad(p: torch.Tensor) -> None:
+    """Raise RuntimeError if ``p.grad`` is sparse. Every engine calls this where a gradient first arrives (a hook,
+    or the step): flat buffers and shards hold dense values, and torch's own error there ("reshape is not
+    implemented for sparse tensors") does not say what to do. Every rank sees the same layout of sparse
+    gradients, so every rank raises at the same place."""
+    g = p.grad
+    if g is not None and (g.is_sparse or g.layout != torch.strided):
+        raise RuntimeError(
+            f"ZeroAdam does not support sparse gradients (a parameter of shape {tuple(p.shape)} got a {g.layout} "
+            f"gradient); {SPARSE_GRAD_FIX}"
+        )
+
+
+def refuse_meta_params(setup: "EngineSetup") -> None:
+    """Raise ValueError if a parameter is on the meta device: flat buffers, host copies (offload) and shards need
+    its values, and torch's own error ("Unknown device type meta for Dlpack") does not say what to do."""
+    for gi, pg in enumerate(setup.param_groups):
+        for i, p in enumerate(pg["params"]):
+            if p.is_meta:
+                where = "offload='cpu'" if setup.options.offload is not None else f"stage={setup.options.stage}"
+                raise ValueError(
+                    f"ZeroAdam: param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)}) is on the meta device; "
+                    f"ZeroAdam with {where} needs its values. Materialize the model first: "
+                    "model.to_empty(device=...) then initialize its parameters (or load a state dict), or shard it "
+                    "with zeroadam.shard_model(model, device=..., init_fn=...) for stage 3"
+                )
 
 
 @dataclass(eq=False)
@@ -46,6 +79,32 @@ class EngineSetup:
 
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    def fingerprint(self) -> list[tuple[str, Any]]:
+        """What every rank of a sharded optimizer must agree on (see [Note: fingerprints] in comm/agreement.py):
+        every option that changes the collectives a rank makes or the values it computes — the stage, offload,
+        the stage-2 bucket size, who averages gradients (a rank on "wrapper" skips the reductions a rank on "auto"
+        makes), the state format (it splits the flat buffers), the master kind, clipping — each group's
+        hyperparameters, and each parameter's shape, dtype, device type and whether it takes a gradient."""
+        o = self.options
+        items: list[tuple[str, Any]] = [
+            ("stage", o.stage),
+            ("offload", o.offload),
+            ("bucket_size", o.bucket_size),
+            ("gradient_sync", o.gradient_sync),
+            ("state_dtype", o.state_dtype),
+            ("master_weights", o.master_weights),
+            ("max_grad_norm", o.max_grad_norm),
+        ]
+        for gi, pg in enumerate(self.param_groups):
+            hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")
+            items.append((f"param_groups[{gi}] options", hyper))
+            items.append((f"param_groups[{gi}] size", len(pg["params"])))
+            for i, p in enumerate(pg["params"]):
+                items.append(
+                    (f"param_groups[{gi}]['params'][{i}]", (tuple(p.shape), str(p.dtype), p.device.type, p.requires_grad))
+                )
+        return items
 
 
 class Engine(abc.ABC):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from zeroadam.comm.collectives import CommStats, Group, reduce_to
+from zeroadam.engines.base import refuse_sparse_grad
 from zeroadam.layout import Slot
 from zeroadam.sizes import GRAD_BYTES
 
@@ -112,6 +113,7 @@ class GradBuckets:
 
     def take(self, p: torch.Tensor) -> None:
         """Move p.grad into its bucket and launch every bucket that is complete, in order."""
+        refuse_sparse_grad(p)
         self._in_pass = True
         b, slot = self.bucket_of[p]
         buf = b.ensure_buffer()

@@ -18,15 +18,15 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.engines import offload
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_meta_params, refuse_sparse_grad
 from zeroadam.engines.buckets import GradBuckets
 from zeroadam.comm.collectives import (
     CommStats,
     Group,
     all_gather_into,
     broadcast_from_first,
-    all_gather_objects,
     all_reduce_sum,
     reduce_scatter_avg,
 )
@@ -132,20 +132,16 @@ class FlatEngine(Engine):
                     self._pass_hooks.append(p.register_post_accumulate_grad_hook(self._count_pass))
 
     # ---------------------------------------------------------------- construction
-    def _fingerprint(self) -> list[tuple[str, Any]]:
-        o = self.setup.options
-        items: list[tuple[str, Any]] = [
-            ("options", (o.state_dtype, o.master_weights, o.max_grad_norm, o.stage, o.offload, o.bucket_size))
-        ]
-        for gi, pg in enumerate(self.setup.param_groups):
-            hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")
-            items.append((f"param_groups[{gi}] options", hyper))
-            items.append((f"param_groups[{gi}] size", len(pg["params"])))
-            for i, p in enumerate(pg["params"]):
-                items.append((f"param_groups[{gi}]['params'][{i}]", (tuple(p.shape), str(p.dtype), p.device.type)))
-        return items
-
     def _check_fingerprint(self) -> None:
+        """Every rank built the same thing (collective; [Note: fingerprints]), then what each rank can check alone:
+        after the agreement, so that every rank raises the same error."""
+        check_same_on_every_rank(
+            self.group,
+            self.setup.fingerprint(),
+            "ZeroAdam",
+            "their parameters and options",
+            "every rank must build the same model, param groups and ZeroAdam options",
+        )
         for gi, pg in enumerate(self.setup.param_groups):
             devices = {p.device for p in pg["params"]}
             if len(devices) > 1:
@@ -153,21 +149,7 @@ class FlatEngine(Engine):
                     f"ZeroAdam: param_groups[{gi}] has parameters on different devices {sorted(map(str, devices))}; "
                     "move the model to one device before building the optimizer"
                 )
-        mine = self._fingerprint()
-        everyone = all_gather_objects(self.group, mine)
-        for r, theirs in enumerate(everyone):
-            if theirs == everyone[0]:
-                continue
-            for (k0, v0), (k1, v1) in zip(everyone[0], theirs):
-                if (k0, v0) != (k1, v1):
-                    raise ValueError(
-                        f"ZeroAdam: ranks disagree on their parameters: {k1} is {v1!r} on rank {r} but {k0} is "
-                        f"{v0!r} on rank 0; every rank must build the same model and param groups"
-                    )
-            raise ValueError(
-                f"ZeroAdam: ranks disagree on their parameters: rank {r} has {len(theirs)} entries, rank 0 "
-                f"{len(everyone[0])}; every rank must build the same model and param groups"
-            )
+        refuse_meta_params(self.setup)
 
     def _build_space(self, gi: int, params: list[torch.Tensor]) -> FlatSpace:
         setup, g = self.setup, self.group
@@ -325,6 +307,9 @@ class FlatEngine(Engine):
     def ensure_reduced(self) -> None:
         if self._reduced:
             return
+        for sp in self.spaces:
+            for p in sp.params:
+                refuse_sparse_grad(p)
         self.rebind_moved_params()
         if self._direct:
             pass  # the update reads p.grad where it is

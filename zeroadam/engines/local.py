@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from zeroadam.comm.collectives import Group
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, refuse_sparse_grad
 from zeroadam.formats.state import Master, Moments
 from zeroadam.options import GroupHyper
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
@@ -122,11 +122,7 @@ class LocalEngine(Engine):
         for p in self.setup.params():
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "ZeroAdam does not support sparse gradients; use dense embeddings "
-                    "(nn.Embedding(sparse=False)) or torch.optim.SparseAdam for those parameters"
-                )
+            refuse_sparse_grad(p)
             grads.append(p.grad)
         return grads
 

@@ -14,9 +14,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
 from zeroadam.engines import offload
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
@@ -105,6 +106,15 @@ class Zero3Engine(Engine):
                 "ZeroAdam: stage=3 uses the process group the model was sharded with; pass the same "
                 "process_group to shard_model and ZeroAdam (or none to either)"
             )
+        # Before anything else: a rank with another lr or state_dtype would train differently or save a checkpoint
+        # the others cannot load ([Note: fingerprints]; shard_model already checked the model itself).
+        check_same_on_every_rank(
+            sharded.group,
+            setup.fingerprint(),
+            "ZeroAdam",
+            "their parameters and options",
+            "every rank must build the same model, param groups and ZeroAdam options",
+        )
         return Zero3Engine(setup, sharded)
 
     # ---------------------------------------------------------------- gradients
@@ -133,6 +143,8 @@ class Zero3Engine(Engine):
 
     def before_step(self) -> None:
         leftover = [p for p in self.sharded.unit_of if p.grad is not None]
+        for p in leftover:
+            refuse_sparse_grad(p)
         if leftover:
             raise RuntimeError(
                 "ZeroAdam(stage=3): parameters still hold local gradients from backward passes run under "

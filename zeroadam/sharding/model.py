@@ -40,7 +40,9 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 
+from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
+from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
 
@@ -308,6 +310,7 @@ class ShardedModel:
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self.sync or p.grad is None:
             return
+        refuse_sparse_grad(p)
         if not self._in_backward:
             self._begin_backward()
         u, f, i = self.unit_of[p]  # type: ignore[index]
@@ -519,14 +522,22 @@ def shard_model(
     ``full_state_dict`` given on rank 0 (the other ranks pass None), or by ``init_fn(submodule)`` applied to every
     submodule of each unit under ``torch.manual_seed(seed + unit index)`` on every rank.
     """
-    if hasattr(model, "_zeroadam_sharded"):
-        raise ValueError("zeroadam.shard_model: this model is already sharded")
-    if not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"zeroadam.shard_model: invalid prefetch={prefetch!r}; expected an integer >= 0")
     group = Group.resolve(process_group)
+    # Every rank checks alone, then all agree ([Note: fingerprints]) before any other collective: a rank that
+    # raised here while the others went on would leave them waiting in the first gather.
+    try:
+        _check_shard_arguments(model, prefetch, device)
+        assigned = _assign_units(model, units)
+        error: Optional[ValueError] = None
+    except ValueError as e:
+        assigned, error = [], e
+    mine = [("error", str(error))] if error is not None else _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device)
+    check_same_on_every_rank(
+        group, mine, "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
+    )
+    if error is not None:
+        raise error
     on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and device is None:
-        raise ValueError("zeroadam.shard_model: the model is on the meta device; pass device= to materialize it on")
     target = torch.device(device) if device is not None else next(model.parameters()).device
     source = "params"
     if on_meta:
@@ -544,7 +555,6 @@ def shard_model(
             )
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
     built: list[Unit] = []
-    assigned = _assign_units(model, units)
     rebound: dict[nn.Parameter, nn.Parameter] = {}
     for ui, (uname, module, own) in enumerate(assigned):
         def fill(ps: list[nn.Parameter], layout: FlatLayout, full: torch.Tensor, ui: int = ui, module: nn.Module = module, own: list = own) -> None:
@@ -587,6 +597,49 @@ def shard_model(
     for p in sharded.unit_of:
         p._zeroadam_sharded = sharded  # how ZeroAdam(stage=3) finds the shards of the parameters it is given
     return model
+
+
+def _check_shard_arguments(model: nn.Module, prefetch: Any, device: Any) -> None:
+    if hasattr(model, "_zeroadam_sharded"):
+        raise ValueError("zeroadam.shard_model: this model is already sharded")
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"zeroadam.shard_model: invalid prefetch={prefetch!r}; expected an integer >= 0")
+    if device is None and any(p.is_meta for p in model.parameters()):
+        raise ValueError("zeroadam.shard_model: the model is on the meta device; pass device= to materialize it on")
+    for name, m in model.named_modules():
+        # A sparse gradient cannot enter a unit's flat gradient buffer; say so now rather than in backward.
+        if getattr(m, "sparse", False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(
+                f"zeroadam.shard_model: {name or type(m).__name__} is {type(m).__name__}(sparse=True); ZeroAdam does "
+                f"not support sparse gradients: {SPARSE_GRAD_FIX}"
+            )
+
+
+def _model_fingerprint(
+    model: nn.Module,
+    assigned: list[tuple[str, nn.Module, list[nn.Parameter]]],
+    reshard_after_forward: bool,
+    prefetch: int,
+    device: Any,
+) -> list[tuple[str, Any]]:
+    """What every rank's shard_model must agree on: the options that change the order of gathers, whether the
+    model is on the meta device, and per unit its name and its parameters' names, shapes, dtypes and whether
+    they take gradients; then the buffers (a meta buffer is broadcast)."""
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    items: list[tuple[str, Any]] = [
+        ("reshard_after_forward", bool(reshard_after_forward)),
+        ("prefetch", prefetch),
+        ("device", None if device is None else torch.device(device).type),
+        ("on_meta", any(p.is_meta for p in model.parameters())),
+        ("units", len(assigned)),
+    ]
+    for ui, (uname, _, own) in enumerate(assigned):
+        items.append((f"unit {ui}", uname or "<root>"))
+        for p in own:
+            items.append((f"parameter {names.get(p, '?')!r}", (tuple(p.shape), str(p.dtype), p.requires_grad)))
+    for name, b in model.named_buffers():
+        items.append((f"buffer {name!r}", (tuple(b.shape), str(b.dtype), b.is_meta)))
+    return items
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device, sd: Optional[dict[str, torch.Tensor]], group: Group) -> None:

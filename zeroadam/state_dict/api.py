@@ -125,6 +125,6 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
     engine.check_entries(checked)
     _drop_consolidated(opt)
     engine.load_entries(checked)
-    for sg, group in zip(sd["param_groups"], opt.param_groups):
-        group.update(group_hypers(sg, ""))
+    for gi, (sg, group) in enumerate(zip(sd["param_groups"], opt.param_groups)):
+        group.update(group_hypers(sg, f"param_groups[{gi}]", group))
         group["betas"] = tuple(group["betas"])

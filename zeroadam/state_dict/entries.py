@@ -18,6 +18,7 @@ import torch
 
 from zeroadam.formats import quant
 from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS, moment_format_of
+from zeroadam.options import check_hyper
 from zeroadam.formats.state import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, Master, MasterKind, Moments, compact_decode, mix_seed, ulp_up
 
 __all__ = [
@@ -208,11 +209,23 @@ def convert_master(entry: dict[str, Any], kind: MasterKind, param_flat: torch.Te
     return out
 
 
-def group_hypers(saved: dict[str, Any], where: str) -> dict[str, Any]:
+def group_hypers(saved: dict[str, Any], where: str, current: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The options a saved param group installs, validated as the constructor validates them (``check_hyper``):
+    a checkpoint or state dict with lr=-5, a NaN weight decay or betas=(0.9, 1.5) is refused before anything
+    changes, not at the next step. ``current``: the optimizer's live group, for options the saved one lacks."""
     for flag, allowed in _UNSUPPORTED_FLAGS.items():
         if saved.get(flag, allowed) != allowed:
             raise ValueError(f"ZeroAdam.load_state_dict: {where} has {flag}={saved[flag]!r}, which ZeroAdam does not support")
-    return {k: v for k, v in saved.items() if k != "params" and k not in _IGNORED_KEYS}
+    out = {k: v for k, v in saved.items() if k != "params" and k not in _IGNORED_KEYS}
+    merged = {**(current or {}), **out}
+    hypers = ("lr", "betas", "eps", "weight_decay")
+    if all(k in merged for k in hypers):
+        try:
+            check_hyper(*(merged[k] for k in hypers))
+        except ValueError as e:
+            detail = str(e).removeprefix("ZeroAdam: ")
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: {detail}") from None
+    return out
 
 
 def validate_state_dict(
@@ -239,7 +252,7 @@ def validate_state_dict(
                 f"ZeroAdam.load_state_dict: param_groups[{gi}] has {len(sg['params'])} parameters in the state "
                 f"dict and {len(group['params'])} in the optimizer"
             )
-        group_hypers(sg, f"param_groups[{gi}]")
+        group_hypers(sg, f"param_groups[{gi}]", group)
         for i, (key, p) in enumerate(zip(sg["params"], group["params"])):
             index[key] = (p, gi, _param_name(gi, i, p))
     shard = (sd.get("zeroadam") or {}).get("shard")

@@ -503,11 +503,43 @@ def run_estimate(args: argparse.Namespace) -> int:
         return 2
 
 
+# Config fields that are sizes or counts: each must be a whole number >= 1 where a config gives it.
+_CONFIG_SIZE_FIELDS = (
+    "vocab_size", "n_embd", "hidden_size", "n_layer", "num_hidden_layers", "n_positions", "max_position_embeddings",
+    "n_inner", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse arguments no estimate can be made for, before anything is computed (a negative card size would
+    print "yes (-26%)")."""
+    for gib in args.gpu_memory_gib:
+        if not math.isfinite(gib) or gib <= 0:
+            raise _bad("gpu_memory_gib", gib, "expected card sizes in GiB > 0")
+    if args.gpus_per_host is not None and args.gpus_per_host < 1:
+        raise _bad("gpus_per_host", args.gpus_per_host, "expected a whole number >= 1 (default min(world size, 8))")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise _bad("config", str(path), f"not a JSON file ({e})") from None
+    if not isinstance(cfg, dict):
+        raise _bad("config", str(path), "expected a JSON object (a Hugging Face config.json)")
+    for name in _CONFIG_SIZE_FIELDS:
+        v = cfg.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise _bad("config", str(path), f"the field {name!r} is {v!r}; expected a whole number >= 1")
+    return cfg
+
+
 def _estimate(args: argparse.Namespace) -> int:
+    _check_arguments(args)
     model: Optional[ModelTensors] = None
     source = ""
     if args.config is not None:
-        cfg = json.loads(Path(args.config).read_text())
+        cfg = _read_config(args.config)
         model = config_tensors(cfg)
         num_params = model.num_params
         source = f" ({cfg.get('model_type', 'unknown model type')}, {args.config})"
