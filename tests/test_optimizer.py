@@ -473,8 +473,14 @@ def test_grad_scaler_with_cpu_autocast_matches_adamw(backend: Optional[str], dty
     assert opt.skipped_steps == backoffs
     if dtype == torch.float16:
         assert backoffs > 0
-    # The 16-bit forward amplifies fp32 rounding differences of the update (measured <= 5.1e-5).
-    assert max_rel_err(list(model.parameters()), list(ref_model.parameters())) <= 5e-4
+    # The 16-bit forward amplifies fp32 rounding differences of the update: once two trajectories differ by an
+    # fp32 ulp, some activation rounds the other way in the 16-bit dtype, a relative change of up to its unit
+    # roundoff, which Adam's normalised update carries into the weights. torch's own AdamW does the same: on an
+    # AMD EPYC (seeds 0-5), foreach against fused AdamW differs by up to 1.6e-4 in fp16 and 5.7e-4 in bf16, and
+    # backend="torch" reproduces foreach's numbers exactly. So the bound is one unit roundoff of the autocast
+    # dtype (fp16 4.9e-4, bf16 3.9e-3): the forward cannot tell apart weights closer than that.
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    assert max_rel_err(list(model.parameters()), list(ref_model.parameters())) <= unit_roundoff
 
 
 # ---------------------------------------------------------------------------------------------- 16-bit parameters
