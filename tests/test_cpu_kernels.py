@@ -437,3 +437,30 @@ def test_grads_sq_sum_mixes_kernel_and_torch() -> None:
     got = grads_sq_sum(grads)
     assert got.dtype == torch.float64 and float(got) == pytest.approx(want, rel=1e-6)
     assert float(grads_sq_sum([])) == 0.0
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 17, 257, 1_000_003])
+def test_sq_sum_odd_lengths_and_non_finite_anywhere(dtype: torch.dtype, n: int) -> None:
+    # Odd lengths leave a tail after the 16-element vector steps; 1_000_003 is also split between threads.
+    t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3.0).to(dtype)
+    # Each of the kernel's 16 lanes adds ~n/16 positive terms: worst case (n/16 + 8) * 2**-53 relative (7e-12 at
+    # n = 1e6); rounding errors of random sign grow as sqrt(n/16) * 2**-53 = 3e-14, and torch's sum is pairwise.
+    # 1e-12 is 30x the expected error, and 1e4x below an fp32 accumulation's.
+    assert cpu_kernels.sq_sum_compiled(t) == pytest.approx(float(torch.sum(t.double() ** 2)), rel=1e-12)
+    for where in sorted({0, n // 2, n - 1}):
+        for bad, check in ((float("nan"), lambda s: s != s), (float("inf"), lambda s: s == float("inf"))):
+            u = t.clone()
+            u[where] = bad
+            assert check(cpu_kernels.sq_sum_compiled(u)), (where, bad)
+
+
+@requires_kernel
+def test_sq_sum_near_fp32_max() -> None:
+    # Squares near 1.2e77 overflow fp32 but not fp64: the sum stays finite and exact to fp64 rounding.
+    big = torch.finfo(torch.float32).max
+    t = torch.rand(1_000_003, generator=torch.Generator().manual_seed(3)) * big
+    want = float(torch.sum(t.double() ** 2))
+    got = cpu_kernels.sq_sum_compiled(t)
+    assert got != float("inf") and got == pytest.approx(want, rel=1e-12)

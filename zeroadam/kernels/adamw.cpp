@@ -414,26 +414,96 @@ int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
 
 namespace {
 
-// The squares in fp64: no finite fp32 value overflows, and sixteen independent lanes vectorize without
-// reassociating a sum. A software prefetch 16 KiB ahead keeps more reads in flight than the hardware prefetchers
-// alone: 20M fp32 elements on 2 Zen 3 cores, 6.4-7.0 ms without it, 4.9-5.2 ms with it (a shared, busy VM).
+// [Note: the pre-pass at memory speed]
+// The squares are summed in fp64 (no finite fp32 square overflows, and a long sum keeps its small terms). A plain
+// loop is one serial chain of dependent fp64 adds: ~4 cycles per element, ~6 GB/s of fp32 on a Xeon core. GCC
+// does not vectorize it (that would reassociate the sum, which -O3 without -ffast-math forbids), and it did not
+// vectorize sixteen scalar accumulators either (objdump: vmulsd / vaddsd only, on every -march). So the lanes are
+// explicit: GCC / Clang vector types of 4 doubles, four accumulators (16 lanes), which the compiler lowers to
+// what the target has (xmm pairs on SSE2 and NEON, ymm on AVX2 and AVX-512) with packed adds; the order of every
+// addition is fixed by the source, so the sum is the same bits on every target and every call. bf16 and fp16 are
+// widened in vector registers too (load4).
+// A software prefetch 16 KiB ahead keeps more reads in flight than the hardware prefetchers alone: 20M fp32
+// elements on 2 Zen 3 cores, 6.4-7.0 ms without it, 4.9-5.2 ms with it (a shared, busy VM).
+// Vectors of 4 lanes: a V4d is one ymm register (AVX2, AVX-512) or two xmm (SSE2, NEON). 8-lane types were
+// lowered through the stack with -march=x86-64-v3 (15 ms for 20M fp32 on one core, against 3.9 ms).
+typedef double V4d __attribute__((vector_size(32)));
+typedef float V4f __attribute__((vector_size(16)));
+typedef uint32_t V4u __attribute__((vector_size(16)));
+typedef int32_t V4i __attribute__((vector_size(16)));
+typedef uint16_t V4h __attribute__((vector_size(8)));
+
+template <class V, class T>
+inline V vector_at(const T* p) {  // an unaligned load of sizeof(V) bytes
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class V, class U>
+inline V bit_cast_vector(U u) {
+  static_assert(sizeof(U) == sizeof(V), "same width");
+  V v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// Four elements as fp32, in vector registers: F::load lane by lane. (Converting through a float array in memory
+// instead stalled on store-to-load forwarding: 26 ms for 20M fp32 with -march=x86-64-v3 on 2 cores, against 8.)
+template <class F>
+V4f load4(const typename F::T* p);
+
+template <>
+inline V4f load4<F32>(const float* p) { return vector_at<V4f>(p); }
+
+template <>
+inline V4f load4<BF16>(const uint16_t* p) {
+  return bit_cast_vector<V4f>(__builtin_convertvector(vector_at<V4h>(p), V4u) << 16);
+}
+
+
 template <class F>
 double span_sq_sum(const typename F::T* __restrict__ x, int64_t n) {
+  constexpr int64_t kAhead = 4096, kStep = 16;
+  V4d acc[4] = {};
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    __builtin_prefetch(x + i + kAhead, 0, 0);
+    for (int k = 0; k < 4; ++k) {
+      const V4d d = __builtin_convertvector(load4<F>(x + i + 4 * k), V4d);
+      acc[k] += d * d;
+    }
+  }
+  double tail = 0;
+  for (; i < n; ++i) {
+    const double d = F::load(x[i]);
+    tail += d * d;
+  }
+  const V4d sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return tail + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+}
+
+// fp16: sixteen scalar accumulators, which GCC vectorizes in part; load4<FP16>'s bit arithmetic in vector registers
+// was slower (20M fp16 on one Zen 4 core: 12-15 ms against 6.4-7.5 ms with -march=native or x86-64-v3, with or
+// without F16C's vcvtph2ps; about equal with SSE2).
+template <>
+double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n) {
   constexpr int64_t kAhead = 4096;
   double acc[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __builtin_prefetch(x + i + kAhead, 0, 0);
     for (int j = 0; j < 16; ++j) {
-      const double d = F::load(x[i + j]);
+      const double d = FP16::load(x[i + j]);
       acc[j] += d * d;
     }
   }
+  double tail = 0;
   for (; i < n; ++i) {
-    const double d = F::load(x[i]);
-    acc[0] += d * d;
+    const double d = FP16::load(x[i]);
+    tail += d * d;
   }
-  double total = 0;
+  double total = tail;
   for (int j = 0; j < 16; ++j) total += acc[j];
   return total;
 }
