@@ -30,6 +30,7 @@ import torch
 from zeroadam import _compat
 
 from zeroadam.formats import quant
+from zeroadam.formats.table import expected
 from zeroadam.update.contract import Run, StepScalars, coefficients
 from zeroadam.options import BLOCK_SIZE
 
@@ -302,26 +303,18 @@ def _check_run(run: Run) -> Optional[torch.Tensor]:
     _launch.check_flat("param", run.param, n, _FLOATS, dev)
     _launch.check_flat("grad", run.grad, n, _FLOATS, dev)
     mom = run.moments
-    if mom.fmt == "int8":
-        _launch.check_flat("exp_avg", mom.exp_avg, n, (torch.int8,), dev)
-        _launch.check_flat("exp_avg_sq", mom.exp_avg_sq, n, (torch.uint8,), dev)
-        nb = quant.num_blocks(n)
-        _launch.check_flat("exp_avg_scale", mom.exp_avg_scale, nb, (torch.float32,), dev)
-        _launch.check_flat("exp_avg_sq_scale", mom.exp_avg_sq_scale, nb, (torch.float32,), dev)
-    else:
-        dtype = torch.bfloat16 if mom.fmt == "bf16" else torch.float32
-        _launch.check_flat("exp_avg", mom.exp_avg, n, (dtype,), dev)
-        _launch.check_flat("exp_avg_sq", mom.exp_avg_sq, n, (dtype,), dev)
+    want = expected(mom.fmt, run.master.kind, n)  # the one table of storage formats
+    for key, t in {**mom.tensors(), **run.master.tensors()}.items():
+        numel, dtype = want[key]
+        _launch.check_flat(key, t, numel, (dtype,), dev)
     kind = run.master.kind
     if kind in ("compact", "none") and run.param.dtype not in _HALF:
         raise ValueError(
             f"zeroadam Triton update: master kind {kind!r} needs a 16-bit parameter, got {run.param.dtype}"
         )
     if kind == "fp32":
-        _launch.check_flat("master", run.master.fp32, n, (torch.float32,), dev)
         return run.master.fp32
     if kind == "compact":
-        _launch.check_flat("master_residual", run.master.residual, n, (torch.int8,), dev)
         return run.master.residual
     return None
 

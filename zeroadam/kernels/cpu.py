@@ -35,8 +35,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from zeroadam import _compat
-
-from zeroadam.formats import quant
+from zeroadam.formats.table import expected
 from zeroadam.kernels import build
 from zeroadam.update.contract import Run, StepScalars, coefficients, update_torch
 
@@ -146,18 +145,7 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 def _check_lengths(run: Run) -> None:
     """The kernel trusts every length and dtype with raw pointers: a mismatch is a bug upstream, never clipped."""
     mo, n = run.moments, run.param.numel()
-    expect: dict[str, tuple[int, Optional[torch.dtype]]] = {
-        "grad": (n, None),
-        "master": (n, torch.float32),
-        "master_residual": (n, torch.int8),
-    }
-    if mo.fmt == "int8":
-        nb = quant.num_blocks(n)
-        expect.update(exp_avg=(n, torch.int8), exp_avg_sq=(n, torch.uint8))
-        expect.update(exp_avg_scale=(nb, torch.float32), exp_avg_sq_scale=(nb, torch.float32))
-    else:
-        dtype = torch.float32 if mo.fmt == "fp32" else torch.bfloat16
-        expect.update(exp_avg=(n, dtype), exp_avg_sq=(n, dtype))
+    expect: dict[str, tuple[int, Optional[torch.dtype]]] = {"grad": (n, None), **expected(mo.fmt, run.master.kind, n)}
     for name, t in {"grad": run.grad, **mo.tensors(), **run.master.tensors()}.items():
         numel, dtype = expect[name]
         if t.numel() != numel or (dtype is not None and t.dtype != dtype):
