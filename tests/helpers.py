@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["rel_err", "max_rel_err", "make_model", "GLOBAL_BATCH", "batch", "force_host_copies"]
+__all__ = ["rel_err", "max_rel_err", "make_model", "GLOBAL_BATCH", "batch", "force_host_copies", "moment_tensors"]
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4
 
@@ -56,3 +56,11 @@ def force_host_copies(chunk: int = 512) -> list[int]:
 
     offload.HostParamCopies.update = counted
     return moved
+
+
+def moment_tensors(entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) moment tensors of a state entry as stored: int8 codes live under exp_avg_codes /
+    exp_avg_sq_codes, fp32 and bf16 values under exp_avg / exp_avg_sq ([Note: int8 keys] in formats/table.py)."""
+    if "exp_avg_codes" in entry:
+        return entry["exp_avg_codes"], entry["exp_avg_sq_codes"]
+    return entry["exp_avg"], entry["exp_avg_sq"]

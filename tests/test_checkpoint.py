@@ -350,8 +350,8 @@ def test_int8_codes_are_not_requantized(runs: dict) -> None:
     assert rec.moments == "int8" and rec.pieces == ((0, 3328), (3328, 6499))  # as the 2 ranks owned it
     entry = opt.state_dict()["state"][0]
     codes = fmt_.read_tensors(info, fmt_.wanted_pieces(rec, 0, rec.numel))
-    saved = torch.cat([codes[fmt_.piece_key("0.weight", "exp_avg", a, b)] for a, b in rec.pieces])
-    assert torch.equal(entry["exp_avg"].reshape(-1), saved)
+    saved = torch.cat([codes[fmt_.piece_key("0.weight", "exp_avg_codes", a, b)] for a, b in rec.pieces])
+    assert torch.equal(entry["exp_avg_codes"].reshape(-1), saved)
 
 
 # ---------------------------------------------------------------------------------------------- failures

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from helpers import moment_tensors
 from zeroadam import ZeroAdam, checkpoint
 from zeroadam.checkpoint import CheckpointError
 from zeroadam.checkpoint import format as fmt_
@@ -108,8 +109,8 @@ def test_step_0_with_zero_moments_loads_as_state(tmp_path: Path) -> None:
     sd = opt.state_dict()
     for entry in sd["state"].values():
         entry["step"] = torch.tensor(0.0)
-        entry["exp_avg"].zero_()
-        entry["exp_avg_sq"].zero_()
+        for t in moment_tensors(entry):
+            t.zero_()
     opt.load_state_dict(sd)
     checkpoint.save(tmp_path / "ck", model, opt)
     other, other_opt = make()

@@ -57,7 +57,7 @@ def moments(opt, model) -> dict[str, torch.Tensor]:
     out = {}
     for i, entry in sd["state"].items():
         whole = {k: (t.full_tensor() if isinstance(t, DTensor) else t) for k, t in entry.items()}
-        if whole["exp_avg"].dtype == torch.int8:
+        if "exp_avg_codes" in whole:
             out[names[i]] = decode_entry(whole)[0]
     return out
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import moment_tensors, rel_err
 from zeroadam import BLOCK_SIZE, MIN_QUANT_NUMEL, ZeroAdam
 
 STATE_DTYPES = ["int8", "bf16", "fp32"]
@@ -95,13 +95,14 @@ def assert_state_dicts_equal(a: dict, b: dict) -> None:
 
 def int8_reference_decode(entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Brute-force decoding of the documented int8 code maps (zeroadam/quant.py, [Note: code maps])."""
-    n = entry["exp_avg"].numel()
+    codes_m, codes_v = entry["exp_avg_codes"], entry["exp_avg_sq_codes"]
+    n = codes_m.numel()
     m_scale = entry["exp_avg_scale"].repeat_interleave(BLOCK_SIZE)[:n]
     v_scale = entry["exp_avg_sq_scale"].repeat_interleave(BLOCK_SIZE)[:n]
-    c = entry["exp_avg"].reshape(-1).double()
+    c = codes_m.reshape(-1).double()
     m = torch.sign(c) * (c.abs() / 127) ** 2 * m_scale.double()
-    v = (entry["exp_avg_sq"].reshape(-1).double() / 255) ** 4 * v_scale.double()
-    return m.view(entry["exp_avg"].shape), v.view(entry["exp_avg"].shape)
+    v = (codes_v.reshape(-1).double() / 255) ** 4 * v_scale.double()
+    return m.view(codes_m.shape), v.view(codes_m.shape)
 
 
 # ---------------------------------------------------------------------------------------------- format
@@ -121,15 +122,16 @@ def test_state_dict_keys_and_dtypes(state_dtype: str) -> None:
         p = params[order[k]]
         quantized = state_dtype == "int8" and p.numel() >= MIN_QUANT_NUMEL
         expected = {"step", "exp_avg", "exp_avg_sq"}
-        if quantized:
-            expected |= {"exp_avg_scale", "exp_avg_sq_scale"}
+        if quantized:  # codes under keys of their own, so that AdamW cannot load them as values
+            expected = {"step", "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scale", "exp_avg_sq_scale"}
         if p.dtype == torch.bfloat16:
             expected |= {"master"}
         assert entry.keys() == expected, k
         assert torch.is_tensor(entry["step"]) and entry["step"].dtype == torch.float32 and float(entry["step"]) == 3
-        assert entry["exp_avg"].shape == entry["exp_avg_sq"].shape == p.shape
+        m, v = moment_tensors(entry)
+        assert m.shape == v.shape == p.shape
         fmt = state_dtype if p.numel() >= MIN_QUANT_NUMEL else "fp32"  # small tensors keep fp32 moments
-        assert (entry["exp_avg"].dtype, entry["exp_avg_sq"].dtype) == MOMENT_DTYPES[fmt]
+        assert (m.dtype, v.dtype) == MOMENT_DTYPES[fmt]
         if quantized:
             for name in ("exp_avg_scale", "exp_avg_sq_scale"):
                 assert entry[name].dtype == torch.float32
@@ -189,7 +191,7 @@ def test_load_adamw_state_dict(state_dtype: str, tol: float) -> None:
     for k, entry in ref.state_dict()["state"].items():
         assert float(loaded["state"][k]["step"]) == float(entry["step"]) == 10
         fmt = state_dtype if entry["exp_avg"].numel() >= MIN_QUANT_NUMEL else "fp32"
-        assert loaded["state"][k]["exp_avg"].dtype == MOMENT_DTYPES[fmt][0]
+        assert moment_tensors(loaded["state"][k])[0].dtype == MOMENT_DTYPES[fmt][0]
         if fmt == "fp32":
             assert torch.equal(loaded["state"][k]["exp_avg"], entry["exp_avg"])
             assert torch.equal(loaded["state"][k]["exp_avg_sq"], entry["exp_avg_sq"])
@@ -219,7 +221,7 @@ def test_int8_state_dict_converts(target: str) -> None:
     for k, entry in sd["state"].items():
         c = converted[k]
         assert float(c["step"]) == 5
-        if entry["exp_avg"].dtype != torch.int8:  # small tensors were fp32 already: copied as they are
+        if "exp_avg_codes" not in entry:  # small tensors were fp32 already: copied as they are
             assert torch.equal(c["exp_avg"], entry["exp_avg"]) and torch.equal(c["exp_avg_sq"], entry["exp_avg_sq"])
             continue
         master = {"master_residual"} if "master_residual" in entry else set()

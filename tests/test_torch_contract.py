@@ -142,7 +142,7 @@ def test_state_mapping_can_be_moved_key_by_key() -> None:
     train(model, opt, 1, start=2)  # still steps with the replaced tensors
     assert opt.state[next(model.parameters())]["step"].item() == 3
     with pytest.raises(ValueError, match="must stay"):
-        opt.state[next(model.parameters())]["exp_avg"] = torch.zeros(3)
+        opt.state[next(model.parameters())]["exp_avg_codes"] = torch.zeros(3)
 
 
 def test_repeated_param_groups_number_each_parameter_once() -> None:
@@ -231,3 +231,76 @@ def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: st
         for n, v in entry.items():
             assert torch.equal(v, saved[k][n]), (k, n)
     assert all(st.step == 3 for st in opt2.state.values())
+
+
+def test_stock_adamw_refuses_int8_codes_loudly() -> None:
+    """A ZeroAdam int8 state dict must not load into torch.optim.AdamW as if its codes were moments: the codes have
+    keys of their own, so AdamW fails on its first step instead of training on numbers up to 127 and 255."""
+    model = make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 2)
+    adamw = torch.optim.AdamW(make_mlp().parameters(), **HYPER)
+    adamw.load_state_dict(opt.state_dict())
+    with pytest.raises(KeyError, match="exp_avg"):
+        for p in adamw.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        adamw.step()
+
+
+def test_state_dicts_saved_with_int8_codes_under_exp_avg_still_load() -> None:
+    model = make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    legacy = copy.deepcopy(sd)
+    for entry in legacy["state"].values():
+        if "exp_avg_codes" in entry:
+            entry["exp_avg"], entry["exp_avg_sq"] = entry.pop("exp_avg_codes"), entry.pop("exp_avg_sq_codes")
+    assert any(e["exp_avg"].dtype == torch.int8 for e in legacy["state"].values())
+    other = ZeroAdam(make_mlp().parameters(), state_dtype="int8", **HYPER)
+    other.load_state_dict(legacy)
+    for k, entry in other.state_dict()["state"].items():
+        assert all(torch.equal(v, sd["state"][k][n]) for n, v in entry.items()), k
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_consolidate_converts_a_plain_state_dict_file_for_adamw(tmp_path, nested: bool, capsys) -> None:
+    from zeroadam.tools.cli import main
+
+    model = make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 3)
+    sd = opt.state_dict()
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": sd, "iter_num": 3} if nested else sd, src)
+
+    assert main(["inspect", str(src)]) == 0
+    said = capsys.readouterr().out
+    assert "not a checkpoint directory" in said and "ZeroAdam state dict" in said and "int8" in said
+
+    out = tmp_path / "adamw.pt"
+    assert main(["consolidate", str(src), str(out)]) == 0
+    converted = torch.load(out, weights_only=True)
+    adamw_sd = converted["optimizer"] if nested else converted
+    if nested:
+        assert converted["iter_num"] == 3 and converted["model"].keys() == model.state_dict().keys()
+    ref = ZeroAdam(make_mlp().parameters(), state_dtype="fp32", **HYPER)
+    ref.load_state_dict(sd)  # the same moments, decoded into fp32
+    for k, entry in adamw_sd["state"].items():
+        assert entry.keys() == {"step", "exp_avg", "exp_avg_sq"} and float(entry["step"]) == 3
+        want = ref.state_dict()["state"][k]
+        assert torch.equal(entry["exp_avg"], want["exp_avg"]) and torch.equal(entry["exp_avg_sq"], want["exp_avg_sq"])
+    adamw = torch.optim.AdamW(make_mlp().parameters(), **HYPER)
+    adamw.load_state_dict(adamw_sd)
+    for p in adamw.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    adamw.step()  # loads and steps
+
+
+def test_inspect_of_a_file_that_is_not_torch_says_so(tmp_path, capsys) -> None:
+    from zeroadam.tools.cli import main
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a torch file")
+    assert main(["inspect", str(junk)]) == 1
+    assert "torch.load(weights_only=True) cannot read it" in capsys.readouterr().err

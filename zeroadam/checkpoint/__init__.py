@@ -61,7 +61,8 @@ from zeroadam.checkpoint.format import (
 from zeroadam.comm.collectives import Group, all_gather_objects
 from zeroadam.sharding.model import full_state_dict, load_full_state_dict
 from zeroadam.comm.check_in import check_in
-from zeroadam.state_dict.entries import decode_entry, entry_range, validate_state_dict
+from zeroadam.formats.table import moment_format_of
+from zeroadam.state_dict.entries import decode_entry, entry_range, migrate_entry, validate_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
@@ -425,6 +426,65 @@ def load(path: PathLike, model: torch.nn.Module, optimizer: "ZeroAdam") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- leaving zeroadam
+# ---------------------------------------------------------------------------------------------- plain files
+def _is_optimizer_state(x: Any) -> bool:
+    return isinstance(x, dict) and "state" in x and "param_groups" in x
+
+
+def _read_plain_file(path: PathLike) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises for a file that is not its format
+        raise CheckpointError(
+            f"zeroadam: {path} is a file, not a checkpoint directory, and torch.load(weights_only=True) cannot read "
+            f"it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+def _optimizer_states(obj: Any) -> dict[str, dict[str, Any]]:
+    """The optimizer state dicts in a torch.save'd object: the object itself ("") or its top-level values (a
+    training checkpoint such as {"model": ..., "optimizer": ...}), by key."""
+    if _is_optimizer_state(obj):
+        return {"": obj}
+    if isinstance(obj, dict):
+        return {str(k): v for k, v in obj.items() if _is_optimizer_state(v)}
+    return {}
+
+
+def to_adamw_state_dict(sd: dict[str, Any], where: str = "the state dict") -> dict[str, Any]:
+    """A ZeroAdam state dict (any format, whole entries) as ``torch.optim.AdamW`` state: fp32 moments shaped like
+    the parameters, the same param groups. An AdamW state dict is returned as it is. Shard entries (saved by a
+    rank of a sharded optimizer) are refused: they hold part of each parameter."""
+    state: dict[Any, dict[str, Any]] = {}
+    for key, raw in sd["state"].items():
+        entry = migrate_entry(raw)
+        if "shard_elements" in entry:
+            raise CheckpointError(
+                f"zeroadam consolidate: {where} is one rank's shard of a sharded ZeroAdam (entry {key!r} holds "
+                f"elements {tuple(entry['shard_elements'])}); save the full state dict instead "
+                "(optimizer.consolidate_state_dict(to=0) on every rank, then state_dict() on rank 0), or use "
+                "zeroadam.checkpoint.save and consolidate its directory"
+            )
+        fmt = moment_format_of(entry)
+        if fmt is None:
+            raise CheckpointError(f"zeroadam consolidate: {where}: entry {key!r} has no exp_avg of a known format")
+        shape = next(t.shape for k, t in entry.items() if k in ("exp_avg", "exp_avg_codes"))
+        m, v = decode_entry(entry)
+        state[key] = {"step": torch.as_tensor(entry["step"], dtype=torch.float32), "exp_avg": m.view(shape), "exp_avg_sq": v.view(shape)}
+    return {"state": state, "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def _consolidate_file(path: PathLike) -> Any:
+    obj = _read_plain_file(path)
+    found = _optimizer_states(obj)
+    if not found:
+        raise CheckpointError(f"zeroadam consolidate: {path} holds no optimizer state dict (no dict with 'state' "
+                              "and 'param_groups', at the top or one level down)")
+    if "" in found:
+        return to_adamw_state_dict(obj, str(path))
+    return {k: (to_adamw_state_dict(v, f"{path}[{k!r}]") if k in found else v) for k, v in obj.items()}
+
+
 def consolidate(path: PathLike, *, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(plain model state dict, ``torch.optim.AdamW`` state dict or None) from a checkpoint, in one process.
 
@@ -495,7 +555,11 @@ def describe(path: PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a directory written by zeroadam.checkpoint.save, or a torch.save file holding a ZeroAdam state dict",
+    )
     parser.add_argument("out", metavar="OUT_FILE", help="where to write the model state dict (torch.save)")
     parser.add_argument(
         "--optimizer",
@@ -544,6 +608,21 @@ def _optimizer_output(args: argparse.Namespace, out: Path) -> Optional[Path]:
 
 def run_consolidate(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if Path(args.checkpoint).is_file():
+        # A plain torch.save'd file (a ZeroAdam state dict, or a training checkpoint holding one): the same
+        # object with every ZeroAdam state dict in it as AdamW's.
+        try:
+            _check_output(out, "OUT_FILE")
+            if args.optimizer is not None:
+                raise CheckpointError("--optimizer is for checkpoint directories; a plain file is converted whole into OUT_FILE")
+            converted = _consolidate_file(args.checkpoint)
+            _write_files([(converted, out)])
+        except (CheckpointError, OSError) as e:
+            detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+            print(f"zeroadam consolidate: error: {detail}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.checkpoint} with its optimizer state as torch.optim.AdamW's to {out}")
+        return 0
     opt_out = _optimizer_output(args, out)
     try:
         _check_output(out, "OUT_FILE")
@@ -582,7 +661,11 @@ def verify(path: PathLike) -> int:
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a directory written by zeroadam.checkpoint.save")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a directory written by zeroadam.checkpoint.save, or a torch.save file holding a ZeroAdam state dict",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--no-verify",
@@ -592,7 +675,39 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _describe_file(path: PathLike) -> str:
+    obj = _read_plain_file(path)
+    found = _optimizer_states(obj)
+    lines = [f"file           {path}: a plain torch.save file, not a checkpoint directory"]
+    if isinstance(obj, dict) and "" not in found:
+        lines.append("top-level keys " + ", ".join(repr(k) for k in list(obj)[:12]))
+    for where, sd in found.items():
+        entries = [migrate_entry(e) for e in sd["state"].values()]
+        formats: dict[str, int] = {}
+        for e in entries:
+            fmt = moment_format_of(e) or "unknown"
+            formats[fmt] = formats.get(fmt, 0) + 1
+        kind = "ZeroAdam" if isinstance(sd.get("zeroadam"), dict) or formats.keys() - {"fp32"} else "AdamW-format"
+        shard = (sd.get("zeroadam") or {}).get("shard")
+        lines.append(
+            f"optimizer      {'the object itself' if where == '' else repr(where)}: a {kind} state dict, "
+            f"{len(sd['param_groups'])} group(s), {len(entries)} parameters with state, moments "
+            + ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
+            + (f"; one rank's shard ({shard})" if shard else "")
+        )
+    if not found:
+        lines.append("optimizer      none found (no dict with 'state' and 'param_groups')")
+    return "\n".join(lines)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    if Path(args.checkpoint).is_file():
+        try:
+            print(_describe_file(args.checkpoint))
+        except CheckpointError as e:
+            print(f"zeroadam inspect: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         d = describe(args.checkpoint)
         d["checksums_verified"] = None if args.no_verify else verify(args.checkpoint)

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from zeroadam.formats import quant
 from zeroadam.formats.state import MasterKind
-from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS, moment_format_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
@@ -162,8 +162,16 @@ class CheckpointInfo:
 
 
 # ---------------------------------------------------------------------------------------------- keys, checksums
+# On disk the int8 codes keep the names every checkpoint since the first has used (exp_avg / exp_avg_sq); state
+# dicts name them exp_avg_codes / exp_avg_sq_codes (see [Note: int8 keys] in zeroadam/formats/table.py). The
+# checkpoint is read by zeroadam alone (and converted for AdamW by `zeroadam consolidate`), so old and new
+# directories are the same format.
+_DISK_NAMES = {"exp_avg_codes": "exp_avg", "exp_avg_sq_codes": "exp_avg_sq"}
+
+
 def piece_key(name: str, key: str, a: int, b: int) -> str:
-    return f"optim/{name}/{key}/{a}-{b}"
+    """The DCP key of one saved piece of a parameter's state tensor ``key`` (a state-dict key)."""
+    return f"optim/{name}/{_DISK_NAMES.get(key, key)}/{a}-{b}"
 
 
 def piece_numel(key: str, a: int, b: int) -> int:
@@ -221,7 +229,8 @@ def _json_options(group: dict[str, Any], gi: int) -> dict[str, Any]:
 
 
 def _entry_formats(entry: dict[str, Any], p: torch.Tensor) -> tuple[str, MasterKind]:
-    fmt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[entry["exp_avg"].dtype]
+    fmt = moment_format_of(entry)
+    assert fmt is not None  # entries come from ZeroAdam's own state
     if "master" in entry:
         return fmt, "fp32"
     if "master_residual" in entry:

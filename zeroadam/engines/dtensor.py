@@ -41,7 +41,7 @@ from zeroadam.update.dispatch import fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.formats.state import Master, Moments
-from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS, moment_format_of
 from zeroadam.state_dict.entries import convert_master, convert_moments
 
 __all__ = ["DTensorEngine", "Piece", "DTensorParamState"]
@@ -381,7 +381,7 @@ class DTensorEngine(Engine):
 
     def _load_entry(self, p: DTensor, step: int, entry: dict[str, Any]) -> DTensorParamState:
         fmt = self.setup.policy.moment_format(p.numel())
-        src_fmt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[entry["exp_avg"].dtype]
+        src_fmt = moment_format_of(entry)  # validated: one of the formats
         st = self._init_state(p)
         st.step = step
         local = p.to_local().detach().reshape(-1)
@@ -393,13 +393,13 @@ class DTensorEngine(Engine):
 
         def sub_entry(start: int, n: int) -> dict[str, torch.Tensor]:
             out = {}
-            for k in ("exp_avg", "exp_avg_sq"):
-                t, base = windows[k]
-                out[k] = t.narrow(0, start - base, n)
-            if src_fmt == "int8":  # whole-parameter scale vectors, from the first block the range touches
-                b0, nb = start // BLOCK_SIZE, (start + n - 1) // BLOCK_SIZE - start // BLOCK_SIZE + 1
-                for k in ("exp_avg_scale", "exp_avg_sq_scale"):
-                    out[k] = windows[k][0].narrow(0, b0, nb)
+            for spec in MOMENT_TENSORS[src_fmt]:
+                if spec.per_block:  # whole-parameter scale vectors, from the first block the range touches
+                    b0, nb = start // BLOCK_SIZE, (start + n - 1) // BLOCK_SIZE - start // BLOCK_SIZE + 1
+                    out[spec.key] = windows[spec.key][0].narrow(0, b0, nb)
+                else:
+                    t, base = windows[spec.key]
+                    out[spec.key] = t.narrow(0, start - base, n)
             return out
 
         for pc in st.pieces:

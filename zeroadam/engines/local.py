@@ -13,6 +13,7 @@ import torch
 from zeroadam.comm.collectives import Group
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, refuse_sparse_grad
 from zeroadam.formats.state import Master, Moments
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
 from zeroadam.options import GroupHyper
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
 from zeroadam.update.contract import Run, StepScalars
@@ -54,7 +55,8 @@ class ParamState(MutableMapping):
         if key == "step":
             return self.step_tensor
         t = self._tensors()[key]
-        return t if key.endswith("_scale") else t.view(self.shape)
+        per_block = any(spec.key == key and spec.per_block for spec in MOMENT_TENSORS[self.moments.fmt])
+        return t if per_block else t.view(self.shape)
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         if key == "step":
@@ -69,10 +71,10 @@ class ParamState(MutableMapping):
                 f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}); move it with .to(device)"
             )
         flat = value.reshape(-1)
-        if key in ("master", "master_residual"):
-            setattr(self.master, "fp32" if key == "master" else "residual", flat)
-        else:
-            setattr(self.moments, key, flat)
+        for holder, specs in ((self.moments, MOMENT_TENSORS[self.moments.fmt]), (self.master, MASTER_TENSORS[self.master.kind])):
+            for spec in specs:
+                if spec.key == key:
+                    setattr(holder, spec.field, flat)
 
     def __delitem__(self, key: str) -> None:
         raise TypeError("ZeroAdam: a parameter's state keys cannot be deleted (clear optimizer.state instead)")

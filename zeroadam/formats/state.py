@@ -151,7 +151,7 @@ class Moments:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named storage tensors, as they appear in state dicts."""
-        return {t.key: getattr(self, t.key) for t in MOMENT_TENSORS[self.fmt]}
+        return {t.key: getattr(self, t.field) for t in MOMENT_TENSORS[self.fmt]}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -19,7 +19,8 @@ __all__ = ["StateTensor", "MOMENT_TENSORS", "MASTER_TENSORS", "moment_format_of"
 
 @dataclass(frozen=True)
 class StateTensor:
-    key: str  # the state-dict key (standard names: exp_avg / exp_avg_sq, whatever the format)
+    field: str  # the attribute of Moments / Master that holds it
+    key: str  # the state-dict key: see [Note: int8 keys]
     dtype: torch.dtype
     per_block: bool = False  # one value per 256-element block (int8 scales) instead of one per element
 
@@ -28,14 +29,25 @@ class StateTensor:
         return num_blocks(n) if self.per_block else n
 
 
+# [Note: int8 keys]
+# fp32 and bf16 moments keep torch.optim.AdamW's keys, exp_avg / exp_avg_sq: AdamW loads them as the values they
+# are (bf16 cast to the parameter's dtype). int8 codes are not values: under those keys a stock AdamW would load
+# them, cast them to float and train on numbers up to 127 and 255 without a word. So the codes are stored as
+# exp_avg_codes / exp_avg_sq_codes (beside their block scales): AdamW then finds no exp_avg in a non-empty state
+# and fails on its first step with a KeyError, and `zeroadam consolidate` converts the state for it. State dicts
+# saved before this change (codes under exp_avg) still load: see state_dict/entries.py migrate_entry. Checkpoint
+# directories keep their on-disk names (checkpoint/format.py).
 MOMENT_TENSORS: dict[str, tuple[StateTensor, ...]] = {
-    "fp32": (StateTensor("exp_avg", torch.float32), StateTensor("exp_avg_sq", torch.float32)),
-    "bf16": (StateTensor("exp_avg", torch.bfloat16), StateTensor("exp_avg_sq", torch.bfloat16)),
+    "fp32": (StateTensor("exp_avg", "exp_avg", torch.float32), StateTensor("exp_avg_sq", "exp_avg_sq", torch.float32)),
+    "bf16": (
+        StateTensor("exp_avg", "exp_avg", torch.bfloat16),
+        StateTensor("exp_avg_sq", "exp_avg_sq", torch.bfloat16),
+    ),
     "int8": (
-        StateTensor("exp_avg", torch.int8),  # signed codes
-        StateTensor("exp_avg_sq", torch.uint8),  # unsigned codes
-        StateTensor("exp_avg_scale", torch.float32, per_block=True),  # absmax of each block
-        StateTensor("exp_avg_sq_scale", torch.float32, per_block=True),
+        StateTensor("exp_avg", "exp_avg_codes", torch.int8),  # signed codes
+        StateTensor("exp_avg_sq", "exp_avg_sq_codes", torch.uint8),  # unsigned codes
+        StateTensor("exp_avg_scale", "exp_avg_scale", torch.float32, per_block=True),  # absmax of each block
+        StateTensor("exp_avg_sq_scale", "exp_avg_sq_scale", torch.float32, per_block=True),
     ),
 }
 """Moment format -> its tensors, in the order of ``Moments``' fields."""
@@ -43,16 +55,17 @@ MOMENT_TENSORS: dict[str, tuple[StateTensor, ...]] = {
 MASTER_TENSORS: dict[str, tuple[StateTensor, ...]] = {
     "param": (),  # an fp32 parameter is its own master
     "none": (),  # 16-bit parameter, stochastic rounding, nothing stored
-    "fp32": (StateTensor("master", torch.float32),),
-    "compact": (StateTensor("master_residual", torch.int8),),  # rounding error in units of ulp / 254
+    "fp32": (StateTensor("fp32", "master", torch.float32),),
+    "compact": (StateTensor("residual", "master_residual", torch.int8),),  # rounding error in units of ulp / 254
 }
 """Master kind -> its tensors."""
 
 
-def moment_format_of(exp_avg_dtype: torch.dtype) -> Optional[str]:
-    """The moment format whose exp_avg has this dtype (each has its own), or None."""
+def moment_format_of(entry: dict) -> Optional[str]:
+    """The moment format of a state entry (by its first moment's key and dtype), or None."""
     for fmt, tensors in MOMENT_TENSORS.items():
-        if tensors[0].dtype == exp_avg_dtype:
+        first = entry.get(tensors[0].key)
+        if isinstance(first, torch.Tensor) and first.dtype == tensors[0].dtype:
             return fmt
     return None
 

@@ -29,6 +29,7 @@ __all__ = [
     "entry_piece",
     "check_entry",
     "decode_entry",
+    "migrate_entry",
     "convert_moments",
     "convert_master",
     "group_hypers",
@@ -45,8 +46,9 @@ _IGNORED_KEYS = {"foreach", "capturable", "differentiable", "fused", "decoupled_
 def entry_of(step: int, moments: Moments, master: Master, shape: torch.Size) -> dict[str, Any]:
     """The state-dict entry of one whole parameter (tensors are views of the stored state where possible)."""
     out: dict[str, Any] = {"step": torch.tensor(float(step))}
+    per_block = {t.key for t in MOMENT_TENSORS[moments.fmt] if t.per_block}
     for k, t in moments.tensors().items():
-        out[k] = t.view(shape) if k in ("exp_avg", "exp_avg_sq") else t
+        out[k] = t if k in per_block else t.view(shape)
     for k, t in master.tensors().items():
         out[k] = t.view(shape)
     return out
@@ -91,12 +93,33 @@ def _param_name(gi: int, i: int, p: torch.Tensor) -> str:
     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)}, {p.dtype})"
 
 
+_LEGACY_INT8_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
+
+
+def migrate_entry(entry: Any) -> Any:
+    """An entry saved before int8 codes had keys of their own (codes under exp_avg / exp_avg_sq, see [Note: int8
+    keys] in formats/table.py), with today's keys; any other entry as it is."""
+    if (
+        isinstance(entry, dict)
+        and isinstance(entry.get("exp_avg"), torch.Tensor)
+        and entry["exp_avg"].dtype == torch.int8
+        and "exp_avg_codes" not in entry
+    ):
+        return {_LEGACY_INT8_KEYS.get(k, k): v for k, v in entry.items()}
+    return entry
+
+
 def _fmt_of(entry: dict[str, Any], where: str) -> str:
-    m = entry["exp_avg"]
-    fmt = moment_format_of(m.dtype)
+    fmt = moment_format_of(entry)
     if fmt is None:
-        allowed = ", ".join(str(ts[0].dtype).replace("torch.", "") for ts in MOMENT_TENSORS.values())
-        raise ValueError(f"ZeroAdam.load_state_dict: {where}: exp_avg has dtype {m.dtype}; expected {allowed}")
+        firsts = {ts[0].key: ts[0].dtype for ts in MOMENT_TENSORS.values()}
+        present = [k for k in firsts if isinstance(entry.get(k), torch.Tensor)]
+        if not present:
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: missing 'exp_avg'")
+        allowed = ", ".join(f"{k} of {str(d).replace('torch.', '')}" for k, d in firsts.items())
+        raise ValueError(
+            f"ZeroAdam.load_state_dict: {where}: {present[0]} has dtype {entry[present[0]].dtype}; expected {allowed}"
+        )
     return fmt
 
 
@@ -104,9 +127,8 @@ def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
     """Validate one entry against its parameter; returns its moment format."""
     if not isinstance(entry, dict):
         raise ValueError(f"ZeroAdam.load_state_dict: {where}: state is a {type(entry).__name__}, expected a dict")
-    for key in ("step", "exp_avg", "exp_avg_sq"):
-        if key not in entry:
-            raise ValueError(f"ZeroAdam.load_state_dict: {where}: missing '{key}'")
+    if "step" not in entry:
+        raise ValueError(f"ZeroAdam.load_state_dict: {where}: missing 'step'")
     if "max_exp_avg_sq" in entry:
         raise ValueError(f"ZeroAdam.load_state_dict: {where}: has 'max_exp_avg_sq' (amsgrad), which ZeroAdam does not support")
     fmt = _fmt_of(entry, where)
@@ -129,8 +151,10 @@ def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
             )
         n = r[1] - r[0]
         shape = (n,)
-    for key in ("exp_avg", "exp_avg_sq"):
-        t = entry[key]
+    for key in (t.key for t in MOMENT_TENSORS[fmt] if not t.per_block):
+        t = entry.get(key)
+        if t is None:
+            raise ValueError(f"ZeroAdam.load_state_dict: {where}: missing '{key}'")
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
@@ -138,7 +162,7 @@ def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
                 f"{'parameter' if 'shard_elements' not in entry else 'shard'} has shape {shape}; "
                 "was this state saved for another model?"
             )
-    for spec in MOMENT_TENSORS[fmt][1:]:  # exp_avg's dtype chose the format
+    for spec in MOMENT_TENSORS[fmt][1:]:  # the first moment's key and dtype chose the format
         t = entry.get(spec.key)
         if not isinstance(t, torch.Tensor) or t.numel() != spec.numel(n) or t.dtype != spec.dtype:
             what = f"{spec.numel(n)} {spec.dtype} block scales" if spec.per_block else f"{spec.dtype} values"
@@ -157,7 +181,8 @@ def check_entry(entry: Any, p: torch.Tensor, where: str) -> str:
 def decode_entry(entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (exp_avg, exp_avg_sq), flattened, of a validated entry."""
     fmt = _fmt_of(entry, "")
-    m, v = entry["exp_avg"].reshape(-1), entry["exp_avg_sq"].reshape(-1)
+    m_key, v_key = (t.key for t in MOMENT_TENSORS[fmt][:2])
+    m, v = entry[m_key].reshape(-1), entry[v_key].reshape(-1)
     if fmt == "int8":
         return (
             quant.dequantize(quant.Quantized(m, entry["exp_avg_scale"].float()), "signed"),
@@ -262,6 +287,7 @@ def validate_state_dict(
         if key not in index:
             raise ValueError(f"ZeroAdam.load_state_dict: state for parameter {key!r}, which no param group lists")
         p, gi, where = index[key]
+        entry = migrate_entry(entry)
         check_entry(entry, p, where)
         s, e = entry_range(entry, p.numel())
         a, b = need.get(p, (0, 0))
