@@ -13,6 +13,7 @@ import charlm
 import pytest
 import torch
 
+from helpers import rel_err
 from zeroadam import ZeroAdam, _compat
 
 SETUP = charlm.TrainSetup()
@@ -121,9 +122,17 @@ def test_fp32_tracks_torch_adamw(corpus: charlm.Corpus) -> None:
 
 @pytest.mark.skipif(not _compat.has_fused_cpu_adamw(), reason="torch has no fused CPU AdamW kernel")
 def test_fp32_is_torch_fused_adamw_bit_for_bit(corpus: charlm.Corpus) -> None:
-    """On CPU, fp32 state on fp32 weights runs torch's fused AdamW kernel (zeroadam.kernels.cpu)."""
+    """On CPU, fp32 state on fp32 weights: the compiled kernel repeats torch's fused AdamW operation for operation.
+
+    Bit for bit where torch's vector kernels fuse the multiply-adds as the compiled kernel does (AVX2 and AVX-512,
+    see README "CPUs the suite was run on"); torch's DEFAULT kernels round lerp / addcmul twice, so there the two
+    differ by rounding, which 20 steps of Adam carry to ~1e-6 of the weights."""
     steps = 20
     ours, ours_losses = run(corpus, zero_adam("fp32"), steps)
     theirs, theirs_losses = run(corpus, _adamw(fused=True), steps)
-    assert ours_losses == theirs_losses
-    assert torch.equal(_flat(ours), _flat(theirs))
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert ours_losses == theirs_losses
+        assert torch.equal(_flat(ours), _flat(theirs))
+    else:
+        assert ours_losses == pytest.approx(theirs_losses, rel=1e-5)
+        assert rel_err(_flat(ours), _flat(theirs)) <= 1e-5
