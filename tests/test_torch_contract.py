@@ -301,3 +301,13 @@ def test_tensor_lr_must_have_one_element() -> None:
     w = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         ZeroAdam([w], lr=torch.tensor([1e-3, 1e-3]))
+
+
+def test_meta_parameters_are_refused_at_step_with_the_fix() -> None:
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 3)
+        opt = ZeroAdam(model.parameters(), fused=True)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="meta device.*to_empty"):
+        opt.step()
