@@ -46,13 +46,28 @@ def test_named_parameters_like_adamw() -> None:
     names = [n for n, _ in model.named_parameters()]
     sd = opt.state_dict()
     assert sd["param_groups"][0]["param_names"] == names == adamw.state_dict()["param_groups"][0]["param_names"]
-    # A named state dict loads into an unnamed optimizer and back, keeping each optimizer's own names.
+    # As torch.optim: a named state dict gives its names to an unnamed optimizer that loads it; a state dict
+    # without names leaves the optimizer's own.
     plain = ZeroAdam(make_mlp().parameters(), state_dtype="fp32", **HYPER)
     plain.load_state_dict(sd)
-    assert "param_names" not in plain.param_groups[0]
+    plain_adamw = torch.optim.AdamW(make_mlp().parameters(), **HYPER)
+    plain_adamw.load_state_dict(adamw.state_dict())
+    assert plain.param_groups[0]["param_names"] == plain_adamw.param_groups[0]["param_names"] == names
+    assert plain.state_dict()["param_groups"][0]["param_names"] == names
+    unnamed_sd = ZeroAdam(make_mlp().parameters(), state_dtype="fp32", **HYPER).state_dict()
     named = ZeroAdam(make_mlp().named_parameters(), state_dtype="fp32", **HYPER)
-    named.load_state_dict(plain.state_dict())
+    named.load_state_dict(unnamed_sd)
     assert named.param_groups[0]["param_names"] == names
+
+
+def test_param_names_must_name_every_parameter() -> None:
+    model = make_mlp()
+    opt = ZeroAdam(model.named_parameters(), state_dtype="fp32", **HYPER)
+    train(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["param_names"] = sd["param_groups"][0]["param_names"][:-1]
+    with pytest.raises(ValueError, match="param_names"):
+        opt.load_state_dict(sd)
 
 
 def test_named_parameters_wrong_pairs_are_refused() -> None:
@@ -73,6 +88,32 @@ def test_state_dict_hooks_fire() -> None:
     assert sd["extra"] == 1 and seen == ["pre"]
     opt.load_state_dict(sd)
     assert seen == ["pre", "load_pre", "load_post"]
+
+
+def test_non_parameter_state_round_trips_like_adamw() -> None:
+    """``optimizer.state`` may hold keys that are no parameter (a pre-hook's marker, a subclass's counter):
+    torch.optim packs them into ``state_dict()["state"]`` as they are and puts them back on load."""
+    model, ref = make_mlp(), make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    adamw = torch.optim.AdamW(ref.parameters(), **HYPER)
+    for o in (opt, adamw):
+        o.register_state_dict_pre_hook(lambda o: o.state.__setitem__("marker", 1))
+        assert o.state_dict()["state"]["marker"] == 1  # before any step too
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    assert sd["state"]["marker"] == 1 and set(sd["state"]) == {0, 1, 2, 3, "marker"}
+
+    other = make_mlp()
+    other.load_state_dict(model.state_dict())
+    opt2 = ZeroAdam(other.parameters(), state_dtype="int8", **HYPER)
+    opt2.state["stale"] = True  # replaced, as torch.optim replaces its whole state
+    opt2.load_state_dict(sd)
+    assert opt2.state["marker"] == 1 and "stale" not in opt2.state
+    train(model, opt, 1, start=2)
+    train(other, opt2, 1, start=2)
+    assert max_rel_err(params(other), params(model)) == 0
+    with pytest.raises(ValueError, match="which no param group lists"):
+        opt2.load_state_dict({**sd, "state": {**sd["state"], 9: sd["state"][0]}})
 
 
 def test_load_pre_hook_may_replace_the_state_dict() -> None:
@@ -304,3 +345,39 @@ def test_inspect_of_a_file_that_is_not_torch_says_so(tmp_path, capsys) -> None:
     junk.write_bytes(b"not a torch file")
     assert main(["inspect", str(junk)]) == 1
     assert "torch.load(weights_only=True) cannot read it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_zero_gradients_move_parameters_only_by_decay_like_adamw(fmt: str) -> None:
+    """A zero gradient gives a zero update: the parameter stays put, or, with weight decay, decays exactly as
+    AdamW's does (torch's test_step_is_noop_for_zero_grads)."""
+    torch.manual_seed(0)
+    for wd in (0.0, 0.1):
+        w, ref = torch.randn(5000, requires_grad=True), None
+        ref = w.detach().clone().requires_grad_()
+        before = w.detach().clone()
+        opt = ZeroAdam([w], state_dtype=fmt, lr=1e-2, weight_decay=wd)
+        adamw = torch.optim.AdamW([ref], lr=1e-2, weight_decay=wd)
+        for _ in range(3):
+            w.grad, ref.grad = torch.zeros_like(w), torch.zeros_like(ref)
+            opt.step()
+            adamw.step()
+        if wd == 0:
+            assert torch.equal(w.detach(), before)
+        assert torch.allclose(w.detach(), ref.detach(), rtol=1e-6, atol=0)
+
+
+def test_tensor_lr_must_have_one_element() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        ZeroAdam([w], lr=torch.tensor([1e-3, 1e-3]))
+
+
+def test_meta_parameters_are_refused_at_step_with_the_fix() -> None:
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 3)
+        opt = ZeroAdam(model.parameters(), fused=True)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="meta device.*to_empty"):
+        opt.step()

@@ -73,7 +73,9 @@ class GroupHyper:
 
 def check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
     """Validate AdamW hyperparameters; a tensor lr is allowed (as in torch.optim), any other type is not."""
-    lr_value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise _bad("lr", lr, "Tensor lr must be 1-element (for example lr=torch.tensor(1e-3))")
+    lr_value = lr.item() if isinstance(lr, torch.Tensor) else lr
     if not isinstance(lr_value, (int, float)) or isinstance(lr_value, bool) or not math.isfinite(lr_value) or lr_value < 0:
         raise _bad("lr", lr, "expected a finite number >= 0 (for example lr=1e-3)")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -124,6 +124,12 @@ class LocalEngine(Engine):
         for p in self.setup.params():
             if p.grad is None:
                 continue
+            if p.device.type == "meta":
+                # The norm's .item() would fail with torch's "cannot be called on meta tensors"; say what to do.
+                raise RuntimeError(
+                    f"ZeroAdam: a parameter of shape {tuple(p.shape)} is on the meta device (it has no values); "
+                    "materialize the model first (module.to_empty(device=...) then initialize it)"
+                )
             refuse_sparse_grad(p)
             grads.append(p.grad)
         return grads

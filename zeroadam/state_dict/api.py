@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from zeroadam.comm.check_in import check_in
-from zeroadam.state_dict.entries import FORMAT_VERSION, validate_state_dict, group_hypers
+from zeroadam.state_dict.entries import FORMAT_VERSION, extra_state, group_hypers, validate_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.optimizer import ZeroAdam
@@ -112,6 +112,8 @@ def build_state_dict(opt: "ZeroAdam") -> dict[str, Any]:
             if p in entries:
                 state[idx] = entries[p]
         groups.append(g)
+    # What optimizer.state holds besides parameters' state (torch.optim packs those keys as they are).
+    state.update((k, v) for k, v in opt.state.items() if not isinstance(k, torch.Tensor))
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "state_dtype": opt.options.state_dtype}
     if shard is not None:
         meta["shard"] = shard
@@ -125,6 +127,12 @@ def apply_state_dict(opt: "ZeroAdam", sd: dict[str, Any]) -> None:
     engine.check_entries(checked)
     _drop_consolidated(opt)
     engine.load_entries(checked)
+    # As torch.optim: the state dict's non-parameter entries replace the optimizer's.
+    for k in [k for k in opt.state if not isinstance(k, torch.Tensor)]:
+        del opt.state[k]
+    opt.state.update(extra_state(sd))
     for gi, (sg, group) in enumerate(zip(sd["param_groups"], opt.param_groups)):
         group.update(group_hypers(sg, f"param_groups[{gi}]", group))
         group["betas"] = tuple(group["betas"])
+        if "param_names" in sg:  # as torch.optim: saved names replace the optimizer's (or are added)
+            group["param_names"] = list(sg["param_names"])

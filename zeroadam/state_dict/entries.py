@@ -33,6 +33,7 @@ __all__ = [
     "convert_moments",
     "convert_master",
     "group_hypers",
+    "extra_state",
     "validate_state_dict",
 ]
 
@@ -253,6 +254,14 @@ def group_hypers(saved: dict[str, Any], where: str, current: Optional[dict[str, 
     return out
 
 
+def extra_state(sd: dict[str, Any]) -> dict[Any, Any]:
+    """The entries of ``sd["state"]`` that belong to no parameter (keys that are not parameter numbers).
+
+    torch.optim keeps whatever non-parameter keys ``optimizer.state`` holds (a state-dict pre-hook may add one, a
+    subclass may keep counters there) and puts them back on load, unchanged; so does ZeroAdam."""
+    return {k: v for k, v in sd["state"].items() if not isinstance(k, int) or isinstance(k, bool)}
+
+
 def validate_state_dict(
     param_groups: list[dict[str, Any]], need: dict[torch.Tensor, tuple[int, int]], sd: Any
 ) -> list[tuple[torch.Tensor, int, int, dict[str, Any]]]:
@@ -278,6 +287,16 @@ def validate_state_dict(
                 f"dict and {len(group['params'])} in the optimizer"
             )
         group_hypers(sg, f"param_groups[{gi}]", group)
+        names = sg.get("param_names")
+        if names is not None and (
+            not isinstance(names, (list, tuple))
+            or len(names) != len(sg["params"])
+            or not all(isinstance(n, str) for n in names)
+        ):
+            raise ValueError(
+                f"ZeroAdam.load_state_dict: param_groups[{gi}]['param_names'] is {names!r}; expected one name (a "
+                f"string) per parameter, {len(sg['params'])} in all"
+            )
         for i, (key, p) in enumerate(zip(sg["params"], group["params"])):
             index[key] = (p, gi, _param_name(gi, i, p))
     shard = (sd.get("zeroadam") or {}).get("shard")
@@ -285,6 +304,8 @@ def validate_state_dict(
     out = []
     for key, entry in sd["state"].items():
         if key not in index:
+            if not isinstance(key, int) or isinstance(key, bool):
+                continue  # the optimizer's own entry (not a parameter's): installed as it is, see extra_state()
             raise ValueError(f"ZeroAdam.load_state_dict: state for parameter {key!r}, which no param group lists")
         p, gi, where = index[key]
         entry = migrate_entry(entry)
