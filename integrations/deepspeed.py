@@ -178,7 +178,11 @@ def _resolve_auto(cfg: dict[str, Any], model: Optional[torch.nn.Module], out: Tr
     defaults = {"betas": (0.9, 0.999), "eps": 1e-8, **_optimizer_defaults(kind, params)}
     for key in ("betas", "eps", "weight_decay"):
         if keys.is_auto(params.get(key)):
-            del params[key]  # the type's default below: DeepSpeed's, which are the Trainer's
+            # The type's default: DeepSpeed's, which are the Trainer's ("ZeroAdam": its own weight_decay).
+            if key in defaults:
+                params[key] = defaults[key]
+            else:
+                del params[key]
             note(f"optimizer.params.{key}", defaults.get(key, "ZeroAdam's default"))
     for key, value in params.items():
         if keys.is_auto(value):
@@ -199,7 +203,7 @@ def _resolve_auto(cfg: dict[str, Any], model: Optional[torch.nn.Module], out: Tr
         note(k, "derived by DeepSpeed")
     if autos and "train_batch_size" not in cfg and "train_micro_batch_size_per_gpu" not in cfg:
         raise _bad(
-            " and ".join(k for k in batch[:2]), "auto", "cannot both be resolved: the Trainer fills them from its "
+            " and ".join(k for k in batch[:2]), "auto", "cannot be resolved here: neither is a number, and the Trainer fills them from its "
             "per_device_train_batch_size; set train_micro_batch_size_per_gpu to a number"
         )
 

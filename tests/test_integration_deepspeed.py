@@ -7,6 +7,7 @@ shared-memory communication op (30-60 s on 2 cores); later runs load it from ~/.
 DeepSpeed op is built: offload_optimizer runs ZeroAdam, not DeepSpeedCPUAdam."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -609,3 +610,195 @@ def test_engine_checkpoints_resume_exactly(resume_ranks: list[dict], precision: 
         assert all(torch.equal(a, b) for a, b in zip(resumed["params"], whole["params"]))
         if precision == "fp16":
             assert whole["skipped"] == 1 and resumed["scale"] == whole["scale"] == 2.0 ** (POWER - 1)
+
+
+# ---------------------------------------------------------------------------------------------- configs as people write them
+def _zds():
+    from zeroadam.integrations import deepspeed as zds
+
+    return zds
+
+
+def _refusal(cfg: dict, model: Optional[torch.nn.Module] = None) -> str:
+    with pytest.raises(ValueError) as e:
+        _zds().translate(cfg, model)
+    return str(e.value)
+
+
+def _non_default(annotation: Any, default: Any) -> Any:
+    """A value of the field's type other than its default: what makes a refused key refuse."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return default + 1
+    return {"enabled": True}  # Optional[section] (zenflow, offload_param, ...)
+
+
+def test_every_field_of_deepspeeds_schema_is_classified() -> None:
+    """Walks the installed DeepSpeed's pydantic models, names and aliases: a field a new release adds fails here."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    from zeroadam.integrations import deepspeed_keys as keys
+
+    zds = _zds()
+
+    def spellings(model: Any) -> dict[str, Any]:
+        out = {}
+        for name, f in model.model_fields.items():
+            out[name] = f
+            if f.alias:
+                out[f.alias] = f
+        return out
+
+    for model, table in (
+        (DeepSpeedZeroConfig, keys.ZERO),
+        (DeepSpeedZeroOffloadOptimizerConfig, keys.OFFLOAD_OPTIMIZER),
+        (DeepSpeedBF16Config, keys.BF16),
+    ):
+        missing = set(spellings(model)) - set(table)
+        assert not missing, f"{model.__name__} fields missing from integrations/deepspeed_keys.py: {sorted(missing)}"
+    fp16_known = {f.name for f in dataclasses.fields(zds.Fp16Config)} | {"enabled", "fp16_master_weights_and_grads"}
+    assert set(spellings(DeepSpeedFP16Config)) <= fp16_known
+
+    # Each zero_optimization key does what its row says, with a value DeepSpeed would take.
+    for key, f in spellings(DeepSpeedZeroConfig).items():
+        entry = keys.ZERO[key]
+        if entry.kind == "tuning":
+            value = f.default if f.default is not None and not callable(f.default_factory) else True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = zds.translate({"zero_optimization": {"stage": 2, key: value}})
+            assert f"zero_optimization.{key}" in t.ignored, key
+        elif entry.kind == "refused":
+            message = _refusal({"zero_optimization": {"stage": 3, key: _non_default(f.annotation, f.default)}})
+            assert f"zero_optimization.{key}=" in message and entry.why in message
+    for key, entry in keys.BF16.items():
+        if entry.kind == "refused":
+            default = DeepSpeedBF16Config.model_fields[key].default
+            assert f"bf16.{key}=" in _refusal({"bf16": {"enabled": True, key: not default}})
+
+
+def test_memory_efficient_linear_and_other_tuning_keys_are_one_warning() -> None:
+    t = _zds().translate({"zero_optimization": {"stage": 2, "memory_efficient_linear": False, "overlap_comm": True}})
+    assert t.ignored == ["zero_optimization.memory_efficient_linear", "zero_optimization.overlap_comm"]
+
+
+def test_keys_that_change_results_are_refused_by_name() -> None:
+    assert "bf16.bf16_master_weights_and_grads=True" in _refusal({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}})
+    assert "optimizer.params.state_dtype" in _refusal({"bf16": {"enabled": True, "bf16_optimizer_states": True}})
+    assert "bf16.check_grad_overflow=False" in _refusal({"bf16": {"enabled": True, "check_grad_overflow": False}})
+    assert "communication_data_type='fp16'" in _refusal({"zero_optimization": {"stage": 2}, "communication_data_type": "fp16"})
+    assert "zero_quantized_weights=True" in _refusal({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}})
+    assert "not built in ZeroAdam yet" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    assert "offload_optimizer" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    # Tuning of DeepSpeed's all-reduce, which does not run at stages 1-3; at stage 0 DeepSpeed's all-reduce gets them.
+    zds = _zds()
+    t = zds.translate({"zero_optimization": {"stage": 2}, "prescale_gradients": True, "gradient_predivide_factor": 2.0,
+                       "communication_data_type": "fp32"})
+    assert t.ignored == ["prescale_gradients", "gradient_predivide_factor"]
+    assert not {"prescale_gradients", "gradient_predivide_factor", "communication_data_type"} & set(t.deepspeed)
+    t = zds.translate({"prescale_gradients": True, "communication_data_type": "bf16"})
+    assert t.ignored == [] and t.deepspeed["communication_data_type"] == "bf16" and t.deepspeed["prescale_gradients"]
+
+
+def test_legacy_cpu_offload_is_offload_optimizer() -> None:
+    zds = _zds()
+    for value, offload in ((True, "cpu"), (False, None)):
+        with pytest.warns(FutureWarning, match="cpu_offload is deprecated use offload_optimizer"):
+            t = zds.translate({"zero_optimization": {"stage": 2, "cpu_offload": value}})
+        assert t.zeroadam.get("offload") == offload
+
+
+def test_deepspeeds_optimizer_types_keep_their_defaults() -> None:
+    zds = _zds()
+    for kind in ("Adam", "AdamW"):  # FusedAdam / DeepSpeedCPUAdam: weight_decay 0.0
+        assert zds.translate({"optimizer": {"type": kind, "params": {"lr": 1.5e-4}}}).zeroadam["weight_decay"] == 0.0
+    # torch_adam: torch.optim.AdamW, whose default is 0.01.
+    assert zds.translate({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}).zeroadam["weight_decay"] == 0.01
+    # "ZeroAdam" builds ZeroAdam: its own default, on both paths.
+    assert "weight_decay" not in zds.translate({"optimizer": {"type": "ZeroAdam", "params": {"lr": 1e-3}}}).zeroadam
+    assert "optimizer.params.betas='a'" not in _refusal({"optimizer": {"type": "AdamW", "params": {"betas": "ab"}}})
+
+
+class _HFModel(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": hidden})()
+        self.linear = torch.nn.Linear(hidden, hidden)
+
+
+def hf_config(stage: int) -> dict:
+    """The shape of transformers' tests/deepspeed/ds_config_zero2.json / ds_config_zero3.json."""
+    zero: dict = {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                  "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if stage == 2:
+        zero.update(allgather_partitions=True, allgather_bucket_size=2e8, reduce_scatter=True)
+    else:
+        zero.update(sub_group_size=1e9, stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                     "warmup_num_steps": "auto"}},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 2000,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_auto_values_are_resolved_or_refused_by_name(stage: int) -> None:
+    zds = _zds()
+    cfg = hf_config(stage)
+    # The raw file: what needs the Trainer's arguments is refused, one key at a time, naming it.
+    for key, set_to in [
+        ("optimizer.params.lr", 3e-4),
+        ("train_micro_batch_size_per_gpu and train_batch_size", 4),
+        ("scheduler.params.warmup_num_steps", 10),
+    ]:
+        assert f"{key}='auto' cannot be resolved" in _refusal(cfg, _HFModel(64))
+        if key.startswith("optimizer"):
+            cfg["optimizer"]["params"]["lr"] = set_to
+        elif key.startswith("scheduler"):
+            cfg["scheduler"]["params"]["warmup_num_steps"] = set_to
+        else:
+            cfg["train_micro_batch_size_per_gpu"] = set_to
+    t = zds.translate(cfg, _HFModel(64))
+    assert t.zeroadam == {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "stage": stage,
+                          "offload": "cpu", "max_grad_norm": 1.0, **({"bucket_size": 64 * 64} if stage == 2 else {})}
+    assert t.dtype is None and t.fp16 is None  # fp16 / bf16 "auto": off, as the Trainer without --fp16 / --bf16
+    assert t.deepspeed["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-4, "warmup_num_steps": 10}
+    assert t.deepspeed["train_micro_batch_size_per_gpu"] == 4
+    assert "train_batch_size" not in t.deepspeed and "gradient_accumulation_steps" not in t.deepspeed
+    assert not any(v == "auto" for v in t.deepspeed.values())
+    assert "optimizer.params.betas: 'auto' -> (0.9, 0.999)" in t.resolved
+    assert "bf16.enabled: 'auto' -> False" in t.resolved
+    if stage == 3:
+        assert t.gather_16bit_on_save
+        assert "zero_optimization.stage3_prefetch_bucket_size" in t.ignored
+    # No model.config: the bucket size is ZeroAdam's own.
+    assert "bucket_size" not in zds.translate(cfg).zeroadam
+    cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 10}}
+    assert "scheduler.params.total_num_steps='auto' cannot be resolved" in _refusal(cfg)
+
+
+@pytest.mark.skipif(
+    "not __import__('deepspeed').accelerator.get_accelerator().device_name() == 'cpu' "
+    "or torch.float16 in __import__('deepspeed').accelerator.get_accelerator().supported_dtypes()",
+    reason="a device where DeepSpeed supports fp16",
+)
+def test_fp16_at_stage0_on_a_device_deepspeed_refuses_it_is_named() -> None:
+    cfg = config({"stage": 0}, fp16={"enabled": True})
+    with pytest.raises(ValueError) as e:
+        _zds().initialize(model=make_model(), config=cfg)
+    assert "Type fp16 is not supported on your device" in str(e.value) and "bf16" in str(e.value)
