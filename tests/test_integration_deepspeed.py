@@ -802,3 +802,154 @@ def test_fp16_at_stage0_on_a_device_deepspeed_refuses_it_is_named() -> None:
     with pytest.raises(ValueError) as e:
         _zds().initialize(model=make_model(), config=cfg)
     assert "Type fp16 is not supported on your device" in str(e.value) and "bf16" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- runs of those configs
+def _users_zeroadam_inside_deepspeed_zero(rank: int, stage: int) -> dict:
+    import deepspeed
+
+    import zeroadam
+
+    cfg = config({"stage": stage})
+    del cfg["optimizer"]
+
+    def init(model: torch.nn.Module, config: dict) -> Any:
+        opt = zeroadam.ZeroAdam(model.parameters(), lr=LR, weight_decay=0.1, state_dtype="fp32")
+        return deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    return _train(rank, init, cfg)
+
+
+def _sharded_zeroadam_refused(rank: int) -> str:
+    import deepspeed
+
+    import zeroadam
+
+    model = make_model()
+    opt = zeroadam.ZeroAdam(model.parameters(), lr=LR, stage=2)
+    with pytest.raises(ValueError) as e:
+        cfg = config({"stage": 2})
+        del cfg["optimizer"]
+        deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return str(e.value)
+
+
+def _save_16bit(rank: int, zds, path: str) -> dict:
+    import zeroadam
+
+    engine, _, _, _ = zds.initialize(
+        model=make_model(),
+        config=config({"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, bf16={"enabled": True}),
+    )
+    for x, y in micro_batches(0):
+        xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK].bfloat16() for t in (x, y))
+        engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
+        engine.step()
+    saved = engine.save_16bit_model(path)
+    full = zeroadam.full_state_dict(engine.module)
+    loaded = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
+    off, _, _, _ = zds.initialize(model=make_model(), config=config({"stage": 3}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        not_saved = off.save_16bit_model(path, "other.bin")
+    return {
+        "saved": saved,
+        "same": list(loaded) == list(full) and all(torch.equal(loaded[k], full[k]) for k in full),
+        "dtypes": {str(t.dtype) for t in loaded.values()},
+        "not_saved": (not_saved, os.path.exists(os.path.join(path, "other.bin")), [str(w.message) for w in caught]),
+    }
+
+
+def _scheduled_resume(rank: int, zds, path: str, scheduler: dict, fp16: bool) -> dict:
+    """Stage 3 with a DeepSpeed scheduler: STEPS steps with zds.save_checkpoint after SAVE_AT, then a fresh engine
+    loads it and trains the rest. fp16: rank 1 overflows at step 0, so the saved scale is not the initial one."""
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    cfg = fp16_config(stage=3) if fp16 else config({"stage": 3})
+    cfg["scheduler"] = scheduler
+
+    def train(engine: Any, steps: range) -> list[tuple[float, float, int]]:
+        trace = []
+        for s in steps:
+            for i, (x, y) in enumerate(micro_batches(s)):
+                hook = None
+                if fp16 and (s, i, rank) == (0, 0, 1):
+                    hook = engine.module[0].weight.register_hook(with_inf)
+                xs, ys = (x[rows].half(), y[rows].half()) if fp16 else (x[rows], y[rows])
+                loss = torch.nn.functional.mse_loss(engine(xs), ys)
+                engine.backward(loss)
+                engine.step()
+                if hook is not None:
+                    hook.remove()
+            trace.append((float(loss), engine.get_lr()[0], engine.global_steps))
+        return trace
+
+    whole, _, _, _ = zds.initialize(model=make_model(), config=cfg)
+    first = train(whole, range(SAVE_AT))
+    zds.save_checkpoint(whole, path)
+    rest = train(whole, range(SAVE_AT, STEPS))
+    resumed, optimizer, _, _ = zds.initialize(model=make_model(), config=cfg)
+    zds.load_checkpoint(resumed, path)
+    again = train(resumed, range(SAVE_AT, STEPS))
+    return {
+        "first": first,
+        "rest": rest,
+        "again": again,
+        "scale": (whole.optimizer.scaler.get_scale(), optimizer.scaler.get_scale()) if fp16 else None,
+    }
+
+
+def configs_suite(rank: int, world: int, ckpt_dir: str) -> dict:
+    os.environ["LOCAL_RANK"] = str(rank)
+    from zeroadam.integrations import deepspeed as zds
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message="ZeroAdam: non-finite")
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 3}}
+    decay_lr = {"type": "WarmupDecayLR",
+                "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 2, "total_num_steps": STEPS}}
+    out: dict = {("users", s): _users_zeroadam_inside_deepspeed_zero(rank, s) for s in (1, 2)}
+    out["users_sharded"] = _sharded_zeroadam_refused(rank)
+    out["16bit"] = _save_16bit(rank, zds, os.path.join(ckpt_dir, "16bit"))
+    out["resume", "WarmupLR"] = _scheduled_resume(rank, zds, os.path.join(ckpt_dir, "warmup"), warmup, fp16=False)
+    out["resume", "WarmupDecayLR"] = _scheduled_resume(rank, zds, os.path.join(ckpt_dir, "decay"), decay_lr, fp16=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def configs_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_ranks(configs_suite, WORLD, str(tmp_path_factory.mktemp("configs")), timeout=600)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_users_zeroadam_inside_deepspeeds_zero_trains_like_adamw(configs_ranks: list[dict], stage: int) -> None:
+    ref = reference()
+    for r in configs_ranks:
+        res = r["users", stage]
+        assert res["inner"] == "ZeroAdam"  # the user's, inside DeepSpeed's ZeRO optimizer, no untested-optimizer flag
+        assert rel_err(res["params"], ref) <= 1e-5
+
+
+def test_users_sharded_zeroadam_inside_deepspeeds_zero_is_refused(configs_ranks: list[dict]) -> None:
+    for r in configs_ranks:
+        assert "ZeroAdam(stage=2) inside DeepSpeed's zero_optimization" in r["users_sharded"]
+        assert '"type": "ZeroAdam"' in r["users_sharded"]
+
+
+def test_stage3_save_16bit_model_writes_the_gathered_weights(configs_ranks: list[dict]) -> None:
+    for r in configs_ranks:
+        res = r["16bit"]
+        assert res["saved"] and res["same"] and res["dtypes"] == {"torch.bfloat16"}
+        # Without stage3_gather_16bit_weights_on_model_save, as DeepSpeed: nothing written, False.
+        not_saved, exists, messages = res["not_saved"]
+        assert not not_saved and not exists and any("stage3_gather_16bit_weights_on_model_save" in m for m in messages)
+
+
+@pytest.mark.parametrize("scheduler", ["WarmupLR", "WarmupDecayLR"])
+def test_zds_checkpoints_resume_scheduler_steps_and_scaler_exactly(configs_ranks: list[dict], scheduler: str) -> None:
+    for r in configs_ranks:
+        res = r["resume", scheduler]
+        # (loss, lr, global_steps) per step: the resumed run retraces the uninterrupted one exactly.
+        assert res["again"] == res["rest"]
+        assert res["rest"][0][2] == SAVE_AT + 1 and res["first"][0][1] != res["rest"][0][1]
+        if scheduler == "WarmupDecayLR":  # fp16: the scale halved by the overflow at step 0 came back
+            assert res["scale"] == (2.0 ** (POWER - 1),) * 2
