@@ -14,11 +14,16 @@ Two ways in:
   weights. With ``fp16`` the loss is scaled by a ``DeepSpeedGradScaler`` (``optimizer.scaler``): a
   ``zeroadam.GradScaler`` whose scale follows DeepSpeed's own loss scaler, so that every ``fp16`` key means what
   it means in DeepSpeed (see [Note: fp16 through DeepSpeed's engine]).
+  Which config keys are honoured, only tune DeepSpeed's own ZeRO (one warning), or are refused, and what HF
+  "auto" values become: ``deepspeed_keys.py``. ``save_checkpoint`` / ``load_checkpoint`` (``deepspeed_checkpoint.py``)
+  save a run at any stage, with the lr scheduler, the engine's counters and the fp16 scaler; at stage 3
+  ``engine.save_16bit_model`` writes the gathered weights.
 * ``import zeroadam.integrations.deepspeed`` registers ``ZeroAdam`` where DeepSpeed looks up optimizer types it
   does not know (``torch.optim``) and among the optimizers its ZeRO accepts without
   ``zero_allow_untested_optimizer``. A plain ``deepspeed.initialize`` then builds it from the config; under
   DeepSpeed's own ZeRO 1/2 (with or without ``offload_optimizer``) it is DeepSpeed's inner optimizer: DeepSpeed
   shards, reduces and clips, and ZeroAdam updates each flat fp32 partition with compact state and the fused kernel.
+  A stage-0 ZeroAdam the user builds and passes as ``optimizer=`` works the same way; a sharded one is refused.
 """
 from __future__ import annotations
 
