@@ -47,7 +47,16 @@ from zeroadam.sharding.model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
 
-__all__ = ["initialize", "save_checkpoint", "load_checkpoint", "translate", "Translation", "Fp16Config", "DeepSpeedGradScaler", "DeepSpeedZeroAdam"]
+__all__ = [
+    "initialize",
+    "save_checkpoint",
+    "load_checkpoint",
+    "translate",
+    "Translation",
+    "Fp16Config",
+    "DeepSpeedGradScaler",
+    "DeepSpeedZeroAdam",
+]
 
 # Optimizer types whose update ZeroAdam is: AdamW, and DeepSpeed's "Adam", which is AdamW unless adam_w_mode=false.
 _TYPES = {"zeroadam", "adamw", "adam"}
@@ -172,7 +181,7 @@ def _resolve_auto(cfg: dict[str, Any], model: Optional[torch.nn.Module], out: Tr
         out.resolved.append(f"{key}: 'auto' -> {value!r}")
 
     def refuse(key: str) -> ValueError:
-        why = keys.AUTO.get(key, "refused: zeroadam has nothing to resolve it from; set a value").removeprefix("refused: ")
+        why = keys.AUTO.get(key, "zeroadam has nothing to resolve it from; set a value").removeprefix("refused: ")
         return _bad(key, "auto", f"cannot be resolved here: {why}")
 
     opt = cfg.get("optimizer") or {}
@@ -208,7 +217,8 @@ def _resolve_auto(cfg: dict[str, Any], model: Optional[torch.nn.Module], out: Tr
         note(k, "derived by DeepSpeed")
     if autos and "train_batch_size" not in cfg and "train_micro_batch_size_per_gpu" not in cfg:
         raise _bad(
-            " and ".join(k for k in batch[:2]), "auto", "cannot be resolved here: neither is a number, and the Trainer fills them from its "
+            " and ".join(k for k in batch[:2]), "auto", "cannot be resolved here: neither is a number, and the "
+            "Trainer fills them from its "
             "per_device_train_batch_size; set train_micro_batch_size_per_gpu to a number"
         )
 
@@ -315,7 +325,9 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
     if device == "cpu":
         zo["offload"] = "cpu"
     elif device not in ("none", None):
-        raise _bad("zero_optimization.offload_optimizer.device", device, "is not supported; ZeroAdam offloads to 'cpu' only")
+        raise _bad(
+            "zero_optimization.offload_optimizer.device", device, "is not supported; ZeroAdam offloads to 'cpu' only"
+        )
     out.gather_16bit_on_save = any(
         bool(zero.get(k))
         for k in ("gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save",
@@ -661,7 +673,11 @@ def _check_inside_deepspeed_zero(optimizer: ZeroAdam) -> None:
     time over the partitions (its clipping norm would be this rank's partition's alone): refused here, at
     construction."""
     o = optimizer.options
-    for key, value, default in (("stage", o.stage, 0), ("offload", o.offload, None), ("max_grad_norm", o.max_grad_norm, None)):
+    for key, value, default in (
+        ("stage", o.stage, 0),
+        ("offload", o.offload, None),
+        ("max_grad_norm", o.max_grad_norm, None),
+    ):
         if value != default:
             raise ValueError(
                 f"ZeroAdam({key}={value!r}) inside DeepSpeed's zero_optimization: DeepSpeed already shards, offloads "
