@@ -14,11 +14,16 @@ Two ways in:
   weights. With ``fp16`` the loss is scaled by a ``DeepSpeedGradScaler`` (``optimizer.scaler``): a
   ``zeroadam.GradScaler`` whose scale follows DeepSpeed's own loss scaler, so that every ``fp16`` key means what
   it means in DeepSpeed (see [Note: fp16 through DeepSpeed's engine]).
+  Which config keys are honoured, only tune DeepSpeed's own ZeRO (one warning), or are refused, and what HF
+  "auto" values become: ``deepspeed_keys.py``. ``save_checkpoint`` / ``load_checkpoint`` (``deepspeed_checkpoint.py``)
+  save a run at any stage, with the lr scheduler, the engine's counters and the fp16 scaler; at stage 3
+  ``engine.save_16bit_model`` writes the gathered weights.
 * ``import zeroadam.integrations.deepspeed`` registers ``ZeroAdam`` where DeepSpeed looks up optimizer types it
   does not know (``torch.optim``) and among the optimizers its ZeRO accepts without
   ``zero_allow_untested_optimizer``. A plain ``deepspeed.initialize`` then builds it from the config; under
   DeepSpeed's own ZeRO 1/2 (with or without ``offload_optimizer``) it is DeepSpeed's inner optimizer: DeepSpeed
   shards, reduces and clips, and ZeroAdam updates each flat fp32 partition with compact state and the fused kernel.
+  A stage-0 ZeroAdam the user builds and passes as ``optimizer=`` works the same way; a sharded one is refused.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from zeroadam._compat import require
+from zeroadam.integrations import deepspeed_keys as keys
+from zeroadam.integrations.deepspeed_checkpoint import load_checkpoint, save_16bit_model, save_checkpoint
 from zeroadam.amp import GradScaler
 from zeroadam.engines.local import LocalEngine, ParamState
 from zeroadam.optimizer import ZeroAdam
@@ -40,26 +47,22 @@ from zeroadam.sharding.model import ShardedModel, shard_model
 
 deepspeed = require("deepspeed", "zeroadam.integrations.deepspeed")
 
-__all__ = ["initialize", "translate", "Translation", "Fp16Config", "DeepSpeedGradScaler", "DeepSpeedZeroAdam"]
+__all__ = [
+    "initialize",
+    "save_checkpoint",
+    "load_checkpoint",
+    "translate",
+    "Translation",
+    "Fp16Config",
+    "DeepSpeedGradScaler",
+    "DeepSpeedZeroAdam",
+]
 
 # Optimizer types whose update ZeroAdam is: AdamW, and DeepSpeed's "Adam", which is AdamW unless adam_w_mode=false.
 _TYPES = {"zeroadam", "adamw", "adam"}
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "state_dtype", "master_weights"}
 # Optimizer params that choose DeepSpeed's implementation, not the math: nothing to honour.
 _IMPLEMENTATION_PARAMS = {"torch_adam", "foreach", "fused"}
-# zero_optimization keys that tune DeepSpeed's own partitioning; ZeroAdam has its own schedule.
-_ZERO_TUNING = {
-    "allgather_partitions",
-    "allgather_bucket_size",
-    "overlap_comm",
-    "reduce_scatter",
-    "contiguous_gradients",
-    "round_robin_gradients",
-    "load_from_fp32_weights",
-    "elastic_checkpoint",
-    "sub_group_size",
-    "ignore_unused_parameters",
-}
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -132,6 +135,8 @@ class Translation:
     dtype: Optional[torch.dtype] = None  # bf16 / fp16: the model's parameters are cast before ZeroAdam is built
     fp16: Optional[Fp16Config] = None  # fp16: the loss scaling DeepSpeedGradScaler follows
     ignored: list[str] = field(default_factory=list)  # keys that have no effect, warned about
+    resolved: list[str] = field(default_factory=list)  # HF "auto" values and deprecated keys, as "key=value (why)"
+    gather_16bit_on_save: bool = False  # stage 3: save_16bit_model gathers and writes the weights
 
 
 def _load(config: Union[str, dict[str, Any]]) -> dict[str, Any]:
@@ -141,21 +146,140 @@ def _load(config: Union[str, dict[str, Any]]) -> dict[str, Any]:
         return json.load(f)
 
 
-def translate(config: Union[str, dict[str, Any]]) -> Translation:
+def _check_keys(section: dict[str, Any], table: dict[str, keys.Key], prefix: str, out: Translation) -> None:
+    """Tuning keys go to ``out.ignored``; a refused key with a value other than its default raises; an unknown key
+    raises."""
+    for key, value in section.items():
+        where = f"{prefix}.{key}" if prefix else key
+        entry = table.get(key)
+        if entry is None:
+            raise _bad(where, value, f"is not a {prefix} key ZeroAdam knows")
+        if entry.kind == "tuning":
+            out.ignored.append(where)
+        elif entry.kind == "refused" and not keys.is_auto(value) and value not in entry.accepted:
+            raise _bad(where, value, entry.why)
+
+
+def _optimizer_defaults(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What DeepSpeed itself builds for this optimizer type uses when a hyperparameter is absent (or "auto").
+
+    "Adam" and "AdamW" build FusedAdam, or DeepSpeedCPUAdam with offload_optimizer: weight_decay 0.0 (lr 1e-3,
+    betas (0.9, 0.999), eps 1e-8, as ZeroAdam's); with ``torch_adam`` torch.optim.AdamW (0.01) or torch.optim.Adam
+    (0.0). "ZeroAdam" builds ZeroAdam itself (``torch.optim.ZeroAdam``): its own defaults.
+    """
+    if kind == "zeroadam":
+        return {}
+    adamw = kind == "adamw" or bool(params.get("adam_w_mode", True))
+    return {"weight_decay": 0.01 if params.get("torch_adam") and adamw else 0.0}
+
+
+def _resolve_auto(cfg: dict[str, Any], model: Optional[torch.nn.Module], out: Translation) -> None:
+    """Replace the HF "auto" values that zds can resolve, in place, and refuse the others (see [Note: HF "auto"
+    values] in deepspeed_keys.py)."""
+
+    def note(key: str, value: Any) -> None:
+        out.resolved.append(f"{key}: 'auto' -> {value!r}")
+
+    def refuse(key: str) -> ValueError:
+        why = keys.AUTO.get(key, "zeroadam has nothing to resolve it from; set a value").removeprefix("refused: ")
+        return _bad(key, "auto", f"cannot be resolved here: {why}")
+
+    opt = cfg.get("optimizer") or {}
+    params = opt.get("params") or {}
+    kind = str(opt.get("type", "ZeroAdam")).lower()
+    if keys.is_auto(params.get("lr")):
+        raise refuse("optimizer.params.lr")
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-8, **_optimizer_defaults(kind, params)}
+    for key in ("betas", "eps", "weight_decay"):
+        if keys.is_auto(params.get(key)):
+            # The type's default: DeepSpeed's, which are the Trainer's ("ZeroAdam": its own weight_decay).
+            if key in defaults:
+                params[key] = defaults[key]
+            else:
+                del params[key]
+            note(f"optimizer.params.{key}", defaults.get(key, "ZeroAdam's default"))
+    for key, value in params.items():
+        if keys.is_auto(value):
+            raise refuse(f"optimizer.params.{key}")
+
+    if keys.is_auto(cfg.get("gradient_clipping")):
+        cfg["gradient_clipping"] = 1.0
+        note("gradient_clipping", 1.0)
+    for section in ("fp16", "bf16", "bfloat16"):
+        sec = cfg.get(section) or {}
+        if keys.is_auto(sec.get("enabled")):
+            sec["enabled"] = False
+            note(f"{'bf16' if section == 'bfloat16' else section}.enabled", False)
+    batch = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps")
+    autos = [k for k in batch if keys.is_auto(cfg.get(k))]
+    for k in autos:
+        del cfg[k]  # DeepSpeed derives a missing batch size from the others
+        note(k, "derived by DeepSpeed")
+    if autos and "train_batch_size" not in cfg and "train_micro_batch_size_per_gpu" not in cfg:
+        raise _bad(
+            " and ".join(k for k in batch[:2]), "auto", "cannot be resolved here: neither is a number, and the "
+            "Trainer fills them from its "
+            "per_device_train_batch_size; set train_micro_batch_size_per_gpu to a number"
+        )
+
+    zero = cfg.get("zero_optimization") or {}
+    if keys.is_auto(zero.get("reduce_bucket_size")):
+        hidden = keys.hidden_size(model)
+        if hidden is None:
+            del zero["reduce_bucket_size"]
+            note("zero_optimization.reduce_bucket_size", "ZeroAdam's bucket_size (no model.config.hidden_size)")
+        else:
+            zero["reduce_bucket_size"] = hidden * hidden
+            note("zero_optimization.reduce_bucket_size", hidden * hidden)
+    for key, value in zero.items():
+        if keys.is_auto(value) and keys.ZERO.get(key, keys.Key("refused")).kind != "tuning":
+            raise refuse(f"zero_optimization.{key}")
+
+    sched = (cfg.get("scheduler") or {}).get("params") or {}
+    if keys.is_auto(sched.get("warmup_min_lr")):
+        sched["warmup_min_lr"] = 0
+        note("scheduler.params.warmup_min_lr", 0)
+    if keys.is_auto(sched.get("warmup_max_lr")):
+        sched["warmup_max_lr"] = params.get("lr", 1e-3)
+        note("scheduler.params.warmup_max_lr", sched["warmup_max_lr"])
+    for key, value in sched.items():
+        if keys.is_auto(value):
+            raise refuse(f"scheduler.params.{key}")
+    for key, value in cfg.items():
+        if keys.is_auto(value):
+            raise refuse(key)
+
+
+def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Module] = None) -> Translation:
     """Map a DeepSpeed config (dict or JSON path) onto ZeroAdam; raise ``ValueError`` naming any key that cannot
-    be honoured, and list the keys that have no effect."""
+    be honoured, and list the keys that have no effect (``deepspeed_keys.py`` classifies every key).
+
+    HF "auto" values are resolved as the HF Trainer does where the config and ``model`` (its ``config.hidden_size``)
+    determine them, and refused otherwise (``deepspeed_keys.AUTO``)."""
     cfg = _load(config)
     out = Translation(zeroadam={}, deepspeed=cfg)
     zo = out.zeroadam
+    _resolve_auto(cfg, model, out)
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    # Stage 0: DeepSpeed's all-reduce averages the gradients and honours the keys that tune it.
+    all_reduce_keys = ("prescale_gradients", "gradient_predivide_factor", "communication_data_type")
+    top = {k: v for k, v in cfg.items() if k in keys.TOP_LEVEL and not (stage == 0 and k in all_reduce_keys)}
+    top = {k: v.get("enabled", False) if isinstance(v, dict) and k == "amp" else v for k, v in top.items()}
+    _check_keys(top, keys.TOP_LEVEL, "", out)
 
     opt = cfg.pop("optimizer", None) or {"type": "ZeroAdam"}
     kind = str(opt.get("type", "ZeroAdam"))
     if kind.lower() not in _TYPES:
         raise _bad("optimizer.type", kind, "is not AdamW; expected 'ZeroAdam', 'AdamW' or 'Adam'")
-    for key, value in (opt.get("params") or {}).items():
+    params = opt.get("params") or {}
+    for key, value in params.items():
         where = f"optimizer.params.{key}"
         if key in _OPTIMIZER_PARAMS:
-            zo[key] = tuple(value) if key == "betas" else value
+            if key == "betas":
+                if isinstance(value, str) or len(value) != 2:
+                    raise _bad(where, value, "is invalid; expected two numbers [beta1, beta2]")
+                value = tuple(value)
+            zo[key] = value
         elif key in _IMPLEMENTATION_PARAMS:
             continue
         elif key == "adam_w_mode":
@@ -171,48 +295,60 @@ def translate(config: Union[str, dict[str, Any]]) -> Translation:
             zo.setdefault("state_dtype", "fp32" if value else "bf16")
         else:
             raise _bad(where, value, "is not an AdamW parameter that ZeroAdam knows")
+    for key, value in _optimizer_defaults(kind.lower(), params).items():
+        zo.setdefault(key, value)
 
     zero = cfg.pop("zero_optimization", None) or {}
-    stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise _bad("zero_optimization.stage", stage, "is not a ZeRO stage (0, 1, 2, 3)")
     zo["stage"] = stage
-    for key, value in zero.items():
-        where = f"zero_optimization.{key}"
-        if key == "stage":
-            continue
-        if key == "reduce_bucket_size":
-            if stage == 3:
-                out.ignored.append(where)  # stage 3 reduce-scatters each unit of shard_model whole
-            else:
-                zo["bucket_size"] = int(value)
-        elif key == "offload_optimizer":
-            device = (value or {}).get("device", "none")
-            if device == "cpu":
-                zo["offload"] = "cpu"
-            elif device not in ("none", None):
-                raise _bad(f"{where}.device", device, "is not supported; ZeroAdam offloads to 'cpu' only")
-            out.ignored += [f"{where}.{k}" for k in (value or {}) if k not in ("device", "pin_memory")]
-        elif key == "offload_param":
-            if (value or {}).get("device", "none") not in ("none", None):
+    _check_keys(zero, keys.ZERO, "zero_optimization", out)
+    if "cpu_offload" in zero:
+        legacy = zero.pop("cpu_offload")
+        # DeepSpeed's own warning (DeepSpeedConfigModel), as it still accepts the old spelling.
+        warnings.warn("Config parameter cpu_offload is deprecated use offload_optimizer instead", FutureWarning, 3)
+        if legacy:
+            if "offload_optimizer" in zero:
                 raise _bad(
-                    where, value, "is not supported; ZeroAdam keeps parameters (stage 3: their shards) on the device"
+                    "zero_optimization.cpu_offload", legacy, "and zero_optimization.offload_optimizer are both set; "
+                    "keep offload_optimizer"
                 )
-        elif key in _ZERO_TUNING or key.startswith("stage3_"):
-            out.ignored.append(where)
-        else:
-            raise _bad(where, value, "is not a zero_optimization key ZeroAdam can honour")
+            zero["offload_optimizer"] = {"device": "cpu"}
+            out.resolved.append("zero_optimization.cpu_offload: true -> offload_optimizer: {'device': 'cpu'}")
+    if stage in (1, 2) and "reduce_bucket_size" in zero:
+        zo["bucket_size"] = int(zero["reduce_bucket_size"])
+    elif "reduce_bucket_size" in zero:
+        out.ignored.append("zero_optimization.reduce_bucket_size")  # stage 3 reduce-scatters each unit whole
+    offload = zero.get("offload_optimizer") or {}
+    _check_keys(offload, keys.OFFLOAD_OPTIMIZER, "zero_optimization.offload_optimizer", out)
+    device = offload.get("device", "none")
+    if device == "cpu":
+        zo["offload"] = "cpu"
+    elif device not in ("none", None):
+        raise _bad(
+            "zero_optimization.offload_optimizer.device", device, "is not supported; ZeroAdam offloads to 'cpu' only"
+        )
+    out.gather_16bit_on_save = any(
+        bool(zero.get(k))
+        for k in ("gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save",
+                  "stage3_gather_fp16_weights_on_model_save")
+    )
 
     # DeepSpeed clips by default (1.0): the key's absence means that, here too.
     clip = float(cfg.get("gradient_clipping", 1.0) or 0.0)
     if clip > 0:
         zo["max_grad_norm"] = clip
     cfg["gradient_clipping"] = 0.0  # DeepSpeed would clip p.grad before ZeroAdam has averaged it
+    if stage >= 1:
+        # ZeroAdam averages the gradients: DeepSpeed's all-reduce, which these tune, does not run (see TOP_LEVEL).
+        for key in all_reduce_keys:
+            cfg.pop(key, None)
     for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"):
         cfg.pop(key, None)
     # Neither section reaches DeepSpeed: its fp16 / bf16 optimizers would wrap ZeroAdam and own the master weights.
     fp16 = cfg.pop("fp16", None) or {}
     bf16 = cfg.pop("bf16", None) or cfg.pop("bfloat16", None) or {}
+    _check_keys(bf16, keys.BF16, "bf16", out)
     if fp16.get("enabled", False):
         if bf16.get("enabled", False):
             raise _bad("fp16.enabled", True, "and bf16.enabled=True are both set; enable one of them")
@@ -243,7 +379,7 @@ def initialize(
     """
     if "optimizer" in kwargs:
         raise ValueError("zeroadam.integrations.deepspeed.initialize builds the optimizer from the config; pass no optimizer")
-    t = translate(config)
+    t = translate(config, model)
     if t.ignored:
         warnings.warn(
             "zeroadam.integrations.deepspeed: these config keys tune DeepSpeed's own ZeRO and have no effect with "
@@ -251,10 +387,21 @@ def initialize(
             UserWarning,
             stacklevel=2,
         )
+    if t.resolved:
+        warnings.warn(f"zeroadam.integrations.deepspeed: resolved {'; '.join(t.resolved)}", UserWarning, stacklevel=2)
     from deepspeed.accelerator import get_accelerator
 
-    device = torch.device(get_accelerator().current_device_name())
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.current_device_name())
     stage = t.zeroadam["stage"]
+    if t.dtype == torch.float16 and stage == 0 and torch.float16 not in accelerator.supported_dtypes():
+        # DeepSpeed's all-reduce averages stage 0's gradients and asserts on a dtype its accelerator lacks.
+        raise _bad(
+            "fp16.enabled", True, f"at zero_optimization.stage 0 is not supported on this {device.type}: DeepSpeed "
+            "itself refuses fp16 here (\"Type fp16 is not supported on your device\"), and its all-reduce of the "
+            "gradients cannot take fp16. Use bf16.enabled (or fp32), or a zero_optimization.stage of 1-3, where "
+            "ZeroAdam averages the gradients itself"
+        )
     sharded: Optional[ShardedModel] = getattr(model, "_zeroadam_sharded", None)
     if sharded is not None:
         _check_sharded(model, stage, device, t.dtype)
@@ -287,10 +434,13 @@ def initialize(
             raise RuntimeError(
                 "zeroadam.integrations.deepspeed: at zero_optimization.stage 3 the engine's save_checkpoint and "
                 "load_checkpoint cannot read or write the sharded parameters; use "
-                "zeroadam.checkpoint.save(path, engine.module, optimizer) and zeroadam.checkpoint.load(...)"
+                "zeroadam.integrations.deepspeed.save_checkpoint(engine, path) and load_checkpoint(engine, path) "
+                "(model, optimizer, lr scheduler, step counters, fp16 loss scaler), or "
+                "zeroadam.checkpoint.save(path, engine.module, optimizer) for the model and optimizer alone"
             )
 
         engine.save_checkpoint = engine.load_checkpoint = no_deepspeed_checkpoints
+        engine.save_16bit_model = save_16bit_model(engine, t.gather_16bit_on_save)
     # Stage 1 reduces in step(); stage 3 in every backward (deferring would keep whole gradients in p.grad).
     if opt.options.stage == 2:
 
@@ -516,13 +666,51 @@ class DeepSpeedZeroAdam(ZeroAdam):
         self.engine.state_class = _MappedState
 
 
+def _check_inside_deepspeed_zero(optimizer: ZeroAdam) -> None:
+    """A ZeroAdam the user built, handed to DeepSpeed's own ZeRO 1/2 (``deepspeed.initialize(optimizer=...)``):
+    DeepSpeed shards, averages and clips, and replaces each group's parameters by its flat fp32 partition, which a
+    stage-0 ZeroAdam updates like any parameter. One that shards, offloads or clips itself would do it a second
+    time over the partitions (its clipping norm would be this rank's partition's alone): refused here, at
+    construction."""
+    o = optimizer.options
+    for key, value, default in (
+        ("stage", o.stage, 0),
+        ("offload", o.offload, None),
+        ("max_grad_norm", o.max_grad_norm, None),
+    ):
+        if value != default:
+            raise ValueError(
+                f"ZeroAdam({key}={value!r}) inside DeepSpeed's zero_optimization: DeepSpeed already shards, offloads "
+                "and clips (zero_optimization, offload_optimizer, gradient_clipping). Build ZeroAdam with stage=0 and "
+                "no max_grad_norm, or let DeepSpeed build it: \"optimizer\": {\"type\": \"ZeroAdam\", \"params\": "
+                "{...}} after import zeroadam.integrations.deepspeed; or use zeroadam.integrations.deepspeed.initialize "
+                "for ZeroAdam's own sharding"
+            )
+
+
 def _register() -> None:
     """Where DeepSpeed looks: ``torch.optim.<type>`` for unknown types, and ZeRO's list of tested optimizers."""
     torch.optim.ZeroAdam = DeepSpeedZeroAdam  # type: ignore[attr-defined]
     from deepspeed.runtime.zero import utils as zero_utils
 
-    if DeepSpeedZeroAdam not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
-        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DeepSpeedZeroAdam)
+    for cls in (DeepSpeedZeroAdam, ZeroAdam):
+        if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    # DeepSpeed's engine asks this (its own module's name for it) about every optimizer ZeRO will wrap: the one
+    # place where a user's ZeroAdam is seen at construction.
+    from deepspeed.runtime import engine as ds_engine
+
+    supported = ds_engine.is_zero_supported_optimizer
+    if getattr(supported, "_zeroadam_checked", False):
+        return
+
+    def is_zero_supported_optimizer(optimizer: Any) -> bool:
+        if isinstance(optimizer, ZeroAdam):
+            _check_inside_deepspeed_zero(optimizer)
+        return supported(optimizer)
+
+    is_zero_supported_optimizer._zeroadam_checked = True  # type: ignore[attr-defined]
+    ds_engine.is_zero_supported_optimizer = is_zero_supported_optimizer
 
 
 _register()

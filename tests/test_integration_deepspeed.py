@@ -7,6 +7,7 @@ shared-memory communication op (30-60 s on 2 cores); later runs load it from ~/.
 DeepSpeed op is built: offload_optimizer runs ZeroAdam, not DeepSpeedCPUAdam."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -600,3 +601,346 @@ def test_engine_checkpoints_resume_exactly(resume_ranks: list[dict], precision: 
         assert all(torch.equal(a, b) for a, b in zip(resumed["params"], whole["params"]))
         if precision == "fp16":
             assert whole["skipped"] == 1 and resumed["scale"] == whole["scale"] == 2.0 ** (POWER - 1)
+
+
+# ---------------------------------------------------------------------------------------------- configs as people write them
+def _zds():
+    from zeroadam.integrations import deepspeed as zds
+
+    return zds
+
+
+def _refusal(cfg: dict, model: Optional[torch.nn.Module] = None) -> str:
+    with pytest.raises(ValueError) as e:
+        _zds().translate(cfg, model)
+    return str(e.value)
+
+
+def _non_default(annotation: Any, default: Any) -> Any:
+    """A value of the field's type other than its default: what makes a refused key refuse."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return default + 1
+    return {"enabled": True}  # Optional[section] (zenflow, offload_param, ...)
+
+
+def test_every_field_of_deepspeeds_schema_is_classified() -> None:
+    """Walks the installed DeepSpeed's pydantic models, names and aliases: a field a new release adds fails here."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    from zeroadam.integrations import deepspeed_keys as keys
+
+    zds = _zds()
+
+    def spellings(model: Any) -> dict[str, Any]:
+        out = {}
+        for name, f in model.model_fields.items():
+            out[name] = f
+            if f.alias:
+                out[f.alias] = f
+        return out
+
+    for model, table in (
+        (DeepSpeedZeroConfig, keys.ZERO),
+        (DeepSpeedZeroOffloadOptimizerConfig, keys.OFFLOAD_OPTIMIZER),
+        (DeepSpeedBF16Config, keys.BF16),
+    ):
+        missing = set(spellings(model)) - set(table)
+        assert not missing, f"{model.__name__} fields missing from integrations/deepspeed_keys.py: {sorted(missing)}"
+    fp16_known = {f.name for f in dataclasses.fields(zds.Fp16Config)} | {"enabled", "fp16_master_weights_and_grads"}
+    assert set(spellings(DeepSpeedFP16Config)) <= fp16_known
+
+    # Each zero_optimization key does what its row says, with a value DeepSpeed would take.
+    for key, f in spellings(DeepSpeedZeroConfig).items():
+        entry = keys.ZERO[key]
+        if entry.kind == "tuning":
+            value = f.default if f.default is not None and not callable(f.default_factory) else True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = zds.translate({"zero_optimization": {"stage": 2, key: value}})
+            assert f"zero_optimization.{key}" in t.ignored, key
+        elif entry.kind == "refused":
+            message = _refusal({"zero_optimization": {"stage": 3, key: _non_default(f.annotation, f.default)}})
+            assert f"zero_optimization.{key}=" in message and entry.why in message
+    for key, entry in keys.BF16.items():
+        if entry.kind == "refused":
+            default = DeepSpeedBF16Config.model_fields[key].default
+            assert f"bf16.{key}=" in _refusal({"bf16": {"enabled": True, key: not default}})
+
+
+def test_memory_efficient_linear_and_other_tuning_keys_are_one_warning() -> None:
+    t = _zds().translate({"zero_optimization": {"stage": 2, "memory_efficient_linear": False, "overlap_comm": True}})
+    assert t.ignored == ["zero_optimization.memory_efficient_linear", "zero_optimization.overlap_comm"]
+
+
+def test_keys_that_change_results_are_refused_by_name() -> None:
+    assert "bf16.bf16_master_weights_and_grads=True" in _refusal({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}})
+    assert "optimizer.params.state_dtype" in _refusal({"bf16": {"enabled": True, "bf16_optimizer_states": True}})
+    assert "bf16.check_grad_overflow=False" in _refusal({"bf16": {"enabled": True, "check_grad_overflow": False}})
+    assert "communication_data_type='fp16'" in _refusal({"zero_optimization": {"stage": 2}, "communication_data_type": "fp16"})
+    assert "zero_quantized_weights=True" in _refusal({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}})
+    assert "not built in ZeroAdam yet" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    assert "offload_optimizer" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    # Tuning of DeepSpeed's all-reduce, which does not run at stages 1-3; at stage 0 DeepSpeed's all-reduce gets them.
+    zds = _zds()
+    t = zds.translate({"zero_optimization": {"stage": 2}, "prescale_gradients": True, "gradient_predivide_factor": 2.0,
+                       "communication_data_type": "fp32"})
+    assert t.ignored == ["prescale_gradients", "gradient_predivide_factor"]
+    assert not {"prescale_gradients", "gradient_predivide_factor", "communication_data_type"} & set(t.deepspeed)
+    t = zds.translate({"prescale_gradients": True, "communication_data_type": "bf16"})
+    assert t.ignored == [] and t.deepspeed["communication_data_type"] == "bf16" and t.deepspeed["prescale_gradients"]
+
+
+def test_legacy_cpu_offload_is_offload_optimizer() -> None:
+    zds = _zds()
+    for value, offload in ((True, "cpu"), (False, None)):
+        with pytest.warns(FutureWarning, match="cpu_offload is deprecated use offload_optimizer"):
+            t = zds.translate({"zero_optimization": {"stage": 2, "cpu_offload": value}})
+        assert t.zeroadam.get("offload") == offload
+
+
+def test_deepspeeds_optimizer_types_keep_their_defaults() -> None:
+    zds = _zds()
+    for kind in ("Adam", "AdamW"):  # FusedAdam / DeepSpeedCPUAdam: weight_decay 0.0
+        assert zds.translate({"optimizer": {"type": kind, "params": {"lr": 1.5e-4}}}).zeroadam["weight_decay"] == 0.0
+    # torch_adam: torch.optim.AdamW, whose default is 0.01.
+    assert zds.translate({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}).zeroadam["weight_decay"] == 0.01
+    # "ZeroAdam" builds ZeroAdam: its own default, on both paths.
+    assert "weight_decay" not in zds.translate({"optimizer": {"type": "ZeroAdam", "params": {"lr": 1e-3}}}).zeroadam
+    assert "optimizer.params.betas='a'" not in _refusal({"optimizer": {"type": "AdamW", "params": {"betas": "ab"}}})
+
+
+class _HFModel(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": hidden})()
+        self.linear = torch.nn.Linear(hidden, hidden)
+
+
+def hf_config(stage: int) -> dict:
+    """The shape of transformers' tests/deepspeed/ds_config_zero2.json / ds_config_zero3.json."""
+    zero: dict = {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                  "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if stage == 2:
+        zero.update(allgather_partitions=True, allgather_bucket_size=2e8, reduce_scatter=True)
+    else:
+        zero.update(sub_group_size=1e9, stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                     "warmup_num_steps": "auto"}},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 2000,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_auto_values_are_resolved_or_refused_by_name(stage: int) -> None:
+    zds = _zds()
+    cfg = hf_config(stage)
+    # The raw file: what needs the Trainer's arguments is refused, one key at a time, naming it.
+    for key, set_to in [
+        ("optimizer.params.lr", 3e-4),
+        ("train_micro_batch_size_per_gpu and train_batch_size", 4),
+        ("scheduler.params.warmup_num_steps", 10),
+    ]:
+        assert f"{key}='auto' cannot be resolved" in _refusal(cfg, _HFModel(64))
+        if key.startswith("optimizer"):
+            cfg["optimizer"]["params"]["lr"] = set_to
+        elif key.startswith("scheduler"):
+            cfg["scheduler"]["params"]["warmup_num_steps"] = set_to
+        else:
+            cfg["train_micro_batch_size_per_gpu"] = set_to
+    t = zds.translate(cfg, _HFModel(64))
+    assert t.zeroadam == {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "stage": stage,
+                          "offload": "cpu", "max_grad_norm": 1.0, **({"bucket_size": 64 * 64} if stage == 2 else {})}
+    assert t.dtype is None and t.fp16 is None  # fp16 / bf16 "auto": off, as the Trainer without --fp16 / --bf16
+    assert t.deepspeed["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-4, "warmup_num_steps": 10}
+    assert t.deepspeed["train_micro_batch_size_per_gpu"] == 4
+    assert "train_batch_size" not in t.deepspeed and "gradient_accumulation_steps" not in t.deepspeed
+    assert not any(v == "auto" for v in t.deepspeed.values())
+    assert "optimizer.params.betas: 'auto' -> (0.9, 0.999)" in t.resolved
+    assert "bf16.enabled: 'auto' -> False" in t.resolved
+    if stage == 3:
+        assert t.gather_16bit_on_save
+        assert "zero_optimization.stage3_prefetch_bucket_size" in t.ignored
+    # No model.config: the bucket size is ZeroAdam's own.
+    assert "bucket_size" not in zds.translate(cfg).zeroadam
+    cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 10}}
+    assert "scheduler.params.total_num_steps='auto' cannot be resolved" in _refusal(cfg)
+
+
+@pytest.mark.skipif(
+    "not __import__('deepspeed').accelerator.get_accelerator().device_name() == 'cpu' "
+    "or torch.float16 in __import__('deepspeed').accelerator.get_accelerator().supported_dtypes()",
+    reason="a device where DeepSpeed supports fp16",
+)
+def test_fp16_at_stage0_on_a_device_deepspeed_refuses_it_is_named() -> None:
+    cfg = config({"stage": 0}, fp16={"enabled": True})
+    with pytest.raises(ValueError) as e:
+        _zds().initialize(model=make_model(), config=cfg)
+    assert "Type fp16 is not supported on your device" in str(e.value) and "bf16" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- runs of those configs
+def _users_zeroadam_inside_deepspeed_zero(rank: int, stage: int) -> dict:
+    import deepspeed
+
+    import zeroadam
+
+    cfg = config({"stage": stage})
+    del cfg["optimizer"]
+
+    def init(model: torch.nn.Module, config: dict) -> Any:
+        opt = zeroadam.ZeroAdam(model.parameters(), lr=LR, weight_decay=0.1, state_dtype="fp32")
+        return deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    return _train(rank, init, cfg)
+
+
+def _sharded_zeroadam_refused(rank: int) -> str:
+    import deepspeed
+
+    import zeroadam
+
+    model = make_model()
+    opt = zeroadam.ZeroAdam(model.parameters(), lr=LR, stage=2)
+    with pytest.raises(ValueError) as e:
+        cfg = config({"stage": 2})
+        del cfg["optimizer"]
+        deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return str(e.value)
+
+
+def _save_16bit(rank: int, zds, path: str) -> dict:
+    import zeroadam
+
+    engine, _, _, _ = zds.initialize(
+        model=make_model(),
+        config=config({"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, bf16={"enabled": True}),
+    )
+    for x, y in micro_batches(0):
+        xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK].bfloat16() for t in (x, y))
+        engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
+        engine.step()
+    saved = engine.save_16bit_model(path)
+    full = zeroadam.full_state_dict(engine.module)
+    loaded = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
+    off, _, _, _ = zds.initialize(model=make_model(), config=config({"stage": 3}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        not_saved = off.save_16bit_model(path, "other.bin")
+    return {
+        "saved": saved,
+        "same": list(loaded) == list(full) and all(torch.equal(loaded[k], full[k]) for k in full),
+        "dtypes": {str(t.dtype) for t in loaded.values()},
+        "not_saved": (not_saved, os.path.exists(os.path.join(path, "other.bin")), [str(w.message) for w in caught]),
+    }
+
+
+def _scheduled_resume(rank: int, zds, path: str, scheduler: dict, fp16: bool) -> dict:
+    """Stage 3 with a DeepSpeed scheduler: STEPS steps with zds.save_checkpoint after SAVE_AT, then a fresh engine
+    loads it and trains the rest. fp16: rank 1 overflows at step 0, so the saved scale is not the initial one."""
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    cfg = fp16_config(stage=3) if fp16 else config({"stage": 3})
+    cfg["scheduler"] = scheduler
+
+    def train(engine: Any, steps: range) -> list[tuple[float, float, int]]:
+        trace = []
+        for s in steps:
+            for i, (x, y) in enumerate(micro_batches(s)):
+                hook = None
+                if fp16 and (s, i, rank) == (0, 0, 1):
+                    hook = engine.module[0].weight.register_hook(with_inf)
+                xs, ys = (x[rows].half(), y[rows].half()) if fp16 else (x[rows], y[rows])
+                loss = torch.nn.functional.mse_loss(engine(xs), ys)
+                engine.backward(loss)
+                engine.step()
+                if hook is not None:
+                    hook.remove()
+            trace.append((float(loss), engine.get_lr()[0], engine.global_steps))
+        return trace
+
+    whole, _, _, _ = zds.initialize(model=make_model(), config=cfg)
+    first = train(whole, range(SAVE_AT))
+    zds.save_checkpoint(whole, path)
+    rest = train(whole, range(SAVE_AT, STEPS))
+    resumed, optimizer, _, _ = zds.initialize(model=make_model(), config=cfg)
+    zds.load_checkpoint(resumed, path)
+    again = train(resumed, range(SAVE_AT, STEPS))
+    return {
+        "first": first,
+        "rest": rest,
+        "again": again,
+        "scale": (whole.optimizer.scaler.get_scale(), optimizer.scaler.get_scale()) if fp16 else None,
+    }
+
+
+def configs_suite(rank: int, world: int, ckpt_dir: str) -> dict:
+    os.environ["LOCAL_RANK"] = str(rank)
+    from zeroadam.integrations import deepspeed as zds
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message="ZeroAdam: non-finite")
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 3}}
+    decay_lr = {"type": "WarmupDecayLR",
+                "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 2, "total_num_steps": STEPS}}
+    out: dict = {("users", s): _users_zeroadam_inside_deepspeed_zero(rank, s) for s in (1, 2)}
+    out["users_sharded"] = _sharded_zeroadam_refused(rank)
+    out["16bit"] = _save_16bit(rank, zds, os.path.join(ckpt_dir, "16bit"))
+    out["resume", "WarmupLR"] = _scheduled_resume(rank, zds, os.path.join(ckpt_dir, "warmup"), warmup, fp16=False)
+    out["resume", "WarmupDecayLR"] = _scheduled_resume(rank, zds, os.path.join(ckpt_dir, "decay"), decay_lr, fp16=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def configs_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_ranks(configs_suite, WORLD, str(tmp_path_factory.mktemp("configs")), timeout=600)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_users_zeroadam_inside_deepspeeds_zero_trains_like_adamw(configs_ranks: list[dict], stage: int) -> None:
+    ref = reference()
+    for r in configs_ranks:
+        res = r["users", stage]
+        assert res["inner"] == "ZeroAdam"  # the user's, inside DeepSpeed's ZeRO optimizer, no untested-optimizer flag
+        assert rel_err(res["params"], ref) <= 1e-5
+
+
+def test_users_sharded_zeroadam_inside_deepspeeds_zero_is_refused(configs_ranks: list[dict]) -> None:
+    for r in configs_ranks:
+        assert "ZeroAdam(stage=2) inside DeepSpeed's zero_optimization" in r["users_sharded"]
+        assert '"type": "ZeroAdam"' in r["users_sharded"]
+
+
+def test_stage3_save_16bit_model_writes_the_gathered_weights(configs_ranks: list[dict]) -> None:
+    for r in configs_ranks:
+        res = r["16bit"]
+        assert res["saved"] and res["same"] and res["dtypes"] == {"torch.bfloat16"}
+        # Without stage3_gather_16bit_weights_on_model_save, as DeepSpeed: nothing written, False.
+        not_saved, exists, messages = res["not_saved"]
+        assert not not_saved and not exists and any("stage3_gather_16bit_weights_on_model_save" in m for m in messages)
+
+
+@pytest.mark.parametrize("scheduler", ["WarmupLR", "WarmupDecayLR"])
+def test_zds_checkpoints_resume_scheduler_steps_and_scaler_exactly(configs_ranks: list[dict], scheduler: str) -> None:
+    for r in configs_ranks:
+        res = r["resume", scheduler]
+        # (loss, lr, global_steps) per step: the resumed run retraces the uninterrupted one exactly.
+        assert res["again"] == res["rest"]
+        assert res["rest"][0][2] == SAVE_AT + 1 and res["first"][0][1] != res["rest"][0][1]
+        if scheduler == "WarmupDecayLR":  # fp16: the scale halved by the overflow at step 0 came back
+            assert res["scale"] == (2.0 ** (POWER - 1),) * 2
