@@ -267,7 +267,8 @@ class ZeroAdam(torch.optim.Optimizer):
         self._pending_clip = None
         if max_norm is None and not self._warned_hidden_grads and self.engine.hides_gradients():
             self._warned_hidden_grads = True
-            warnings.warn(_HIDDEN_GRADS_WARNING.format(stage=self.options.stage), UserWarning, stacklevel=3)
+            # stacklevel: _step_scale, step, torch.no_grad's wrapper, Optimizer's hook wrapper, then the caller.
+            warnings.warn(_HIDDEN_GRADS_WARNING.format(stage=self.options.stage), UserWarning, stacklevel=5)
         if found_inf or not torch.isfinite(torch.tensor(norm)):
             return None
         clip = 1.0
