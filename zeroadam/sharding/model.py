@@ -18,8 +18,10 @@ the unit is not in use.
   the next synchronized backward reduce-scatters that sum once. A flat none of whose parameters requires a
   gradient is never reduce-scattered (every rank agrees, since requires_grad is the same everywhere).
 Reduce-scatters are issued in one fixed order (the reverse of the forward order), each deferred until its
-predecessors have gone, and on a process group of their own, so gathers and reductions can never be matched
-against each other even when ranks' graphs differ (see [Note: collective order] in buckets.py).
+predecessors have gone, and on a process group of their own, so a gather and a reduction are never matched
+against each other. That does not make differing graphs safe: a unit that runs on some ranks only (a branch taken
+on one rank) leaves the others waiting in its gather or reduce-scatter, which then fails after
+ZEROADAM_COLLECTIVE_TIMEOUT on gloo (see [Note: collective timeout] in comm/collectives.py).
 
 [Note: stale full buffers]
 A gathered unit's full buffer is a copy of the shards at the time of the gather. The root unit stays gathered
@@ -217,9 +219,10 @@ class ShardedModel:
         except RuntimeError as e:
             # gloo: "Received data size doesn't match expected size"; NCCL would hang instead.
             raise RuntimeError(
-                f"zeroadam: gathering the parameters of unit {u.name!r} failed on rank {self.group.rank}. Every rank "
-                "runs every forward of a model sharded by zeroadam.shard_model (each forward all-gathers); to "
-                "evaluate on one rank only, run the forward on all ranks, or build an unsharded copy from "
+                f"zeroadam: gathering the parameters of unit {u.name!r} failed on rank {self.group.rank} ({e}). Every "
+                "rank runs every forward, backward and step() of a model sharded by zeroadam.shard_model (each forward "
+                "all-gathers); a rank that skipped one of them leaves the others waiting here. To evaluate on one "
+                "rank only, run the forward on all ranks, or build an unsharded copy from "
                 "zeroadam.full_state_dict(model) (every rank calls it) and evaluate that"
             ) from e
         u.handles.clear()
