@@ -554,12 +554,16 @@ def describe(path: PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
         help="a directory written by zeroadam.checkpoint.save, or a torch.save file holding a ZeroAdam state dict",
     )
+
+
+def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_argument(parser)
     parser.add_argument("out", metavar="OUT_FILE", help="where to write the model state dict (torch.save)")
     parser.add_argument(
         "--optimizer",
@@ -661,11 +665,7 @@ def verify(path: PathLike) -> int:
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT",
-        help="a directory written by zeroadam.checkpoint.save, or a torch.save file holding a ZeroAdam state dict",
-    )
+    _add_checkpoint_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--no-verify",
