@@ -72,3 +72,35 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     import torch
 
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
+
+
+def run_two_nodes(script: str, args: list[str], nproc_per_node: int = 2, timeout: float = 300.0) -> None:
+    """Launch ``script`` as two "machines" on loopback: two ``torchrun --nnodes 2 --node_rank 0|1`` processes with
+    ``nproc_per_node`` ranks each (gloo; ranks 0..n-1 on node 0). The script writes its results to files; a
+    launch that fails or runs past ``timeout`` seconds raises with both launchers' output."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+            "--nproc_per_node", str(nproc_per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            script, *args,
+        ]
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs, failed = [], False
+    for node, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+            failed = True
+        outputs.append(f"--- node {node} (exit {p.returncode}):\n{out[-6000:]}")
+        failed = failed or p.returncode != 0
+    if failed:
+        raise RuntimeError("two-node launch failed:\n" + "\n".join(outputs))

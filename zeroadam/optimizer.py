@@ -60,6 +60,8 @@ class ZeroAdam(torch.optim.Optimizer):
             fp32 parameters are always their own master.
         max_grad_norm: clip the global gradient norm to this value inside the update (None: no clipping).
         stage: ZeRO stage 0-3; process_group: the data-parallel group (default: the world).
+        mesh: instead of process_group, a DeviceMesh: 1-D, or 2-D with dims ("replicate", "shard") for hybrid
+            sharding (stages 1-3 shard over "shard" and average over "replicate"; see zeroadam/comm/mesh.py).
         offload: None or "cpu" (state and update on the host).
         gradient_sync: stages 1-2: "optimizer" (ZeroAdam averages the gradients), "wrapper" (the model is wrapped in
             DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
@@ -88,6 +90,7 @@ class ZeroAdam(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         stage: int = 0,
         process_group: Optional[Any] = None,
+        mesh: Optional[Any] = None,
         offload: Optional[str] = None,
         bucket_size: int = 5_000_000,
         backend: Optional[str] = None,
@@ -135,7 +138,7 @@ class ZeroAdam(torch.optim.Optimizer):
             backend=backend,
             state=self.state,
         )
-        self.engine = build(setup, process_group)
+        self.engine = build(setup, process_group, mesh)
 
     # ---------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -5,12 +5,13 @@ from typing import Any, Optional
 
 from zeroadam import _compat
 from zeroadam.comm.collectives import Group
+from zeroadam.comm.mesh import Topology, resolve_topology
 from zeroadam.engines.base import Engine, EngineSetup
 
 __all__ = ["Engine", "EngineSetup", "build"]
 
 
-def build(setup: EngineSetup, process_group: Optional[Any]) -> Engine:
+def build(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] = None) -> Engine:
     """The engine for these parameters and options:
 
     * DTensor parameters (FSDP2's ``fully_shard``) → ``DTensorEngine`` (stage 0 over the local shards);
@@ -20,20 +21,30 @@ def build(setup: EngineSetup, process_group: Optional[Any]) -> Engine:
     * otherwise → ``LocalEngine`` (on one rank stages 1-2 are the same computation as stage 0).
     """
     o = setup.options
+    if mesh is not None and o.stage == 0:
+        raise ValueError(
+            "ZeroAdam: mesh= was given with stage=0, which shards nothing; use stage=1, 2 or 3 to shard over the "
+            "mesh's 'shard' dim, or leave mesh unset (a DDP wrapper then averages the gradients)"
+        )
     if any(_compat.is_dtensor(p) for p in setup.params()):
+        if mesh is not None:
+            raise ValueError(
+                "ZeroAdam: mesh= was given with DTensor parameters (FSDP2's fully_shard); their placements already "
+                "say how they are sharded: leave mesh unset"
+            )
         from zeroadam.engines.dtensor import DTensorEngine
 
         return DTensorEngine.create(setup)
     if o.stage == 3:
         from zeroadam.engines.zero3 import Zero3Engine
 
-        return Zero3Engine.create(setup, process_group)
+        return Zero3Engine.create(setup, process_group, mesh)
     if o.stage >= 1 or o.offload is not None:
-        group = Group.resolve(process_group) if o.stage >= 1 else Group(None, 0, 1)
-        if group.world > 1 or o.offload is not None:
+        topo = resolve_topology(mesh, process_group) if o.stage >= 1 else Topology.flat(Group(None, 0, 1))
+        if topo.everyone.world > 1 or o.offload is not None:
             from zeroadam.engines.flat import FlatEngine
 
-            return FlatEngine(setup, group)
+            return FlatEngine(setup, topo)
     from zeroadam.engines.local import LocalEngine
 
     return LocalEngine(setup)

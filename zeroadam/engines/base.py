@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from zeroadam.comm.collectives import Group
+from zeroadam.comm.mesh import Topology
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions
 
@@ -110,7 +111,18 @@ class EngineSetup:
 class Engine(abc.ABC):
     """The state holder of one ZeroAdam. Collective methods are marked so: every rank calls them together."""
 
-    group: Group  # the ranks that share this optimizer's state (one rank for stage 0)
+    group: Group  # the ranks that share this optimizer's state (one rank for stage 0): a mesh's "shard" dim
+    topology: Optional[Topology] = None  # with a 2-D mesh: the replicas too (see [Note: hybrid sharding])
+
+    @property
+    def everyone(self) -> Group:
+        """Every rank of this optimizer: ``group``, times the replicas of a 2-D mesh."""
+        return self.topology.everyone if self.topology is not None else self.group
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's "replicate" coordinate (0 without a 2-D mesh): replica 0 writes the shards of a checkpoint."""
+        return self.topology.replicate.rank if self.topology is not None else 0
 
     # ---------------------------------------------------------------- what the engine is
     gathers_state_dict: bool = False

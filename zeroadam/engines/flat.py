@@ -30,6 +30,7 @@ from zeroadam.comm.collectives import (
     all_reduce_sum,
     reduce_scatter_avg,
 )
+from zeroadam.comm.mesh import Topology, stats_by_dim
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.engines.grad_sync import (
@@ -93,12 +94,17 @@ class FlatEngine(Engine):
     gathers_state_dict = True
     averages_gradients = True
 
-    def __init__(self, setup: EngineSetup, group: Group) -> None:
+    def __init__(self, setup: EngineSetup, topology: Topology) -> None:
+        group = topology.shard
         self.setup = setup
         self.group = group
+        # A 2-D mesh: the replicas average the reduced shards (see [Note: hybrid sharding] in comm/mesh.py).
+        self.topology = topology if topology.replicate.world > 1 else None
+        self.replicas = topology.replicate
         self.stage = setup.options.stage if group.world > 1 else 0
         self.offload = setup.options.offload
         self.stats = CommStats(group.world)
+        self.replicate_stats = CommStats(self.replicas.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
         self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps
@@ -106,13 +112,13 @@ class FlatEngine(Engine):
         sync = setup.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
         self._ddp_watch: Optional[DDPWatch] = None
-        if self._grad_sync is None and group.world > 1:
+        if self._grad_sync is None and self.everyone.world > 1:
             self._ddp_watch = DDPWatch(p for g in setup.param_groups for p in g["params"])
         self._warned_not_replicated = False
         self._check_fingerprint()
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
         # no gradient is copied at all (see _step_direct).
-        self._direct = group.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
+        self._direct = self.everyone.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
         self.spaces: list[FlatSpace] = []
         for gi, pg in enumerate(setup.param_groups):
             for params in group_spaces(pg["params"], setup.policy.format_of).values():
@@ -126,7 +132,7 @@ class FlatEngine(Engine):
         self._passes = 0
         self._in_pass = False
         self._pass_hooks = []
-        if group.world > 1:
+        if self.everyone.world > 1:
             for p in setup.params():
                 if p.requires_grad:
                     self._pass_hooks.append(p.register_post_accumulate_grad_hook(self._count_pass))
@@ -136,8 +142,8 @@ class FlatEngine(Engine):
         """Every rank built the same thing (collective; [Note: fingerprints]), then what each rank can check alone:
         after the agreement, so that every rank raises the same error."""
         check_same_on_every_rank(
-            self.group,
-            self.setup.fingerprint(),
+            self.everyone,
+            self.setup.fingerprint() + [("mesh (replicate, shard)", (self.replicas.world, self.group.world))],
             "ZeroAdam",
             "their parameters and options",
             "every rank must build the same model, param groups and ZeroAdam options",
@@ -159,7 +165,7 @@ class FlatEngine(Engine):
         with torch.no_grad():
             for p, slot in zip(params, layout.slots):
                 flat.narrow(0, slot.start, slot.numel).copy_(p.detach().reshape(-1))
-            broadcast_from_first(g, flat)  # like DDP: every rank starts from rank 0's values
+            broadcast_from_first(self.everyone, flat)  # like DDP: every rank starts from rank 0's values
             for p, slot in zip(params, layout.slots):
                 p.data = _own_storage(flat.narrow(0, slot.start, slot.numel).view(slot.shape))
         lo, hi = layout.shard_range(g.rank)
@@ -240,7 +246,7 @@ class FlatEngine(Engine):
 
     def grads_from_wrapper(self) -> bool:
         """Whether a DDP wrapper averages the gradients (see [Note: gradients averaged by a wrapper])."""
-        if self.group.world == 1:
+        if self.everyone.world == 1:
             return False
         if self._grad_sync is None:
             ddp_seen = self._ddp_watch is not None and self._ddp_watch.seen
@@ -329,7 +335,15 @@ class FlatEngine(Engine):
             self.buckets.finish_pass()
         else:
             self._reduce_stage1()
+        if self.replicas.world > 1 and not self.grads_from_wrapper():
+            self._average_replicas()
         self._reduced = True
+
+    def _average_replicas(self) -> None:
+        """Average the reduced gradient shards over the mesh's "replicate" dim (see [Note: hybrid sharding])."""
+        for sp in self.spaces:
+            all_reduce_sum(self.replicas, sp.grad_shard, self.replicate_stats)
+            sp.grad_shard.mul_(1.0 / self.replicas.world)
 
     def scale_grads(self, factor: float) -> None:
         """Multiply every gradient this rank holds for the update (GradScaler.unscale_)."""
@@ -364,8 +378,9 @@ class FlatEngine(Engine):
     def _end_step(self) -> None:
         self._passes = 0
         self._clear_grads()
-        self._last_stats = self.stats.snapshot()
+        self._last_stats = self._snapshot_stats()
         self.stats.reset()
+        self.replicate_stats.reset()
 
     def after_skip(self) -> None:
         self._end_step()
@@ -409,7 +424,7 @@ class FlatEngine(Engine):
         with a gradient, as torch.optim.AdamW does, so that frozen parameters get no weight decay. Ranges start
         on block boundaries (every parameter starts a block)."""
         n = sp.hi - sp.lo
-        if self.group.world > 1 or all(p.grad is not None for p in sp.params):
+        if self.everyone.world > 1 or all(p.grad is not None for p in sp.params):
             return [(0, n)]
         out: list[tuple[int, int]] = []
         for p, slot in zip(sp.params, sp.layout.slots):
@@ -456,6 +471,9 @@ class FlatEngine(Engine):
     # ---------------------------------------------------------------- introspection
     def comm_stats(self) -> dict[str, Any]:
         return self._last_stats
+
+    def _snapshot_stats(self) -> dict[str, Any]:
+        return stats_by_dim(self.stats.snapshot(), self.replicate_stats.snapshot() if self.topology else None)
 
     def memory_stats(self) -> dict[str, int]:
         grads = sum(grad_shard_bytes(sp.grad_shard.numel()) for sp in self.spaces)

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from zeroadam.comm.agreement import check_same_on_every_rank
-from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
+from zeroadam.comm.collectives import CommStats, Group, all_gather_objects, all_reduce_sum
+from zeroadam.comm.mesh import resolve_topology, stats_by_dim
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
@@ -60,6 +61,11 @@ class Zero3Engine(Engine):
         self.setup = setup
         self.sharded = sharded
         self.group: Group = sharded.group
+        topo = sharded.topology
+        self.topology = topo if topo.replicate.world > 1 else None
+        self.replicas = topo.replicate
+        self.replicate_stats = CommStats(topo.replicate.world)
+        self._replicas_averaged = False
         self.offload = setup.options.offload
         self._last_stats: dict[str, Any] = sharded.stats.snapshot()
         self.pieces: list[Piece] = []
@@ -92,7 +98,7 @@ class Zero3Engine(Engine):
                 )
 
     @staticmethod
-    def create(setup: EngineSetup, process_group: Optional[Any]) -> "Zero3Engine":
+    def create(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] = None) -> "Zero3Engine":
         params = setup.params()
         owners = {getattr(p, "_zeroadam_sharded", None) for p in params}
         if None in owners or len(owners) != 1:
@@ -106,10 +112,16 @@ class Zero3Engine(Engine):
                 "ZeroAdam: stage=3 uses the process group the model was sharded with; pass the same "
                 "process_group to shard_model and ZeroAdam (or none to either)"
             )
+        if mesh is not None and resolve_topology(mesh, None).shape != sharded.topology.shape:
+            raise ValueError(
+                f"ZeroAdam: stage=3 uses the mesh the model was sharded with (replicate, shard) = "
+                f"{sharded.topology.shape}, but mesh= has shape {tuple(mesh.shape)}; pass the same mesh to "
+                "shard_model and ZeroAdam (or leave it out of ZeroAdam)"
+            )
         # Before anything else: a rank with another lr or state_dtype would train differently or save a checkpoint
         # the others cannot load ([Note: fingerprints]; shard_model already checked the model itself).
         check_same_on_every_rank(
-            sharded.group,
+            sharded.topology.everyone,
             setup.fingerprint(),
             "ZeroAdam",
             "their parameters and options",
@@ -150,14 +162,30 @@ class Zero3Engine(Engine):
                 "ZeroAdam(stage=3): parameters still hold local gradients from backward passes run under "
                 "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced"
             )
+        self._average_replicas()
+
+    def _average_replicas(self) -> None:
+        """Average the reduced gradient shards over a 2-D mesh's "replicate" dim, once per step (collective over
+        the replicas; see [Note: hybrid sharding])."""
+        if self.replicas.world == 1 or self._replicas_averaged:
+            return
+        for f in self.flats:
+            if any(p.requires_grad for p in f.params):
+                if f.grad_shard is None:  # no backward reached this unit: zeros, as on the other ranks
+                    f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
+                all_reduce_sum(self.replicas, f.grad_shard, self.replicate_stats)
+                f.grad_shard.mul_(1.0 / self.replicas.world)
+        self._replicas_averaged = True
 
     def scale_grads(self, factor: float) -> None:
         """Multiply every gradient shard (GradScaler.unscale_)."""
+        self._average_replicas()
         for f in self.flats:
             if f.grad_shard is not None:
                 f.grad_shard.mul_(factor)
 
     def local_grad_sq_sum(self) -> torch.Tensor:
+        self._average_replicas()
         grads = [f.grad_shard for f in self.flats if f.grad_shard is not None]
         if not grads:
             return torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
@@ -197,14 +225,19 @@ class Zero3Engine(Engine):
         )
 
     def _clear_grads(self) -> None:
+        self._replicas_averaged = False
         for f in self.flats:
             if f.grad_shard is not None:
                 f.grad_shard.zero_()
 
     def _end_step(self) -> None:
         self._clear_grads()
-        self._last_stats = self.sharded.stats.snapshot()
+        self._last_stats = stats_by_dim(
+            self.sharded.stats.snapshot(), self.replicate_stats.snapshot() if self.topology else None
+        )
         self.sharded.stats.reset()
+        self.replicate_stats.reset()
+        self._replicas_averaged = False
 
     def after_skip(self) -> None:
         self._end_step()

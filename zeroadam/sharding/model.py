@@ -44,6 +44,7 @@ from torch import nn
 
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
+from zeroadam.comm.mesh import Topology, resolve_topology
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
@@ -133,9 +134,13 @@ class Unit:
 class ShardedModel:
     """The stage-3 state of one model (attached to it as ``model._zeroadam_sharded``)."""
 
-    def __init__(self, model: nn.Module, group: Group, units: list[Unit], reshard_after_forward: bool, prefetch: int):
+    def __init__(
+        self, model: nn.Module, topology: Topology, units: list[Unit], reshard_after_forward: bool, prefetch: int
+    ) -> None:
+        group = topology.shard
         self.model = model
-        self.group = group
+        self.group = group  # parameters are sharded over these ranks (a 2-D mesh's "shard" dim)
+        self.topology = topology  # the replicas of a 2-D mesh hold the same shards ([Note: hybrid sharding])
         # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
         grad_pg = dist.new_group(dist.get_process_group_ranks(group.pg)) if group.world > 1 else None
         self.grad_group = Group(grad_pg, group.rank, group.world)
@@ -442,7 +447,7 @@ def _assign_units(model: nn.Module, policy: UnitPolicy) -> list[tuple[str, nn.Mo
 
 def _build_flats(
     params: list[nn.Parameter],
-    group: Group,
+    topology: Topology,
     device: torch.device,
     fill: Callable[[list[nn.Parameter], FlatLayout, torch.Tensor], None],
     rebound: dict[nn.Parameter, nn.Parameter],
@@ -450,6 +455,7 @@ def _build_flats(
     """Flat buffers per dtype: parameters become views of the full buffer, ``fill`` writes their values, this rank
     keeps its shard and the full buffer is released. A meta parameter cannot view real memory, so it is replaced
     by a new Parameter (recorded in ``rebound``) that ``_rebind`` installs in every module that held it."""
+    group = topology.shard
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in params:
         by_dtype.setdefault(p.dtype, []).append(p)
@@ -471,7 +477,7 @@ def _build_flats(
                     live.append(p)
             fill(live, layout, full)
             # Like DDP: every rank starts from rank 0's values (and rank 0 alone read a state dict).
-            broadcast_from_first(group, full)
+            broadcast_from_first(topology.everyone, full)
         lo, hi = layout.shard_range(group.rank)
         f = UnitFlat(live, layout, full.narrow(0, lo, hi - lo).clone(), full)
         f.release()
@@ -506,6 +512,7 @@ def shard_model(
     model: nn.Module,
     *,
     process_group: Optional[Any] = None,
+    mesh: Optional[Any] = None,
     units: UnitPolicy = None,
     reshard_after_forward: bool = True,
     prefetch: int = DEFAULT_PREFETCH,
@@ -524,8 +531,13 @@ def shard_model(
     A model built on the meta device is materialized unit by unit on ``device``, never whole: from
     ``full_state_dict`` given on rank 0 (the other ranks pass None), or by ``init_fn(submodule)`` applied to every
     submodule of each unit under ``torch.manual_seed(seed + unit index)`` on every rank.
+
+    ``mesh``: instead of ``process_group``, a DeviceMesh; with dims ``("replicate", "shard")`` the parameters are
+    sharded over "shard" only and every replica holds the same shards (hybrid sharding, see zeroadam/comm/mesh.py).
+    Pass the same mesh to ``ZeroAdam``.
     """
-    group = Group.resolve(process_group)
+    topology = resolve_topology(mesh, process_group, "zeroadam.shard_model")
+    group, everyone = topology.shard, topology.everyone
     # Every rank checks alone, then all agree ([Note: fingerprints]) before any other collective: a rank that
     # raised here while the others went on would leave them waiting in the first gather.
     try:
@@ -536,7 +548,7 @@ def shard_model(
         assigned, error = [], e
     mine = [("error", str(error))] if error is not None else _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device)
     check_same_on_every_rank(
-        group, mine, "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
+        everyone, mine + [("mesh (replicate, shard)", topology.shape)], "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
     )
     if error is not None:
         raise error
@@ -545,8 +557,8 @@ def shard_model(
     source = "params"
     if on_meta:
         has_sd = [full_state_dict is not None]
-        if group.world > 1:
-            dist.broadcast_object_list(has_sd, src=group.global_rank(0), group=group.pg)
+        if everyone.world > 1:
+            dist.broadcast_object_list(has_sd, src=everyone.global_rank(0), group=everyone.pg)
         if has_sd[0]:
             source = "state_dict"
         elif init_fn is not None:
@@ -565,7 +577,7 @@ def shard_model(
             if source == "params":
                 return  # _build_flats copied the parameters' values before they became views
             if source == "state_dict":
-                if group.rank == 0:
+                if everyone.rank == 0:
                     for p, slot in zip(originals, layout.slots):
                         if names[p] not in full_state_dict:  # type: ignore[operator]
                             raise KeyError(f"zeroadam.shard_model: full_state_dict has no entry {names[p]!r}")
@@ -584,12 +596,12 @@ def shard_model(
                     with _others_on_meta(sub, live):
                         init_fn(sub)  # type: ignore[misc]
 
-        flats = _build_flats(own, group, target, fill, rebound)
+        flats = _build_flats(own, topology, target, fill, rebound)
         built.append(Unit(ui, uname or "<root>", module, flats))
     _rebind(model, rebound)
     if on_meta:
-        _materialize_buffers(model, target, full_state_dict if source == "state_dict" else None, group)
-    sharded = ShardedModel(model, group, built, reshard_after_forward, prefetch)
+        _materialize_buffers(model, target, full_state_dict if source == "state_dict" else None, everyone)
+    sharded = ShardedModel(model, topology, built, reshard_after_forward, prefetch)
     model._zeroadam_sharded = sharded  # type: ignore[assignment]
     # DistributedDataParallel(model) would broadcast the released parameters (0 bytes of storage) and crash the
     # process with no Python error; told to ignore them, it raises instead ("not needed when a module doesn't have
