@@ -1,6 +1,7 @@
 """Spawn gloo ranks on loopback for tests: each rank runs a top-level function, results come back in order."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
@@ -74,7 +75,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
 
 
-def run_two_nodes(script: str, args: list[str], nproc_per_node: int = 2, timeout: float = 300.0) -> None:
+def run_two_nodes(script: str, args: list[str], nproc_per_node: int = 2, timeout: float = 240.0) -> None:
     """Launch ``script`` as two "machines" on loopback: two ``torchrun --nnodes 2 --node_rank 0|1`` processes with
     ``nproc_per_node`` ranks each (gloo; ranks 0..n-1 on node 0). The script writes its results to files; a
     launch that fails or runs past ``timeout`` seconds raises with both launchers' output."""
@@ -90,14 +91,19 @@ def run_two_nodes(script: str, args: list[str], nproc_per_node: int = 2, timeout
             "--nproc_per_node", str(nproc_per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
             script, *args,
         ]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        )
     outputs, failed = [], False
     for node, p in enumerate(procs):
         try:
             out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
+            import signal
+
+            for q in procs:  # the launcher and its ranks: each launch is a session of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(q.pid, signal.SIGKILL)
             out, _ = p.communicate()
             failed = True
         outputs.append(f"--- node {node} (exit {p.returncode}):\n{out[-6000:]}")

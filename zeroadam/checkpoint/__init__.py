@@ -87,7 +87,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- helpers
 def _group_of(opt: "ZeroAdam") -> Group:
     if opt.engine.gathers_state_dict:
-        return opt.engine.group
+        return opt.engine.everyone  # with a 2-D mesh, every replica takes part; replica 0 writes the shards
     return Group.resolve(None)  # stage 0: every rank holds the same state; DCP writes it once
 
 
@@ -124,9 +124,10 @@ def _local_entries(opt: "ZeroAdam") -> dict[torch.Tensor, tuple[int, int, dict[s
     """param -> (start, end, entry) for every parameter with state: the elements this rank writes (empty when it
     owns none of the parameter; the entry still tells its step and formats)."""
     out = {}
+    replica = opt.engine.replica_rank  # the other replicas of a 2-D mesh hold the same shards: they write none
     for p, entry in opt.engine.shard_entries().items():
         a, b = entry_range(entry, p.numel())
-        out[p] = (a, b, entry)
+        out[p] = (a, b, entry) if replica == 0 else (a, a, entry)
     return out
 
 

@@ -35,10 +35,25 @@ class Topology:
     shard: Group  # state, gradients and stage-3 parameters are split over these ranks
     replicate: Group  # these ranks hold the same shard (world 1 without a 2-D mesh)
     everyone: Group  # every rank of the optimizer: shard × replicate
+    shard_rows: tuple[tuple[int, ...], ...] = ()  # the global ranks of every replica's "shard" group (a 2-D mesh)
 
     @staticmethod
     def flat(group: Group) -> "Topology":
         return Topology(shard=group, replicate=Group(None, 0, 1), everyone=group)
+
+    def new_shard_group(self) -> Group:
+        """A new process group over the same ranks as ``shard`` (for collectives that must not queue behind the
+        shard group's). Collective over ``everyone``: ``dist.new_group`` must be called by every rank of the world
+        for every group, so each rank creates every replica's group, in the same order, and keeps its own."""
+        if self.shard.world == 1:
+            return self.shard
+        rows = self.shard_rows or (tuple(dist.get_process_group_ranks(self.shard.pg)),)
+        mine = None
+        for row in rows:
+            pg = dist.new_group(list(row))
+            if dist.get_rank() in row:
+                mine = pg
+        return Group(mine, self.shard.rank, self.shard.world)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,7 +89,9 @@ def resolve_topology(mesh: Optional[Any], process_group: Optional[Any], who: str
         )
     shard = Group.resolve(mesh.get_group("shard"))
     replicate = Group.resolve(mesh.get_group("replicate"))
-    return Topology(shard=shard, replicate=replicate, everyone=Group.resolve(None))
+    grid = mesh.mesh if names == MESH_DIMS else mesh.mesh.t()  # [replicate, shard] global ranks
+    rows = tuple(tuple(int(r) for r in row) for row in grid.tolist())
+    return Topology(shard=shard, replicate=replicate, everyone=Group.resolve(None), shard_rows=rows)
 
 
 def stats_by_dim(shard: dict[str, Any], replicate: Optional[dict[str, Any]]) -> dict[str, Any]:

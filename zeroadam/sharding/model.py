@@ -142,8 +142,7 @@ class ShardedModel:
         self.group = group  # parameters are sharded over these ranks (a 2-D mesh's "shard" dim)
         self.topology = topology  # the replicas of a 2-D mesh hold the same shards ([Note: hybrid sharding])
         # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
-        grad_pg = dist.new_group(dist.get_process_group_ranks(group.pg)) if group.world > 1 else None
-        self.grad_group = Group(grad_pg, group.rank, group.world)
+        self.grad_group = topology.new_shard_group()
         self.units = units
         self.root = units[-1]
         self.reshard_after_forward = reshard_after_forward
