@@ -78,3 +78,52 @@ def test_checkpoint_of_a_2x2_mesh_loads_anywhere(two_nodes: Path, world: int, sh
         final = torch.load(two_nodes / f"stage{stage}_rank0.pt")["params"]
         for by_stage in got:
             assert max_rel_err(by_stage[stage], final) <= 1e-5, stage
+
+
+def bad_meshes(rank: int, world: int) -> dict[str, str]:
+    """The error of each misuse (every rank raises the same, before any collective of the step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import zeroadam
+    from helpers import make_model
+
+    def error_of(fn) -> str:
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return "no error"
+
+    params = lambda: make_model().parameters()  # noqa: E731
+    unnamed = init_device_mesh("cpu", (2, 2))
+    wrong_names = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    good = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    out = {
+        "unnamed": error_of(lambda: zeroadam.ZeroAdam(params(), stage=2, mesh=unnamed)),
+        "wrong_names": error_of(lambda: zeroadam.ZeroAdam(params(), stage=2, mesh=wrong_names)),
+        "not_a_mesh": error_of(lambda: zeroadam.ZeroAdam(params(), stage=2, mesh=[[0, 1], [2, 3]])),
+        "both": error_of(lambda: zeroadam.ZeroAdam(params(), stage=2, mesh=good, process_group=torch.distributed.group.WORLD)),
+        "stage0": error_of(lambda: zeroadam.ZeroAdam(params(), stage=0, mesh=good)),
+        "quantized_stage0": error_of(lambda: zeroadam.ZeroAdam(params(), stage=0, quantized_gradients=True)),
+        "quantized_not_bool": error_of(lambda: zeroadam.ZeroAdam(params(), stage=2, quantized_weights="yes")),
+        "shard_model_unnamed": error_of(lambda: zeroadam.shard_model(make_model(), mesh=unnamed)),
+    }
+    # A mesh over part of the world: ranks 0-1 of 4.
+    from torch.distributed.device_mesh import DeviceMesh
+
+    half = DeviceMesh("cpu", [[0, 1]], mesh_dim_names=("replicate", "shard"))
+    out["part_of_world"] = error_of(lambda: zeroadam.ZeroAdam(params(), stage=1, mesh=half))
+    return out
+
+
+def test_bad_meshes_say_what_to_do() -> None:
+    errors = run_ranks(bad_meshes, 4)[0]
+    assert "mesh_dim_names=('replicate', 'shard')" in errors["unnamed"]
+    assert "mesh_dim_names=('dp', 'tp')" in errors["wrong_names"]
+    assert "invalid mesh=[[0, 1], [2, 3]]" in errors["not_a_mesh"] and "init_device_mesh" in errors["not_a_mesh"]
+    assert "not both" in errors["both"]
+    assert "stage=0" in errors["stage0"] and "stage=1, 2 or 3" in errors["stage0"]
+    assert "quantized_gradients=True" in errors["quantized_stage0"] and "stage=1, 2 or 3" in errors["quantized_stage0"]
+    assert "quantized_weights='yes'" in errors["quantized_not_bool"]
+    assert "zeroadam.shard_model" in errors["shard_model_unnamed"]
+    assert "covers 2 ranks but the world has 4" in errors["part_of_world"]

@@ -62,6 +62,8 @@ class ZeroAdam(torch.optim.Optimizer):
         stage: ZeRO stage 0-3; process_group: the data-parallel group (default: the world).
         mesh: instead of process_group, a DeviceMesh: 1-D, or 2-D with dims ("replicate", "shard") for hybrid
             sharding (stages 1-3 shard over "shard" and average over "replicate"; see zeroadam/comm/mesh.py).
+        quantized_weights, quantized_gradients: stages 1-3: send parameter gathers / gradient reductions as int8
+            blocks (ZeRO++ qwZ / qgZ; see zeroadam/comm/quantized.py).
         offload: None or "cpu" (state and update on the host).
         gradient_sync: stages 1-2: "optimizer" (ZeroAdam averages the gradients), "wrapper" (the model is wrapped in
             DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
@@ -95,6 +97,8 @@ class ZeroAdam(torch.optim.Optimizer):
         bucket_size: int = 5_000_000,
         backend: Optional[str] = None,
         gradient_sync: str = "auto",
+        quantized_weights: bool = False,
+        quantized_gradients: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -118,6 +122,8 @@ class ZeroAdam(torch.optim.Optimizer):
             offload=offload,  # type: ignore[arg-type]
             bucket_size=bucket_size,
             gradient_sync=gradient_sync,  # type: ignore[arg-type]
+            quantized_weights=quantized_weights,
+            quantized_gradients=quantized_gradients,
         )
         if backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")

@@ -111,6 +111,10 @@ class ZeroOptions:
     """Where the shard's state lives and is updated: None (with the parameters) or "cpu"."""
     bucket_size: int = 5_000_000
     """Elements per stage-2 gradient bucket; larger buckets mean fewer, larger collectives."""
+    quantized_weights: bool = False
+    """Stages 1-3: parameter all-gathers send int8 blocks (ZeRO++ qwZ); the shards the update writes stay exact."""
+    quantized_gradients: bool = False
+    """Stages 1-3: gradient reductions send int8 blocks and sum in fp32 on arrival (ZeRO++ qgZ)."""
     gradient_sync: GradientSync = "auto"
     """Stages 1-2: who averages gradients over ranks: "optimizer" (ZeroAdam's collectives; the model is not wrapped
     in DDP), "wrapper" (a DDP-wrapped model already holds the average in p.grad), or "auto" ("wrapper" when a
@@ -129,5 +133,14 @@ class ZeroOptions:
                 raise _bad("max_grad_norm", v, "expected None or a finite number > 0")
         if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
             raise _bad("stage", self.stage, "expected 0, 1, 2 or 3")
+        for name in ("quantized_weights", "quantized_gradients"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise _bad(name, value, "expected True or False")
+            if value and self.stage == 0:
+                raise _bad(
+                    name, value, "8-bit collectives need a sharded stage: use stage=1, 2 or 3 (stage=0 communicates "
+                    "nothing of its own; a DDP wrapper reduces its gradients)"
+                )
         if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 5_000_000)")

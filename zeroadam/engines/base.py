@@ -96,6 +96,8 @@ class EngineSetup:
             ("state_dtype", o.state_dtype),
             ("master_weights", o.master_weights),
             ("max_grad_norm", o.max_grad_norm),
+            ("quantized_weights", o.quantized_weights),
+            ("quantized_gradients", o.quantized_gradients),
         ]
         for gi, pg in enumerate(self.param_groups):
             hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from zeroadam.comm.collectives import CommStats, Group, reduce_to
+from zeroadam.comm.quantized import quantized_reduce_scatter
 from zeroadam.engines.base import refuse_sparse_grad
 from zeroadam.layout import Slot
 from zeroadam.sizes import GRAD_BYTES
@@ -58,8 +59,10 @@ class GradBuckets:
         bucket_size: int,
         stats: CommStats,
         position: dict[torch.Tensor, float],  # each parameter's relative place in its param group, 0 .. 1
+        quantized: bool = False,  # reduce as int8 blocks through an all-to-all ([Note: quantized collectives])
     ) -> None:
         self.group = group
+        self.quantized = quantized
         self.stats = stats
         self.sync = True
         self.takes_grads: Callable[[], bool] = lambda: True  # False: a DDP wrapper averages p.grad (grad_sync.py)
@@ -128,11 +131,29 @@ class GradBuckets:
         b = self.buckets[i]
         buf = b.ensure_buffer()
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes())  # end of a pass: zeros for the missing
+        if self.quantized:
+            self._reduce_quantized(b)
+            self._next = i + 1
+            return
         for r, s, e in b.space.layout.owner_pieces(b.lo, b.hi):
             b.handles.append((reduce_to(self.group, buf.narrow(0, s - b.lo, e - s), r, self.stats), r, s, e))
         self._next = i + 1
         if i > 0:
             self._complete(self.buckets[i - 1])
+
+    def _reduce_quantized(self, b: Bucket) -> None:
+        """One all-to-all of the bucket's int8 pieces, each to its owner, summed there in fp32 (synchronous)."""
+        ranges = [(0, 0)] * self.group.world
+        for r, s, e in b.space.layout.owner_pieces(b.lo, b.hi):
+            ranges[r] = (s - b.lo, e - b.lo)
+        a, e = ranges[self.group.rank]
+        out = torch.empty(e - a, dtype=torch.float32, device=b.buffer.device)  # type: ignore[union-attr]
+        quantized_reduce_scatter(self.group, out, b.buffer, ranges, self.stats)  # type: ignore[arg-type]
+        if e > a:
+            lo, _ = b.space.layout.shard_range(self.group.rank)
+            b.space.sink.add(b.lo + a - lo, out, 1.0 / self.group.world)
+        b.buffer = None
+        b.filled = 0
 
     def _complete(self, b: Bucket) -> None:
         """Wait for a launched bucket, add this rank's pieces into its gradient shard, free the buffer."""

@@ -31,6 +31,7 @@ from zeroadam.comm.collectives import (
     reduce_scatter_avg,
 )
 from zeroadam.comm.mesh import Topology, stats_by_dim
+from zeroadam.comm.quantized import quantized_all_gather, quantized_all_reduce, quantized_reduce_scatter
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.engines.grad_sync import (
@@ -126,7 +127,9 @@ class FlatEngine(Engine):
         self.buckets: Optional[GradBuckets] = None
         if self.stage >= 2:
             position = {p: i / len(g["params"]) for g in setup.param_groups for i, p in enumerate(g["params"])}
-            self.buckets = GradBuckets(self.spaces, group, setup.options.bucket_size, self.stats, position)
+            self.buckets = GradBuckets(
+                self.spaces, group, setup.options.bucket_size, self.stats, position, setup.options.quantized_gradients
+            )
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
         # Backward passes since the last step, told to the other ranks with the norm (see backward_passes).
         self._passes = 0
@@ -232,7 +235,12 @@ class FlatEngine(Engine):
                 chunk.zero_()  # padding and parameters without a gradient count as zeros
                 for r in range(world):
                     _copy_grads(sp, r * shard + k, chunk[r])
-                reduce_scatter_avg(self.group, out.narrow(0, 0, n), chunk.view(-1), self.stats)
+                if self.setup.options.quantized_gradients:
+                    ranges = [(r * n, (r + 1) * n) for r in range(world)]
+                    quantized_reduce_scatter(self.group, out.narrow(0, 0, n), chunk.view(-1), ranges, self.stats)
+                    out.narrow(0, 0, n).mul_(1.0 / world)
+                else:
+                    reduce_scatter_avg(self.group, out.narrow(0, 0, n), chunk.view(-1), self.stats)
                 sp.sink.add(k, out.narrow(0, 0, n), 1.0)
             sp.sink.drain()
 
@@ -342,7 +350,10 @@ class FlatEngine(Engine):
     def _average_replicas(self) -> None:
         """Average the reduced gradient shards over the mesh's "replicate" dim (see [Note: hybrid sharding])."""
         for sp in self.spaces:
-            all_reduce_sum(self.replicas, sp.grad_shard, self.replicate_stats)
+            if self.setup.options.quantized_gradients:
+                quantized_all_reduce(self.replicas, sp.grad_shard, self.replicate_stats)
+            else:
+                all_reduce_sum(self.replicas, sp.grad_shard, self.replicate_stats)
             sp.grad_shard.mul_(1.0 / self.replicas.world)
 
     def scale_grads(self, factor: float) -> None:
@@ -408,7 +419,13 @@ class FlatEngine(Engine):
                             fused_update(self._chunk_run(sp, lo, chunk.narrow(0, lo - start, hi - lo)), sc, setup.backend)
 
                 sp.param_host.update(shard, update_chunk)
-            if self.group.world > 1:
+            if self.group.world > 1 and setup.options.quantized_weights:
+                # The other ranks' pieces arrive as int8 blocks; this rank's own piece, its exact parameters (the
+                # master of fp32 parameters), is kept ([Note: quantized collectives]).
+                exact = shard.clone()
+                quantized_all_gather(self.group, sp.flat, shard, self.stats)
+                shard.copy_(exact)
+            elif self.group.world > 1:
                 # In place: the shard is this rank's slice of the flat buffer, as NCCL and gloo allow (a copy of a
                 # shard each step would be a large allocation; on a CPU its fresh pages cost a kernel zeroing).
                 handles.append(all_gather_into(self.group, sp.flat, shard, self.stats))

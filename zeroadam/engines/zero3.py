@@ -17,6 +17,7 @@ import torch
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import CommStats, Group, all_gather_objects, all_reduce_sum
 from zeroadam.comm.mesh import resolve_topology, stats_by_dim
+from zeroadam.comm.quantized import quantized_all_reduce
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
@@ -127,6 +128,8 @@ class Zero3Engine(Engine):
             "their parameters and options",
             "every rank must build the same model, param groups and ZeroAdam options",
         )
+        sharded.quantized_weights = setup.options.quantized_weights
+        sharded.quantized_gradients = setup.options.quantized_gradients
         return Zero3Engine(setup, sharded)
 
     # ---------------------------------------------------------------- gradients
@@ -173,7 +176,10 @@ class Zero3Engine(Engine):
             if any(p.requires_grad for p in f.params):
                 if f.grad_shard is None:  # no backward reached this unit: zeros, as on the other ranks
                     f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
-                all_reduce_sum(self.replicas, f.grad_shard, self.replicate_stats)
+                if self.setup.options.quantized_gradients:
+                    quantized_all_reduce(self.replicas, f.grad_shard, self.replicate_stats)
+                else:
+                    all_reduce_sum(self.replicas, f.grad_shard, self.replicate_stats)
                 f.grad_shard.mul_(1.0 / self.replicas.world)
         self._replicas_averaged = True
 

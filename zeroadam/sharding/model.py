@@ -45,6 +45,7 @@ from torch import nn
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
 from zeroadam.comm.mesh import Topology, resolve_topology
+from zeroadam.comm.quantized import quantized_all_gather, quantized_reduce_scatter
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
@@ -143,6 +144,9 @@ class ShardedModel:
         self.topology = topology  # the replicas of a 2-D mesh hold the same shards ([Note: hybrid sharding])
         # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
         self.grad_group = topology.new_shard_group()
+        # 8-bit collectives, set by ZeroAdam(quantized_weights=..., quantized_gradients=...) (comm/quantized.py).
+        self.quantized_weights = False
+        self.quantized_gradients = False
         self.units = units
         self.root = units[-1]
         self.reshard_after_forward = reshard_after_forward
@@ -203,17 +207,23 @@ class ShardedModel:
     def _start_gather(self, u: Unit) -> None:
         if u.gathered or u.handles:
             return
+        sync_done = False
         for f in u.flats:
             was = f.is_materialized()
             f.materialize()
             if not was:
                 self.live_bytes += f.full_bytes
-            if self.group.world > 1:
+            if self.group.world > 1 and self.quantized_weights:
+                quantized_all_gather(self.group, f.full, f.shard, self.stats)  # synchronous: no prefetch overlap
+                sync_done = True
+            elif self.group.world > 1:
                 u.handles.append(all_gather_into(self.group, f.full, f.shard, self.stats))
             else:
                 f.full.copy_(f.shard)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
+        if sync_done:
+            u.gathered = True  # a prefetch that completed: the gather before forward has nothing left to do
 
     def gather(self, u: Unit) -> None:
         try:
@@ -356,7 +366,12 @@ class ShardedModel:
             if f.grad_shard is None:
                 f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
             out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
-            if self.group.world > 1:
+            if self.group.world > 1 and self.quantized_gradients:
+                n = f.layout.shard
+                ranges = [(r * n, (r + 1) * n) for r in range(self.group.world)]
+                quantized_reduce_scatter(self.grad_group, out, f.grad_full, ranges, self.stats)
+                f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+            elif self.group.world > 1:
                 reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
                 f.grad_shard.add_(out, alpha=1.0 / self.group.world)
             else:
