@@ -207,9 +207,37 @@ class ZeroAccelerator(Accelerator):
     ``prepare``): DeepSpeed / FSDP plugins, which shard the model themselves.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mesh: Optional[Any] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._zero_optimizers: list[ZeroAdam] = []
+        if mesh is not None and self.parallelism_config is not None and self.parallelism_config.dp_replicate_size > 1:
+            raise ValueError(
+                "ZeroAccelerator: pass mesh= or parallelism_config=ParallelismConfig(dp_replicate_size=..., "
+                "dp_shard_size=...), not both"
+            )
+        self._mesh = mesh
+
+    @property
+    def zero_mesh(self) -> Optional[Any]:
+        """The hybrid-sharding mesh of ``parallelism_config=ParallelismConfig(dp_replicate_size=R, dp_shard_size=S)``
+        (R, S > 1, no tensor / context / sequence parallelism): Accelerate's own device mesh, whose
+        ("dp_replicate", "dp_shard") dims ZeroAdam takes as ("replicate", "shard"). Pass it as
+        ``ZeroAdam(..., mesh=accelerator.zero_mesh)``; :meth:`shard_model` uses it. None otherwise.
+
+        Accelerate takes a ParallelismConfig on GPUs (and other multi-device types) but not on CPU processes
+        (MULTI_CPU); there, or to choose the mesh yourself, pass ``ZeroAccelerator(mesh=...)`` with a
+        ("replicate", "shard") DeviceMesh, and this is that mesh."""
+        if self._mesh is not None:
+            return self._mesh
+        pc = self.parallelism_config
+        if pc is None or not (pc.dp_replicate_size > 1 and pc.dp_shard_size > 1):
+            return None
+        if pc.tp_size > 1 or pc.cp_size > 1 or getattr(pc, "sp_size", 1) > 1:
+            raise ValueError(
+                f"ZeroAccelerator: parallelism_config={pc!r} combines data parallelism with tensor, context or "
+                "sequence parallelism; ZeroAdam's hybrid sharding takes dp_replicate_size and dp_shard_size only"
+            )
+        return self.torch_device_mesh
 
     # ---------------------------------------------------------------- ZeRO-3 entry point
     def shard_model(
@@ -236,6 +264,7 @@ class ZeroAccelerator(Accelerator):
             )
         model = shard_model(
             model,
+            mesh=self.zero_mesh,
             units=units,
             reshard_after_forward=reshard_after_forward,
             prefetch=prefetch,
@@ -278,9 +307,16 @@ class ZeroAccelerator(Accelerator):
                 f"ZeroAccelerator: distributed_type={self.distributed_type.value} shards or wraps the model itself; "
                 "a sharded ZeroAdam needs plain data parallelism (launch without a DeepSpeed or FSDP plugin)"
             )
-        if opt.options.stage == 3 and opt.engine.group.world != self.num_processes:
+        mesh = self.zero_mesh
+        if mesh is not None and (opt.engine.topology is None or opt.engine.topology.shape != tuple(mesh.shape)):
             raise ValueError(
-                f"ZeroAccelerator: the model of this ZeroAdam(stage=3) is sharded over {opt.engine.group.world} of the "
+                f"ZeroAccelerator: the accelerator shards over a {tuple(mesh.shape)} (replicate, shard) mesh "
+                "(parallelism_config or mesh=), but this ZeroAdam was built without it; pass "
+                "mesh=accelerator.zero_mesh to ZeroAdam (and shard the model with accelerator.shard_model at stage 3)"
+            )
+        if opt.options.stage == 3 and opt.engine.everyone.world != self.num_processes:
+            raise ValueError(
+                f"ZeroAccelerator: the model of this ZeroAdam(stage=3) is sharded over {opt.engine.everyone.world} of the "
                 f"{self.num_processes} processes; Accelerate feeds every process its own batches, so shard over all "
                 "of them (accelerator.shard_model(model), or zeroadam.shard_model without a process_group)"
             )
@@ -316,9 +352,9 @@ class ZeroAccelerator(Accelerator):
     def _prepare_sharded_model(self, model: nn.Module, st: ShardedModel, device_placement: Optional[bool]) -> nn.Module:
         """A ``shard_model`` model: no ``model.to`` (it would copy released storage), no DDP; see [Note: stage 3
         under Accelerate]."""
-        if st.group.world != self.num_processes:
+        if st.topology.everyone.world != self.num_processes:
             raise ValueError(
-                f"ZeroAccelerator: the model is sharded over {st.group.world} of the {self.num_processes} processes; "
+                f"ZeroAccelerator: the model is sharded over {st.topology.everyone.world} of the {self.num_processes} processes; "
                 "Accelerate feeds every process its own batches, so shard over all of them "
                 "(accelerator.shard_model(model), or zeroadam.shard_model without a process_group)"
             )

@@ -137,6 +137,7 @@ class Translation:
     ignored: list[str] = field(default_factory=list)  # keys that have no effect, warned about
     resolved: list[str] = field(default_factory=list)  # HF "auto" values and deprecated keys, as "key=value (why)"
     gather_16bit_on_save: bool = False  # stage 3: save_16bit_model gathers and writes the weights
+    hpz: int = 1  # zero_hpz_partition_size: ranks per parameter-gather group (> 1 needs a mesh, see initialize)
 
 
 def _load(config: Union[str, dict[str, Any]]) -> dict[str, Any]:
@@ -315,6 +316,16 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
                 )
             zero["offload_optimizer"] = {"device": "cpu"}
             out.resolved.append("zero_optimization.cpu_offload: true -> offload_optimizer: {'device': 'cpu'}")
+    for key, option in (("zero_quantized_weights", "quantized_weights"), ("zero_quantized_gradients", "quantized_gradients")):
+        if zero.get(key, False):
+            if stage == 0:
+                raise _bad(f"zero_optimization.{key}", zero[key], "needs a zero_optimization.stage of 1-3 (8-bit "
+                           "collectives of ZeroAdam's sharding; stage 0 reduces through DeepSpeed's all-reduce)")
+            zo[option] = bool(zero[key])
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if not isinstance(hpz, int) or isinstance(hpz, bool) or hpz < 1:
+        raise _bad("zero_optimization.zero_hpz_partition_size", hpz, "expected a number of ranks >= 1")
+    out.hpz = hpz
     if stage in (1, 2) and "reduce_bucket_size" in zero:
         zo["bucket_size"] = int(zero["reduce_bucket_size"])
     elif "reduce_bucket_size" in zero:
@@ -364,6 +375,7 @@ def initialize(
     model: torch.nn.Module,
     config: Union[str, dict[str, Any]],
     model_parameters: Optional[Any] = None,
+    mesh: Optional[Any] = None,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, Any]:
     """``deepspeed.initialize`` with ZeroAdam doing the sharding; returns DeepSpeed's
@@ -373,6 +385,10 @@ def initialize(
     a model already sharded by ``shard_model`` on the accelerator's device (and in bf16 / fp16 for such a config).
     ``kwargs`` go to ``deepspeed.initialize`` (``training_data``, ``lr_scheduler``, ``collate_fn``, ...).
 
+    ``mesh``: a ``("replicate", "shard")`` DeviceMesh for hybrid sharding (ZeroAdam's and shard_model's ``mesh=``);
+    ``zero_hpz_partition_size: n`` > 1 needs one whose "shard" dim has n ranks (gathers stay within it; unlike
+    DeepSpeed's hpZ, each replica then holds its own copy of the optimizer state's shards).
+
     With ``fp16``, ``optimizer.scaler`` is the ``DeepSpeedGradScaler`` that ``engine.backward`` and ``engine.step``
     use, and ``optimizer.overflow`` says whether the last step was skipped (see [Note: fp16 through DeepSpeed's
     engine]).
@@ -380,6 +396,7 @@ def initialize(
     if "optimizer" in kwargs:
         raise ValueError("zeroadam.integrations.deepspeed.initialize builds the optimizer from the config; pass no optimizer")
     t = translate(config, model)
+    _check_hpz(t.hpz, mesh)
     if t.ignored:
         warnings.warn(
             "zeroadam.integrations.deepspeed: these config keys tune DeepSpeed's own ZeRO and have no effect with "
@@ -411,9 +428,9 @@ def initialize(
         if t.dtype is not None:
             model.to(t.dtype)
         if stage == 3:
-            sharded = shard_model(model)._zeroadam_sharded  # type: ignore[assignment]
+            sharded = shard_model(model, mesh=mesh)._zeroadam_sharded  # type: ignore[assignment]
     params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = ZeroAdam(params, **t.zeroadam, gradient_sync="optimizer")
+    opt = ZeroAdam(params, **t.zeroadam, gradient_sync="optimizer", mesh=mesh)
     with _gathered(sharded):
         engine, optimizer, dataloader, scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=t.deepspeed, **kwargs
@@ -451,6 +468,21 @@ def initialize(
 
         engine.module.register_forward_pre_hook(sync_on_boundary)
     return engine, optimizer, dataloader, scheduler
+
+
+def _check_hpz(hpz: int, mesh: Optional[Any]) -> None:
+    """zero_hpz_partition_size (ZeRO++ hpZ, parameter gathers within a node) maps to a mesh's "shard" dim."""
+    shards = None
+    if mesh is not None and mesh.ndim == 2 and "shard" in (mesh.mesh_dim_names or ()):
+        shards = mesh.size(mesh.mesh_dim_names.index("shard"))
+    if hpz > 1 and shards != hpz:
+        got = "no mesh" if mesh is None else f"a mesh of shape {tuple(mesh.shape)} ({mesh.mesh_dim_names})"
+        raise _bad(
+            "zero_optimization.zero_hpz_partition_size", hpz, f"needs a hybrid-sharding mesh with a 'shard' dim of "
+            f"{hpz} ranks, got {got}: pass mesh=torch.distributed.device_mesh.init_device_mesh(device_type, "
+            f"(world_size // {hpz}, {hpz}), mesh_dim_names=('replicate', 'shard')) to zds.initialize (gathers then "
+            "stay within each group of {hpz} ranks), or remove the key".replace("{hpz}", str(hpz))
+        )
 
 
 def _check_sharded(model: torch.nn.Module, stage: int, device: torch.device, dtype: Optional[torch.dtype]) -> None:

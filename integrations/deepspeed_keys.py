@@ -45,7 +45,7 @@ def _refused(why: str, accepted: tuple[Any, ...] = _OFF) -> Key:
     return Key("refused", why, accepted)
 
 
-_QUANTIZED = "quantizes what ZeRO++ communicates or stores, which changes results; ZeroAdam communicates in full precision"
+_QUANTIZED = "stores frozen weights quantized, which changes results; ZeroAdam keeps every parameter exact"
 
 # zero_optimization: every field of DeepSpeedZeroConfig, under its name and its alias (DeepSpeed accepts both).
 ZERO: dict[str, Key] = {
@@ -66,9 +66,12 @@ ZERO: dict[str, Key] = {
     "stage3_gather_16bit_weights_on_model_save": Key("honoured", "alias of gather_16bit_weights_on_model_save"),
     "stage3_gather_fp16_weights_on_model_save": Key("honoured", "deprecated alias of gather_16bit_weights_on_model_save"),
     "zenflow": _refused("(ZenFlow) applies part of each update late, which changes results; ZeroAdam updates every step"),
-    "zero_quantized_weights": _refused(_QUANTIZED),
+    "zero_quantized_weights": Key("honoured", "ZeroAdam's quantized_weights: int8 parameter all-gathers (qwZ)"),
+    "zero_quantized_gradients": Key("honoured", "ZeroAdam's quantized_gradients: int8 gradient reductions (qgZ)"),
     "zero_quantized_nontrainable_weights": _refused(_QUANTIZED),
-    "zero_quantized_gradients": _refused(_QUANTIZED),
+    "zero_hpz_partition_size": Key(
+        "honoured", "1: nothing; n > 1: zds.initialize(mesh=...) with a 'shard' dim of n ranks (hybrid sharding)"
+    ),
     **dict.fromkeys(
         [
             "contiguous_gradients",
@@ -102,7 +105,6 @@ ZERO: dict[str, Key] = {
             "legacy_stage1",
             "round_robin_gradients",
             "parameter_alignment",
-            "zero_hpz_partition_size",
             "memory_efficient_linear",
             "pipeline_loading_checkpoint",
             "override_module_apply",

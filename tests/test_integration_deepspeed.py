@@ -681,7 +681,9 @@ def test_keys_that_change_results_are_refused_by_name() -> None:
     assert "optimizer.params.state_dtype" in _refusal({"bf16": {"enabled": True, "bf16_optimizer_states": True}})
     assert "bf16.check_grad_overflow=False" in _refusal({"bf16": {"enabled": True, "check_grad_overflow": False}})
     assert "communication_data_type='fp16'" in _refusal({"zero_optimization": {"stage": 2}, "communication_data_type": "fp16"})
-    assert "zero_quantized_weights=True" in _refusal({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}})
+    assert "zero_quantized_nontrainable_weights=True" in _refusal(
+        {"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}}
+    )
     assert "not built in ZeroAdam yet" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
     assert "offload_optimizer" in _refusal({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
     # Tuning of DeepSpeed's all-reduce, which does not run at stages 1-3; at stage 0 DeepSpeed's all-reduce gets them.
@@ -944,3 +946,15 @@ def test_zds_checkpoints_resume_scheduler_steps_and_scaler_exactly(configs_ranks
         assert res["rest"][0][2] == SAVE_AT + 1 and res["first"][0][1] != res["rest"][0][1]
         if scheduler == "WarmupDecayLR":  # fp16: the scale halved by the overflow at step 0 came back
             assert res["scale"] == (2.0 ** (POWER - 1),) * 2
+
+
+def test_zero_plus_plus_keys_map_to_eight_bit_collectives_and_the_mesh() -> None:
+    zds = _zds()
+    t = zds.translate({"zero_optimization": {"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True,
+                                             "zero_hpz_partition_size": 2}})
+    assert t.zeroadam["quantized_weights"] and t.zeroadam["quantized_gradients"] and t.hpz == 2
+    assert "stage of 1-3" in _refusal({"zero_optimization": {"stage": 0, "zero_quantized_gradients": True}})
+    assert "expected a number of ranks" in _refusal({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 0}})
+    with pytest.raises(ValueError, match=r"zero_hpz_partition_size=2 needs a hybrid-sharding mesh .* got no mesh.*mesh_dim_names"):
+        zds._check_hpz(2, None)
+    zds._check_hpz(1, None)

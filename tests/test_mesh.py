@@ -127,3 +127,46 @@ def test_bad_meshes_say_what_to_do() -> None:
     assert "quantized_weights='yes'" in errors["quantized_not_bool"]
     assert "zeroadam.shard_model" in errors["shard_model_unnamed"]
     assert "covers 2 ranks but the world has 4" in errors["part_of_world"]
+
+
+def accelerate_hsdp(rank: int, world: int, out_dir: str) -> dict:
+    """ZeroAccelerator(mesh=...) on CPU processes (Accelerate refuses a ParallelismConfig on MULTI_CPU; on GPUs
+    ZeroAccelerator(parallelism_config=ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)) gives the same mesh)."""
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), ACCELERATE_USE_CPU="true")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import mesh_train
+    import zeroadam
+    from zeroadam.integrations.accelerate import ZeroAccelerator
+
+    acc = ZeroAccelerator(mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
+    out = {}
+    for stage in (2, 3):
+        model = mesh_train.make_model()
+        if stage == 3:
+            model = acc.shard_model(model, units=[torch.nn.Linear])
+        opt = zeroadam.ZeroAdam(mesh_train.groups(model), lr=1e-2, weight_decay=0.0, state_dtype="fp32", stage=stage,
+                                max_grad_norm=mesh_train.CLIP, bucket_size=3000, mesh=acc.zero_mesh)
+        model, opt = acc.prepare(model, opt)
+        mesh_train.run_steps(model, opt, rank, world, 0, mesh_train.STEPS)
+        out[stage] = {"params": mesh_train.params_of(acc.unwrap_model(model), stage), "shape": opt.optimizer.engine.topology.shape}
+    bare = zeroadam.ZeroAdam(mesh_train.make_model().parameters(), stage=2)
+    try:
+        acc.prepare(bare)
+        out["refusal"] = "no error"
+    except ValueError as e:
+        out["refusal"] = str(e)
+    return out
+
+
+def test_zero_accelerator_with_a_mesh_gives_hybrid_sharding(tmp_path: Path) -> None:
+    got = run_ranks(accelerate_hsdp, 4, str(tmp_path), timeout=300)
+    for stage in (2, 3):
+        for r in got:
+            assert r[stage]["shape"] == (2, 2)
+            assert max_rel_err(r[stage]["params"], got[0][stage]["params"]) == 0.0
+        assert max_rel_err(got[0][stage]["params"], reference(10, 2, CLIP)) <= 1e-5
+    assert "mesh=accelerator.zero_mesh" in got[0]["refusal"]
+

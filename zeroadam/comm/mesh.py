@@ -22,6 +22,9 @@ from zeroadam.comm.collectives import Group
 __all__ = ["Topology", "resolve_topology", "MESH_DIMS"]
 
 MESH_DIMS = ("replicate", "shard")
+# Accelerate's ParallelismConfig(dp_replicate_size=..., dp_shard_size=...) names the same two dims so
+# (accelerator.torch_device_mesh): taken as they are.
+_ALIASES = {("dp_replicate", "dp_shard"): MESH_DIMS}
 _MESH_FIX = (
     "build it with torch.distributed.device_mesh.init_device_mesh(device_type, (replicas, shards), "
     "mesh_dim_names=('replicate', 'shard')) over every rank, for example (nodes, gpus_per_node)"
@@ -75,11 +78,13 @@ def resolve_topology(mesh: Optional[Any], process_group: Optional[Any], who: str
             "the mesh already names the ranks"
         )
     names = tuple(mesh.mesh_dim_names or ())
+    given = names
+    names = _ALIASES.get(names, names)
     if mesh.ndim == 1:
         return Topology.flat(Group.resolve(mesh.get_group()))
     if mesh.ndim != 2 or sorted(names) != sorted(MESH_DIMS):
         raise ValueError(
-            f"{who}: invalid mesh with shape {tuple(mesh.shape)} and mesh_dim_names={names or None}; expected a 1-D "
+            f"{who}: invalid mesh with shape {tuple(mesh.shape)} and mesh_dim_names={given or None}; expected a 1-D "
             f"mesh or a 2-D mesh with mesh_dim_names=('replicate', 'shard'): {_MESH_FIX}"
         )
     if mesh.size() != dist.get_world_size():
@@ -87,8 +92,8 @@ def resolve_topology(mesh: Optional[Any], process_group: Optional[Any], who: str
             f"{who}: invalid mesh with shape {tuple(mesh.shape)}: it covers {mesh.size()} ranks but the world has "
             f"{dist.get_world_size()}; a 2-D mesh must cover every rank: {_MESH_FIX}"
         )
-    shard = Group.resolve(mesh.get_group("shard"))
-    replicate = Group.resolve(mesh.get_group("replicate"))
+    shard = Group.resolve(mesh.get_group(given[names.index("shard")]))
+    replicate = Group.resolve(mesh.get_group(given[names.index("replicate")]))
     grid = mesh.mesh if names == MESH_DIMS else mesh.mesh.t()  # [replicate, shard] global ranks
     rows = tuple(tuple(int(r) for r in row) for row in grid.tolist())
     return Topology(shard=shard, replicate=replicate, everyone=Group.resolve(None), shard_rows=rows)
