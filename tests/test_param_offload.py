@@ -1,0 +1,256 @@
+"""ZeRO-3 parameter offload: shard_model(offload_params=True) with ZeroAdam(stage=3, offload="cpu").
+
+On CPU, CPU tensors stand in for the device as the optimizer offload is tested (tests/test_offload.py): the host
+shard is copied into a staging shard before every all-gather and the reduced gradients go through the host
+gradient sink, so the whole path runs; only the streams and pinned memory need a GPU (the CUDA tests at the end).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import zeroadam
+from distributed import run_ranks
+from helpers import rel_err
+from test_zero3 import BATCH, CLIP, MICRO, data, groups, loss_of, make, reference, train, whole_params
+from zeroadam import ZeroAdam, checkpoint
+from zeroadam.sharding.model import load_full_state_dict
+
+
+def _host_side(model: nn.Module) -> dict:
+    """What the device holds of the model's parameters and gradients between steps (CPU stands in for it)."""
+    st = model._zeroadam_sharded
+    flats = [f for u in st.units for f in u.flats]
+    return {
+        "offloaded": all(f.offloaded for f in flats),
+        "gathered": sum(f.is_materialized() for f in flats),
+        "staged": sum(len(u.staged) for u in st.units),
+        "grad_full": sum(f.grad_full is not None for f in flats),
+        "live_bytes": st.live_bytes,
+    }
+
+
+def equality(rank: int, world: int) -> dict:
+    out: dict = {}
+    for fmt in ("fp32", "int8"):
+        runs = {}
+        for name, shard_opts, opt_opts in (
+            ("plain", {}, {}),
+            ("offload", {}, {"offload": "cpu"}),
+            ("params", {"offload_params": True}, {"offload": "cpu"}),
+        ):
+            model = zeroadam.shard_model(make(), **shard_opts)
+            opt = train(model, rank, world, state_dtype=fmt, **opt_opts)
+            if name == "params":
+                out[fmt, "host_side"] = _host_side(model)
+                out[fmt, "stats"] = opt.memory_stats()
+                out[fmt, "pieces_on_host"] = all(
+                    pc.param_view().device.type == "cpu" and pc.param_host is None for pc in opt.engine.pieces
+                )
+            runs[name] = whole_params(model)
+        out[fmt] = runs
+    # Gradient accumulation under no_sync: gradients stay whole in p.grad until the last micro-batch.
+    model = zeroadam.shard_model(make(), offload_params=True)
+    train(model, rank, world, no_sync=True, offload="cpu")
+    out["no_sync"] = whole_params(model)
+    # prefetch=0 and reshard_after_forward=False: other gather schedules, the same numbers.
+    model = zeroadam.shard_model(make(), offload_params=True, prefetch=0, reshard_after_forward=False)
+    train(model, rank, world, offload="cpu")
+    out["schedule"] = whole_params(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref() -> list[torch.Tensor]:
+    return reference()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_offloaded_parameters_train_like_resident_ones(world: int, ref: list[torch.Tensor]) -> None:
+    for res in run_ranks(equality, world):
+        for fmt in ("fp32", "int8"):
+            runs = res[fmt]
+            # The host shards receive exactly what the device shards would: same kernels, same order.
+            assert max(rel_err(a, b) for a, b in zip(runs["params"], runs["offload"])) <= 1e-6, fmt
+            assert max(rel_err(a, b) for a, b in zip(runs["params"], runs["plain"])) <= 1e-6, fmt
+            side = res[fmt, "host_side"]
+            assert side == {"offloaded": True, "gathered": 0, "staged": 0, "grad_full": 0, "live_bytes": 0}, side
+            assert res[fmt, "pieces_on_host"]
+            stats = res[fmt, "stats"]
+            assert stats["device_bytes"] == 0, stats  # nothing of the parameters, gradients or state between steps
+            assert stats["host_bytes"] >= stats["param_bytes"] + stats["state_bytes"] + stats["master_bytes"]
+        assert max(rel_err(a, b) for a, b in zip(res["fp32"]["params"], ref)) <= 1e-5
+        assert max(rel_err(a, b) for a, b in zip(res["no_sync"], ref)) <= 1e-5
+        assert max(rel_err(a, b) for a, b in zip(res["schedule"], res["fp32"]["params"])) <= 1e-6
+
+
+def checkpoints(rank: int, world: int, root: str) -> dict:
+    """Save after 5 steps, train 5 more; load into fresh models (offloaded, and not) and train the same 5."""
+    from pathlib import Path
+
+    out: dict = {}
+    per = BATCH // world
+    steps = data(10, MICRO)
+
+    def run(model: nn.Module, opt: ZeroAdam, batches: list) -> None:
+        for mbs in batches:
+            opt.zero_grad()
+            for x, y in mbs:
+                (loss_of(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]) / MICRO).backward()
+            opt.step()
+
+    def build(offload_params: bool) -> tuple[nn.Module, ZeroAdam]:
+        model = zeroadam.shard_model(make(), offload_params=offload_params)
+        opts = {"offload": "cpu"} if offload_params else {}
+        return model, ZeroAdam(groups(model), lr=1e-2, state_dtype="int8", stage=3, max_grad_norm=CLIP, **opts)
+
+    model, opt = build(True)
+    run(model, opt, steps[:5])
+    checkpoint.save(Path(root) / "ck", model, opt)
+    sd = opt.state_dict()  # the optimizer's own state dict: whole on rank 0
+    run(model, opt, steps[5:])
+    out["continued"] = whole_params(model)
+    for offload_params in (True, False):
+        m2, o2 = build(offload_params)
+        checkpoint.load(Path(root) / "ck", m2, o2)
+        run(m2, o2, steps[5:])
+        out["resumed", offload_params] = whole_params(m2)
+    # The model's state dict routes: full_state_dict / load_full_state_dict / state_dict_views.
+    m3, o3 = build(True)
+    full = zeroadam.full_state_dict(model)
+    load_full_state_dict(m3, full)
+    out["full_round_trip"] = all(torch.equal(full[k], v) for k, v in zeroadam.full_state_dict(m3).items())
+    with m3._zeroadam_sharded.state_dict_views():
+        out["views"] = sorted(m3.state_dict()) == sorted(full)
+    out["state_dict_keys"] = sorted(sd["state"]) if rank == 0 else None
+    return out
+
+
+def test_checkpoint_round_trip_resumes_the_same(tmp_path) -> None:  # noqa: ANN001
+    results = run_ranks(checkpoints, 2, str(tmp_path))
+    for res in results:
+        for offload_params in (True, False):
+            for a, b in zip(res["resumed", offload_params], res["continued"]):
+                assert torch.equal(a, b), offload_params
+        assert res["full_round_trip"] and res["views"]
+    assert results[0]["state_dict_keys"] == list(range(len(list(make().parameters()))))
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="offload_params='yes'"):
+        zeroadam.shard_model(make(), offload_params="yes")  # type: ignore[arg-type]
+    model = zeroadam.shard_model(make(), offload_params=True)
+    with pytest.raises(ValueError, match='offload=None.*offload_params=True.*offload="cpu"'):
+        ZeroAdam(model.parameters(), stage=3)
+    # Stages 1-2 know nothing of shard_model's shards: the parameters of a sharded model need stage=3.
+    with pytest.raises(ValueError, match="stage=3"):
+        ZeroAdam(model.parameters(), stage=2, offload="cpu")
+
+
+def test_single_process_matches_adamw(ref: list[torch.Tensor]) -> None:
+    """One process (no collectives): the host shard is copied straight into the full buffer."""
+    import torch.distributed as dist
+
+    model = zeroadam.shard_model(make(), offload_params=True)
+    train(model, 0, 1, offload="cpu")
+    assert max(rel_err(a, b) for a, b in zip(whole_params(model), ref)) <= 1e-5
+    assert not dist.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_model(width: int = 1024, blocks: int = 6) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers).cuda()
+
+
+@contextlib.contextmanager
+def _one_rank_group():  # noqa: ANN202
+    import os
+
+    import torch.distributed as dist
+
+    from distributed import free_port
+
+    if dist.is_initialized():
+        yield
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@cuda
+def test_cuda_shards_are_pinned_and_the_device_holds_no_parameter_bytes_between_steps() -> None:
+    with _one_rank_group():
+        ref = _cuda_model()
+        model = zeroadam.shard_model(copy.deepcopy(ref), units=[nn.Linear], offload_params=True)
+        opt = ZeroAdam(model.parameters(), lr=1e-3, stage=3, offload="cpu")
+        adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+        st = model._zeroadam_sharded
+        for f in (f for u in st.units for f in u.flats):
+            assert f.shard.device.type == "cpu" and f.shard.is_pinned()
+            assert f.device.type == "cuda"
+        for s in range(3):
+            x = torch.randn(64, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(s))
+            for m, o in ((model, opt), (ref, adamw)):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+            torch.cuda.synchronize()
+            for f in (f for u in st.units for f in u.flats):
+                assert not f.is_materialized() and f.grad_full is None
+                assert f.grad_shard is not None and f.grad_shard.device.type == "cpu" and f.grad_shard.is_pinned()
+            assert opt.memory_stats()["device_bytes"] == 0
+        full = zeroadam.full_state_dict(model)
+        assert max(rel_err(full[n], p.cpu()) for n, p in ref.named_parameters()) <= 1e-5
+
+
+@cuda
+def test_cuda_prefetch_copy_overlaps_compute() -> None:
+    """The profiler's timeline: host-to-device copies of the prefetched units run while the compute stream runs
+    the unit in use."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _one_rank_group():
+        width = 4096
+        model = zeroadam.shard_model(_cuda_model(width, 8), units=[nn.Linear], offload_params=True, prefetch=1)
+        opt = ZeroAdam(model.parameters(), lr=1e-3, stage=3, offload="cpu")
+        x = torch.randn(8192, width, device="cuda")
+        for _ in range(2):  # the first forward records the order that prefetching follows
+            with torch.no_grad():
+                model(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                model(x)
+            torch.cuda.synchronize()
+        copies, kernels = [], []
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            span = (e.time_range.start, e.time_range.end)
+            if "Memcpy HtoD" in e.name:
+                copies.append(span)
+            elif "gemm" in e.name.lower() or "cutlass" in e.name.lower() or "sm90" in e.name.lower():
+                kernels.append(span)
+        assert copies and kernels, (len(copies), len(kernels))
+        overlapped = sum(
+            max(0, min(c1, k1) - max(c0, k0)) for c0, c1 in copies for k0, k1 in kernels
+        )
+        copy_time = sum(c1 - c0 for c0, c1 in copies)
+        print(f"host-to-device copy time {copy_time} us, of which under compute {overlapped} us")
+        assert overlapped >= 0.5 * copy_time, (overlapped, copy_time)
+        del opt
