@@ -161,6 +161,76 @@ def test_single_process_matches_adamw(ref: list[torch.Tensor]) -> None:
     assert not dist.is_initialized()
 
 
+# ---------------------------------------------------------------------------------------------- DeepSpeed configs
+def deepspeed_offload_param(rank: int, world: int) -> dict:
+    """HF's ZeRO-3 offload config shape (offload_optimizer and offload_param on the cpu, pinned) through zds."""
+    import os
+    import warnings
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    from test_integration_deepspeed import _train, config
+
+    from zeroadam.integrations import deepspeed as zds
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    both = {"device": "cpu", "pin_memory": True}
+    out = {"offload": _train(rank, zds.initialize, config({"stage": 3, "offload_optimizer": both, "offload_param": both}))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = zds.translate(config({"stage": 3, "offload_optimizer": both, "cpu_offload_param": True}))
+    out["legacy"] = (t.offload_params, [str(w.message) for w in caught])
+    # A model the caller sharded must agree with the config.
+    try:
+        zds.initialize(model=zeroadam.shard_model(_small()), config=config({"stage": 3, "offload_optimizer": both, "offload_param": both}))
+        out["mismatch"] = None
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def _small() -> nn.Module:
+    from helpers import make_model
+
+    return make_model()
+
+
+def test_deepspeed_offload_param_config_trains_like_adamw() -> None:
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    from helpers import max_rel_err
+    from test_integration_deepspeed import reference as ds_reference
+
+    ref = ds_reference()
+    for r in run_ranks(deepspeed_offload_param, 2, timeout=600):
+        res = r["offload"]
+        assert max_rel_err(res["params"], ref) <= 1e-5
+        assert res["optimizer"] == "ZeroAdam" and res["ds_allreduces"] == 0
+        assert res["sharded"]["released"] and res["sharded"]["grads_left"] == 0
+        assert r["legacy"][0] and any("cpu_offload_param is deprecated" in m for m in r["legacy"][1])
+        assert "offload_params=False" in r["mismatch"]
+
+
+def test_deepspeed_offload_param_refusals() -> None:
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    from zeroadam.integrations import deepspeed as zds
+
+    cpu = {"device": "cpu"}
+
+    def refusal(zero: dict) -> str:
+        with pytest.raises(ValueError) as e:
+            zds.translate({"zero_optimization": zero})
+        return str(e.value)
+
+    msg = refusal({"stage": 3, "offload_optimizer": cpu, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}})
+    assert "zero_optimization.offload_param.device='nvme'" in msg and "'cpu' only" in msg
+    msg = refusal({"stage": 3, "offload_param": cpu})
+    assert "zero_optimization.offload_param.device='cpu'" in msg and "offload_optimizer: {'device': 'cpu'}" in msg
+    msg = refusal({"stage": 2, "offload_optimizer": cpu, "offload_param": cpu})
+    assert "stage 3" in msg
+    assert "offload_param.speed" in refusal({"stage": 3, "offload_optimizer": cpu, "offload_param": {"device": "cpu", "speed": 1}})
+    t = zds.translate({"zero_optimization": {"stage": 3, "offload_optimizer": cpu, "offload_param": {"device": "none"}}})
+    assert not t.offload_params
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
