@@ -246,6 +246,7 @@ class ShardedModel:
                     src = torch.empty(f.shard.numel(), dtype=f.shard.dtype, device=f.device)
                     src.copy_(f.shard, non_blocking=True)
                     u.staged.append(src)
+                    self.live_bytes += src.numel() * src.element_size()
                 if self.group.world > 1:
                     u.handles.append(all_gather_into(self.group, f.full, src, self.stats))
                 else:
@@ -273,6 +274,7 @@ class ShardedModel:
                 "zeroadam.full_state_dict(model) (every rank calls it) and evaluate that"
             ) from e
         u.handles.clear()
+        self.live_bytes -= sum(t.numel() * t.element_size() for t in u.staged)
         u.staged.clear()  # allocated on the side stream, read only there and by the collective (which records it)
         u.copied = None
         u.gathered = True
