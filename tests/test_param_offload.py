@@ -16,7 +16,7 @@ from torch import nn
 import zeroadam
 from distributed import run_ranks
 from helpers import rel_err
-from test_zero3 import BATCH, CLIP, MICRO, data, groups, loss_of, make, reference, train, whole_params
+from test_zero3 import BATCH, CLIP, MICRO, STEPS, data, groups, loss_of, make, reference, train, whole_params
 from zeroadam import ZeroAdam, checkpoint
 from zeroadam.sharding.model import load_full_state_dict
 
@@ -161,6 +161,35 @@ def test_single_process_matches_adamw(ref: list[torch.Tensor]) -> None:
     assert not dist.is_initialized()
 
 
+def test_meta_device_model_is_materialized_into_host_shards() -> None:
+    from test_zero3 import TinyLM
+
+    with torch.device("meta"):
+        meta = TinyLM()
+    model = zeroadam.shard_model(meta, device="cpu", full_state_dict=make().state_dict(), offload_params=True)
+    assert all(f.offloaded and not f.is_materialized() for u in model._zeroadam_sharded.units for f in u.flats)
+    x = data(1, 1)[0][0][0]
+    with torch.no_grad():
+        assert torch.equal(model(x), make()(x))
+
+
+def test_accelerate_shard_model_offloads_and_trains_like_adamw(ref: list[torch.Tensor]) -> None:
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from zeroadam.integrations.accelerate import ZeroAccelerator
+
+    acc = ZeroAccelerator()
+    model = acc.shard_model(make(), offload_params=True)
+    assert model._zeroadam_sharded.offload_params
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3, max_grad_norm=CLIP, offload="cpu")
+    model, opt = acc.prepare(model, opt)
+    for mbs in data(STEPS, MICRO):
+        opt.zero_grad()
+        for x, y in mbs:
+            acc.backward(loss_of(model, x, y) / MICRO)
+        opt.step()
+    assert max(rel_err(a, b) for a, b in zip(whole_params(model), ref)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- DeepSpeed configs
 def deepspeed_offload_param(rank: int, world: int) -> dict:
     """HF's ZeRO-3 offload config shape (offload_optimizer and offload_param on the cpu, pinned) through zds."""
@@ -267,7 +296,7 @@ def test_cuda_shards_are_pinned_and_the_device_holds_no_parameter_bytes_between_
     with _one_rank_group():
         ref = _cuda_model()
         model = zeroadam.shard_model(copy.deepcopy(ref), units=[nn.Linear], offload_params=True)
-        opt = ZeroAdam(model.parameters(), lr=1e-3, stage=3, offload="cpu")
+        opt = ZeroAdam(model.parameters(), lr=1e-3, weight_decay=0.01, state_dtype="fp32", stage=3, offload="cpu")
         adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
         st = model._zeroadam_sharded
         for f in (f for u in st.units for f in u.flats):
