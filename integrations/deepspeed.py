@@ -6,7 +6,8 @@ Two ways in:
 * ``zeroadam.integrations.deepspeed.initialize(model=..., model_parameters=..., config=...)`` reads the config's
   optimizer and ZeRO sections into a ``ZeroAdam`` (see ``translate``), hands DeepSpeed the rest with ZeRO off, and
   returns DeepSpeed's ``(engine, optimizer, dataloader, lr_scheduler)``. ZeroAdam shards state and gradients (stage
-  1-2, ``offload_optimizer``) and, at stage 3, the parameters (``zeroadam.shard_model``); it clips by the global
+  1-2, ``offload_optimizer``) and, at stage 3, the parameters (``zeroadam.shard_model``; ``offload_param`` with
+  ``offload_optimizer`` keeps their shards on the host: ``offload_params=True``); it clips by the global
   norm and averages gradients itself: the engine's own all-reduce is switched off
   (``engine.enable_backward_allreduce``). With gradient accumulation stage 2 communicates on the boundary
   micro-batch only; stage 3 reduce-scatters every micro-batch into the gradient shards, as DeepSpeed's ZeRO-3
