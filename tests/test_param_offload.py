@@ -153,6 +153,12 @@ def checkpoints(rank: int, world: int, root: str) -> dict:
     with m3._zeroadam_sharded.state_dict_views():
         out["views"] = sorted(m3.state_dict()) == sorted(full)
     out["state_dict_keys"] = sorted(sd["state"]) if rank == 0 else None
+    # One rank offloading and the other not is refused on both, before any gather.
+    try:
+        zeroadam.shard_model(make(), offload_params=rank == 0)
+        out["disagree"] = None
+    except ValueError as e:
+        out["disagree"] = str(e)
     return out
 
 
@@ -164,6 +170,8 @@ def test_checkpoint_round_trip_resumes_the_same(tmp_path) -> None:  # noqa: ANN0
                 assert torch.equal(a, b), offload_params
         assert res["full_round_trip"] and res["views"]
     assert results[0]["state_dict_keys"] == list(range(len(list(make().parameters()))))
+    for res in results:
+        assert "offload_params" in res["disagree"] and "ranks disagree" in res["disagree"]
 
 
 def test_bad_input_is_refused() -> None:
@@ -193,15 +201,20 @@ def test_next_unit_is_copied_in_while_one_computes() -> None:
     model = zeroadam.shard_model(make(), offload_params=True)
     st = model._zeroadam_sharded
     blocks = [u for u in st.units if u is not st.root]
-    in_flight: list[tuple[str, int]] = []
+    in_flight: list[tuple[str, bool, bool]] = []
+
+    def started(nxt) -> tuple[str, bool, bool]:  # type: ignore[no-untyped-def]
+        return nxt.name, nxt.gathered, all(f.is_materialized() for f in nxt.flats)
+
     for u, nxt in zip(blocks, blocks[1:]):
-        u.module.register_forward_pre_hook(lambda m, a, nxt=nxt: in_flight.append((nxt.name, len(nxt.staged))))
+        u.module.register_forward_pre_hook(lambda m, a, nxt=nxt: in_flight.append(started(nxt)))
     x = data(1, 1)[0][0][0]
     with torch.no_grad():
         model(x)  # records the order that prefetching follows
         in_flight.clear()
         model(x)
-    assert in_flight == [(u.name, 1) for u in blocks[1:]], in_flight
+    # Started (its full buffer allocated, the copy issued) but not yet waited for.
+    assert in_flight == [(u.name, False, True) for u in blocks[1:]], in_flight
 
 
 def test_meta_device_model_is_materialized_into_host_shards() -> None:

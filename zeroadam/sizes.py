@@ -166,5 +166,7 @@ def stage3_peak_buffer_bytes(
 def stage3_staging_bytes(unit_total: int, world: int, param_bytes: int, prefetch: int = DEFAULT_PREFETCH) -> int:
     """Device staging shards of offloaded parameters alive at once (``shard_model(offload_params=True)``): one per
     unit gathered ahead of use (one at least: the unit being gathered), each 1 / ``world`` of a flat buffer of
-    ``unit_total`` elements."""
+    ``unit_total`` elements; none on one rank, where the host shard is copied straight into the full buffer."""
+    if world == 1:
+        return 0
     return max(prefetch, 1) * param_bytes * (unit_total // world)

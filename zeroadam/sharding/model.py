@@ -34,7 +34,8 @@ the old weights.
 [Note: parameter offload]
 With ``shard_model(offload_params=True)`` a unit's persistent shard lives in host memory (pinned when the model
 computes on a GPU) and the device holds nothing of the unit between uses. A gather copies the host shard into a
-device staging shard and all-gathers that into the full buffer; on CUDA both run on a side stream (``copy_stream``)
+device staging shard and all-gathers that into the full buffer (on one rank it copies the host shard straight
+into the full buffer); on CUDA both run on a side stream (``copy_stream``)
 that first waits for the compute queued so far (the allocator may hand the full buffer a block the compute stream
 freed), so a prefetched unit's copy and all-gather overlap the compute of the unit in use, and the compute stream
 waits for them only where it needs the unit. The staging shard is dropped once the gather is waited for. Gradients
@@ -242,7 +243,7 @@ class ShardedModel:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for f in u.flats:
                 src = f.shard
-                if f.offloaded:
+                if f.offloaded and self.group.world > 1:  # on one rank the host shard is copied straight into full
                     src = torch.empty(f.shard.numel(), dtype=f.shard.dtype, device=f.device)
                     src.copy_(f.shard, non_blocking=True)
                     u.staged.append(src)
@@ -609,7 +610,10 @@ def shard_model(
         error: Optional[ValueError] = None
     except ValueError as e:
         assigned, error = [], e
-    mine = [("error", str(error))] if error is not None else _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device) + [("offload_params", offload_params)]
+    if error is not None:
+        mine = [("error", str(error))]
+    else:
+        mine = _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device, offload_params)
     check_same_on_every_rank(
         group, mine, "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
     )
@@ -704,6 +708,7 @@ def _model_fingerprint(
     reshard_after_forward: bool,
     prefetch: int,
     device: Any,
+    offload_params: bool = False,
 ) -> list[tuple[str, Any]]:
     """What every rank's shard_model must agree on: the options that change the order of gathers, whether the
     model is on the meta device, and per unit its name and its parameters' names, shapes, dtypes and whether
@@ -712,6 +717,7 @@ def _model_fingerprint(
     items: list[tuple[str, Any]] = [
         ("reshard_after_forward", bool(reshard_after_forward)),
         ("prefetch", prefetch),
+        ("offload_params", offload_params),
         ("device", None if device is None else torch.device(device).type),
         ("on_meta", any(p.is_meta for p in model.parameters())),
         ("units", len(assigned)),
