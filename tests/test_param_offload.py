@@ -190,9 +190,17 @@ def test_single_process_matches_adamw(ref: list[torch.Tensor]) -> None:
     import torch.distributed as dist
 
     model = zeroadam.shard_model(make(), offload_params=True)
-    train(model, 0, 1, offload="cpu")
+    stats = train(model, 0, 1, offload="cpu").memory_stats()
     assert max(rel_err(a, b) for a, b in zip(whole_params(model), ref)) <= 1e-5
     assert not dist.is_initialized()
+    assert stats["device_bytes"] == 0
+    assert stats["host_bytes"] == sum(stats[k] for k in ("param_bytes", "grad_bytes", "state_bytes", "master_bytes"))
+    # The device / host split of the other placements: everything on the device, or the optimizer state on the host.
+    for opts, on_host in (({}, ()), ({"offload": "cpu"}, ("state_bytes", "master_bytes"))):
+        stats = train(zeroadam.shard_model(make()), 0, 1, **opts).memory_stats()
+        categories = ("param_bytes", "grad_bytes", "state_bytes", "master_bytes")
+        assert stats["host_bytes"] == sum(stats[k] for k in on_host)
+        assert stats["device_bytes"] == sum(stats[k] for k in categories if k not in on_host)
 
 
 def test_next_unit_is_copied_in_while_one_computes() -> None:

@@ -225,18 +225,19 @@ class Zero3Engine(Engine):
         return self._last_stats
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes by category (wherever they live), then ``device_bytes`` and ``host_bytes``: the same bytes split by
-        where the design places them (offloaded shards and state on the host, even when CPU tensors stand in for
-        the device); ``buffer_bytes``, a peak, is in neither."""
+        """Bytes by category (wherever they live), then ``device_bytes`` and ``host_bytes``: where the design
+        places them (offloaded shards and state on the host, even when CPU tensors stand in for the device), the
+        host adding its pinned copies and staging buffers; ``buffer_bytes``, a peak, is in neither."""
         st = self.sharded
         shard_bytes = {True: 0, False: 0}  # offloaded -> bytes of parameter shards
         grad_shards = {True: 0, False: 0}
+        staging = 0  # pinned host buffers the device-to-host gradient copies land in (CUDA only)
         for f in self.flats:
             shard_bytes[f.offloaded] += f.shard.numel() * f.shard.element_size()
             if f.grad_shard is not None:
                 grad_shards[f.offloaded] += grad_shard_bytes(f.grad_shard.numel())
-                if f.grad_sink is not None:
-                    grad_shards[True] += f.grad_sink.staging_bytes()
+            if f.grad_sink is not None:
+                staging += f.grad_sink.staging_bytes()
         grad_device = sum(f.grad_full.numel() * GRAD_BYTES for f in self.flats if f.grad_full is not None)
         grad_device += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
         state = sum(pc.moments.nbytes() for pc in self.pieces)
@@ -253,7 +254,7 @@ class Zero3Engine(Engine):
             "buffer_bytes": st.peak_buffer_bytes,
             "device_bytes": shard_bytes[False] + st.live_bytes + grad_shards[False] + grad_device
             + (0 if on_host else state + master),
-            "host_bytes": shard_bytes[True] + grad_shards[True] + copies + (state + master if on_host else 0),
+            "host_bytes": shard_bytes[True] + grad_shards[True] + copies + staging + (state + master if on_host else 0),
         }
 
     # ---------------------------------------------------------------- state dicts
