@@ -6,7 +6,8 @@
 Parts, each recorded in ``benchmarks/results/gpu_suite_<gpu>.json`` (``<gpu>``: the device name in lower
 case, e.g. ``gpu_suite_nvidia-h100-80gb-hbm3.json``; the name itself is in the file):
 
-1. ``pytest tests/test_cuda.py`` in a subprocess (recorded as missing when the file does not exist).
+1. ``pytest tests/test_cuda.py`` and the CUDA tests of tests/test_param_offload.py (``MORE_CUDA_TESTS``) in a
+   subprocess (recorded as missing when tests/test_cuda.py does not exist).
 2. ``step_speed.py --device cuda`` over ``--sizes`` (default 2^24 and 2^27 elements) in a subprocess; it
    writes its own ``step_speed_cuda.json``, and every row here gets its fraction of the card's peak.
 3. The achieved memory bandwidth of ZeroAdam's int8 step: bytes it must move (16.0625 per element, see
@@ -65,6 +66,12 @@ EXIT_NO_CUDA = 2
 
 REPO = BENCH_DIR.parent
 CUDA_TESTS = REPO / "tests" / "test_cuda.py"
+# CUDA tests that live beside their CPU counterparts: pinned parameter shards and the copy/compute overlap of
+# shard_model(offload_params=True), measured on the profiler's timeline.
+MORE_CUDA_TESTS = (
+    "tests/test_param_offload.py::test_cuda_shards_are_pinned_and_the_device_holds_no_parameter_bytes_between_steps",
+    "tests/test_param_offload.py::test_cuda_prefetch_copy_overlaps_compute",
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,8 @@ def run_cuda_tests(timeout_s: int) -> dict[str, Any]:
     """pytest on tests/test_cuda.py; status ok / failed / no tests / missing / timeout."""
     if not CUDA_TESTS.exists():
         return {"status": "missing", "reason": f"{CUDA_TESTS} does not exist yet"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", str(CUDA_TESTS)]
+    more = [t for t in MORE_CUDA_TESTS if (REPO / t.split("::")[0]).exists()]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", str(CUDA_TESTS), *more]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)

@@ -250,8 +250,10 @@ class ZeroAccelerator(Accelerator):
         full_state_dict: Optional[dict[str, torch.Tensor]] = None,
         init_fn: Optional[Callable[[nn.Module], None]] = None,
         seed: int = 0,
+        offload_params: bool = False,
     ) -> nn.Module:
-        """``zeroadam.shard_model`` over all processes, with the shards (and the buffers) on ``self.device``.
+        """``zeroadam.shard_model`` over all processes, with the shards (and the buffers) on ``self.device``
+        (the shards on the host with ``offload_params=True``, then build ``ZeroAdam(..., offload="cpu")``).
 
         Call it before building ``ZeroAdam(stage=3)``, then ``prepare`` the model and the optimizer. The options are
         ``zeroadam.shard_model``'s: the units, resharding and prefetch, and for a meta-device model either
@@ -272,6 +274,7 @@ class ZeroAccelerator(Accelerator):
             full_state_dict=full_state_dict,
             init_fn=init_fn,
             seed=seed,
+            offload_params=offload_params,
         )
         _place_buffers(model, self.device)
         return model
@@ -359,7 +362,7 @@ class ZeroAccelerator(Accelerator):
                 "(accelerator.shard_model(model), or zeroadam.shard_model without a process_group)"
             )
         if self.device_placement if device_placement is None else device_placement:
-            devices = {f.shard.device for u in st.units for f in u.flats}
+            devices = {f.device for u in st.units for f in u.flats}  # where units compute (offloaded shards: host)
             wrong = sorted(str(d) for d in devices if not _same_device(d, self.device))
             if wrong:
                 raise ValueError(

@@ -6,7 +6,8 @@ Two ways in:
 * ``zeroadam.integrations.deepspeed.initialize(model=..., model_parameters=..., config=...)`` reads the config's
   optimizer and ZeRO sections into a ``ZeroAdam`` (see ``translate``), hands DeepSpeed the rest with ZeRO off, and
   returns DeepSpeed's ``(engine, optimizer, dataloader, lr_scheduler)``. ZeroAdam shards state and gradients (stage
-  1-2, ``offload_optimizer``) and, at stage 3, the parameters (``zeroadam.shard_model``); it clips by the global
+  1-2, ``offload_optimizer``) and, at stage 3, the parameters (``zeroadam.shard_model``; ``offload_param`` with
+  ``offload_optimizer`` keeps their shards on the host: ``offload_params=True``); it clips by the global
   norm and averages gradients itself: the engine's own all-reduce is switched off
   (``engine.enable_backward_allreduce``). With gradient accumulation stage 2 communicates on the boundary
   micro-batch only; stage 3 reduce-scatters every micro-batch into the gradient shards, as DeepSpeed's ZeRO-3
@@ -138,6 +139,7 @@ class Translation:
     resolved: list[str] = field(default_factory=list)  # HF "auto" values and deprecated keys, as "key=value (why)"
     gather_16bit_on_save: bool = False  # stage 3: save_16bit_model gathers and writes the weights
     hpz: int = 1  # zero_hpz_partition_size: ranks per parameter-gather group (> 1 needs a mesh, see initialize)
+    offload_params: bool = False  # stage 3: offload_param device 'cpu', shard_model(offload_params=True)
 
 
 def _load(config: Union[str, dict[str, Any]]) -> dict[str, Any]:
@@ -159,6 +161,41 @@ def _check_keys(section: dict[str, Any], table: dict[str, keys.Key], prefix: str
             out.ignored.append(where)
         elif entry.kind == "refused" and not keys.is_auto(value) and value not in entry.accepted:
             raise _bad(where, value, entry.why)
+
+
+def _offload_param(zero: dict[str, Any], stage: int, zo: dict[str, Any], out: Translation) -> bool:
+    """Whether the config offloads the parameters (``offload_param``, or the deprecated ``cpu_offload_param``)."""
+    if "cpu_offload_param" in zero:
+        legacy = zero.pop("cpu_offload_param")
+        warnings.warn("Config parameter cpu_offload_param is deprecated use offload_param instead", FutureWarning, 4)
+        if legacy:
+            if "offload_param" in zero:
+                raise _bad(
+                    "zero_optimization.cpu_offload_param", legacy, "and zero_optimization.offload_param are both set; "
+                    "keep offload_param"
+                )
+            zero["offload_param"] = {"device": "cpu"}
+            out.resolved.append("zero_optimization.cpu_offload_param: true -> offload_param: {'device': 'cpu'}")
+    section = zero.get("offload_param") or {}
+    _check_keys(section, keys.OFFLOAD_PARAM, "zero_optimization.offload_param", out)
+    device = section.get("device", "none")
+    if device in ("none", None):
+        return False
+    where = "zero_optimization.offload_param.device"
+    if device != "cpu":
+        raise _bad(where, device, "is not supported; ZeroAdam offloads parameters to 'cpu' only (no NVMe offload)")
+    if stage != 3:
+        raise _bad(
+            where, device, f"needs zero_optimization.stage 3 (the stage is {stage}): only stage 3 shards the "
+            "parameters, as in DeepSpeed, where offload_param is valid only with stage 3"
+        )
+    if zo.get("offload") != "cpu":
+        raise _bad(
+            where, device, "needs offload_optimizer: {'device': 'cpu'} as well: ZeroAdam updates offloaded parameter "
+            "shards on the host, where the optimizer state then lives (ZeRO-Infinity's usual setup); add it, or "
+            "drop offload_param to keep the parameter shards on the device"
+        )
+    return True
 
 
 def _optimizer_defaults(kind: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -339,6 +376,7 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
         raise _bad(
             "zero_optimization.offload_optimizer.device", device, "is not supported; ZeroAdam offloads to 'cpu' only"
         )
+    out.offload_params = _offload_param(zero, stage, zo, out)
     out.gather_16bit_on_save = any(
         bool(zero.get(k))
         for k in ("gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save",
@@ -422,13 +460,19 @@ def initialize(
     sharded: Optional[ShardedModel] = getattr(model, "_zeroadam_sharded", None)
     if sharded is not None:
         _check_sharded(model, stage, device, t.dtype)
+        if sharded.offload_params != t.offload_params:
+            raise _bad(
+                "zero_optimization.offload_param.device", "cpu" if t.offload_params else "none",
+                f"does not fit a model sharded by zeroadam.shard_model with offload_params={sharded.offload_params}; "
+                f"shard it with offload_params={t.offload_params}, or pass the model unsharded",
+            )
     else:
         # ZeroAdam's flat buffers (and shard_model's) are made on the parameters' device: move (and cast) first.
         model.to(device)
         if t.dtype is not None:
             model.to(t.dtype)
         if stage == 3:
-            sharded = shard_model(model, mesh=mesh)._zeroadam_sharded  # type: ignore[assignment]
+            sharded = shard_model(model, mesh=mesh, offload_params=t.offload_params)._zeroadam_sharded  # type: ignore[assignment]
     params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
     opt = ZeroAdam(params, **t.zeroadam, gradient_sync="optimizer", mesh=mesh)
     with _gathered(sharded):

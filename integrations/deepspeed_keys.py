@@ -53,15 +53,8 @@ ZERO: dict[str, Key] = {
     "reduce_bucket_size": Key("honoured", "stages 1-2: ZeroAdam's bucket_size; stage 3: no effect"),
     "offload_optimizer": Key("honoured", "device 'cpu': ZeroAdam's offload='cpu'"),
     "cpu_offload": Key("honoured", "DeepSpeed's deprecated spelling of offload_optimizer: {'device': 'cpu'}"),
-    "offload_param": _refused(
-        "(ZeRO-3 parameter offload) is not built in ZeroAdam yet; zeroadam.shard_model keeps each rank's parameter "
-        "shards on the device. Use offload_optimizer: {'device': 'cpu'} (optimizer state on the host), or "
-        "DeepSpeed's own ZeRO-3 (plain deepspeed.initialize) for parameter offload"
-    ),
-    "cpu_offload_param": _refused(
-        "(DeepSpeed's deprecated spelling of offload_param: {'device': 'cpu'}): ZeRO-3 parameter offload is not built "
-        "in ZeroAdam yet; use offload_optimizer: {'device': 'cpu'}, or DeepSpeed's own ZeRO-3 for parameter offload"
-    ),
+    "offload_param": Key("honoured", "device 'cpu' at stage 3: zeroadam.shard_model(offload_params=True); see OFFLOAD_PARAM"),
+    "cpu_offload_param": Key("honoured", "DeepSpeed's deprecated spelling of offload_param: {'device': 'cpu'}"),
     "gather_16bit_weights_on_model_save": Key("honoured", "stage 3: engine.save_16bit_model gathers the weights"),
     "stage3_gather_16bit_weights_on_model_save": Key("honoured", "alias of gather_16bit_weights_on_model_save"),
     "stage3_gather_fp16_weights_on_model_save": Key("honoured", "deprecated alias of gather_16bit_weights_on_model_save"),
@@ -126,6 +119,17 @@ OFFLOAD_OPTIMIZER: dict[str, Key] = {
          "cpuadam_cores_perc", "pipeline"],
         _TUNING,
     ),
+}
+
+# zero_optimization.offload_param: every field of DeepSpeedZeroOffloadParamConfig.
+OFFLOAD_PARAM: dict[str, Key] = {
+    "device": Key(
+        "honoured",
+        "'cpu' keeps the parameter shards on the host (stage 3, with offload_optimizer 'cpu'); 'none' nothing; "
+        "'nvme' is refused",
+    ),
+    "pin_memory": Key("honoured", "ZeroAdam pins the host parameter shards whenever a GPU is present"),
+    **dict.fromkeys(["nvme_path", "buffer_count", "buffer_size", "max_in_cpu"], _TUNING),  # NVMe offload only
 }
 
 # bf16 (or its old name bfloat16): every field of DeepSpeedBF16Config.

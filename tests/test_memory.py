@@ -346,3 +346,54 @@ def test_offload_at_stage_0_keeps_the_whole_state_on_every_rank() -> None:
     est = zeroadam_memory(sum(numels), setup, model=ModelTensors(numels, [], 0))
     for stats in run_ranks(offloaded_whole, 2):
         assert stats["state_bytes"] == est.host["moments"] == sharded_moment_bytes(numels, "int8", 1)
+
+
+# ---------------------------------------------------------------------------------------------- parameter offload
+def held_offloaded(rank: int, world: int) -> dict[str, int]:
+    """held_by_rank's tiny Llama at stage 3 with shard_model(offload_params=True) and offload="cpu"."""
+    import zeroadam
+
+    torch.manual_seed(0)
+    model = zeroadam.shard_model(TinyLlama(TINY_LLAMA).to(torch.bfloat16), offload_params=True)
+    opt = ZeroAdam(model.parameters(), lr=1e-3, stage=3, offload="cpu")
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        idx = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16), generator=g)
+        torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.memory_stats()
+
+
+def test_offload_params_estimate_matches_a_two_rank_run(tmp_path, capsys) -> None:  # noqa: ANN001
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    argv = ["estimate", "--config", str(path), "--world-size", "2", "--stage", "3", "--offload", "cpu", "--offload-params",
+            "--json"]
+    assert main(argv) == 0
+    est = json.loads(capsys.readouterr().out)["estimates"]["ZeroAdam int8 offload params"]
+    assert est["gpu"]["params"] == est["gpu"]["grads"] == est["gpu"]["moments"] == est["gpu"]["master"] == 0
+    host = est["host_per_gpu"]
+    for stats in run_ranks(held_offloaded, 2):
+        assert stats["device_bytes"] == 0  # between steps the GPU holds nothing but what the next pass gathers
+        for cat, key in (("params", "param_bytes"), ("grads", "grad_bytes"), ("moments", "state_bytes"),
+                         ("master", "master_bytes")):
+            assert stats[key] == pytest.approx(host[cat], rel=0.10), (cat, stats[key], host[cat])
+        # The gathered units, their gradient buffers and the staging shards of the gathers.
+        assert stats["buffer_bytes"] == pytest.approx(est["gpu"]["buffers"], rel=0.10)
+
+
+def test_estimate_cli_offload_params(capsys) -> None:  # noqa: ANN001
+    base = ["estimate", "--params", "7B", "--world-size", "1", "--stage", "3", "--state-dtype", "int8"]
+    assert main(base + ["--offload", "cpu", "--offload-params"]) == 0
+    text = capsys.readouterr().out
+    assert "parameters offloaded" in text and "per host" in text
+    assert "RTX 4090-24" in text
+    # Parameters need stage 3, and their update runs on the host: the optimizer must be offloaded too.
+    assert main(["estimate", "--params", "7B", "--stage", "2", "--offload", "cpu", "--offload-params"]) == 2
+    assert "invalid offload_params=True; needs stage 3" in capsys.readouterr().err
+    assert main(base + ["--offload-params"]) == 2
+    assert "offload None" in capsys.readouterr().err
+    off = zeroadam_memory(7e9, Setup(world_size=8, stage=3, offload="cpu", offload_params=True))
+    on = zeroadam_memory(7e9, Setup(world_size=8, stage=3, offload="cpu"))
+    assert off.gpu["params"] == 0 and off.host["params"] == on.gpu["params"] == 2 * 7e9 / 8

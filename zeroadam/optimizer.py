@@ -330,7 +330,9 @@ class ZeroAdam(torch.optim.Optimizer):
         return self.engine.comm_stats()
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes held by this rank: parameters, gradients, moments (+ scales), master weights."""
+        """Bytes held by this rank: parameters, gradients, moments (+ scales), master weights. Stage 3 also splits
+        them into ``device_bytes`` and ``host_bytes`` (what offload, of the state or of the parameters, keeps on the
+        host)."""
         return self.engine.memory_stats()
 
     # ---------------------------------------------------------------- state dict

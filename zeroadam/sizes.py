@@ -21,7 +21,9 @@ What one rank holds beyond its parameters, gradients and optimizer state, by sta
 * stage 3 (``sharding/model.py``): the root unit stays gathered from its forward to the end of backward, with
   its fp32 gradient buffer, which fills from the first gradient (the output head) to the last (the embedding);
   of the other units the one in use and ``prefetch`` more are gathered, and one fp32 gradient buffer fills at a
-  time (the reduce-scatter of a complete unit is synchronous).
+  time (the reduce-scatter of a complete unit is synchronous). With ``offload_params`` each gather also copies the
+  unit's host shard into a device staging shard that lives until the gather is waited for: the prefetched units'
+  staging shards (``stage3_staging_bytes``) come on top.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ __all__ = [
     "bucket_extents",
     "stage2_peak_bucket_numel",
     "stage3_peak_buffer_bytes",
+    "stage3_staging_bytes",
 ]
 
 MomentFormat = Literal["int8", "bf16", "fp32"]
@@ -158,3 +161,12 @@ def stage3_peak_buffer_bytes(
     root = (param_bytes + GRAD_BYTES) * root_total
     blocks = gathered * param_bytes * unit_total + (GRAD_BYTES * unit_total if units else 0)
     return root + blocks
+
+
+def stage3_staging_bytes(unit_total: int, world: int, param_bytes: int, prefetch: int = DEFAULT_PREFETCH) -> int:
+    """Device staging shards of offloaded parameters alive at once (``shard_model(offload_params=True)``): one per
+    unit gathered ahead of use (one at least: the unit being gathered), each 1 / ``world`` of a flat buffer of
+    ``unit_total`` elements; none on one rank, where the host shard is copied straight into the full buffer."""
+    if world == 1:
+        return 0
+    return max(prefetch, 1) * param_bytes * (unit_total // world)

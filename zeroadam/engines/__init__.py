@@ -35,6 +35,14 @@ def build(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] 
         from zeroadam.engines.dtensor import DTensorEngine
 
         return DTensorEngine.create(setup)
+    if o.stage != 3 and any(getattr(p, "_zeroadam_sharded", None) is not None for p in setup.params()):
+        # Their storage is released between uses: another engine would read (or keep views of) zero-byte storage
+        # and crash the process.
+        raise ValueError(
+            f"ZeroAdam: stage={o.stage} with parameters of a model sharded by zeroadam.shard_model; its parameters "
+            "are shards that only stage=3 updates: pass stage=3 (with offload=\"cpu\" when the model was sharded "
+            "with offload_params=True), or build the optimizer on an unsharded model"
+        )
     if o.stage == 3:
         from zeroadam.engines.zero3 import Zero3Engine
 

@@ -78,6 +78,10 @@ class HostGradSink:
         piece.record_stream(self._stream)  # the bucket buffer may be freed before the copy ends
         self._pending.append((start, n, alpha))
 
+    def staging_bytes(self) -> int:
+        """Host bytes of the pinned staging shard (none without a GPU)."""
+        return 0 if self._staging is None else self._staging.numel() * self._staging.element_size()
+
     def drain(self) -> None:
         """Wait for the copies in flight and add them into the shard."""
         if not self._pending:

@@ -82,7 +82,8 @@ class Zero3Engine(Engine):
                 if a >= b:
                     continue
                 view = f.shard.narrow(0, a - lo, b - a)
-                dev, pin = offload.state_placement(self.offload, view.device)
+                # f.device, not view.device: an offloaded shard is on the host, its unit computes on the device.
+                dev, pin = offload.state_placement(self.offload, f.device)
                 self.pieces.append(
                     Piece(
                         param=p,
@@ -94,7 +95,8 @@ class Zero3Engine(Engine):
                         index_base=offsets[p] + (a - slot.start),
                         moments=Moments.zeros(setup.policy.moment_format(p.numel()), b - a, dev, pin=pin),  # type: ignore[arg-type]
                         master=Master.create(setup.policy.master_kind(p), view, device=dev, pin=pin),
-                        param_host=offload.param_copies(self.offload, b - a, view.dtype, view.device),
+                        # An offloaded shard is updated where it lives: [Note: parameter offload] in sharding/model.py.
+                        param_host=None if f.offloaded else offload.param_copies(self.offload, b - a, view.dtype, view.device),
                     )
                 )
 
@@ -118,6 +120,12 @@ class Zero3Engine(Engine):
                 f"ZeroAdam: stage=3 uses the mesh the model was sharded with (replicate, shard) = "
                 f"{sharded.topology.shape}, but mesh= has shape {tuple(mesh.shape)}; pass the same mesh to "
                 "shard_model and ZeroAdam (or leave it out of ZeroAdam)"
+            )
+        if sharded.offload_params and setup.options.offload != "cpu":
+            raise ValueError(
+                f"ZeroAdam: offload={setup.options.offload!r} with a model sharded by shard_model(offload_params=True); "
+                "parameter offload needs the optimizer offloaded too: pass offload=\"cpu\" (the update then runs on "
+                "the host shards), or shard the model with offload_params=False"
             )
         # Before anything else: a rank with another lr or state_dtype would train differently or save a checkpoint
         # the others cannot load ([Note: fingerprints]; shard_model already checked the model itself).
@@ -256,18 +264,36 @@ class Zero3Engine(Engine):
         return self._last_stats
 
     def memory_stats(self) -> dict[str, int]:
+        """Bytes by category (wherever they live), then ``device_bytes`` and ``host_bytes``: where the design
+        places them (offloaded shards and state on the host, even when CPU tensors stand in for the device), the
+        host adding its pinned copies and staging buffers; ``buffer_bytes``, a peak, is in neither."""
         st = self.sharded
-        grads = sum(grad_shard_bytes(f.grad_shard.numel()) for f in self.flats if f.grad_shard is not None)
-        grads += sum(f.grad_full.numel() * GRAD_BYTES for f in self.flats if f.grad_full is not None)
-        grads += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
+        shard_bytes = {True: 0, False: 0}  # offloaded -> bytes of parameter shards
+        grad_shards = {True: 0, False: 0}
+        staging = 0  # pinned host buffers the device-to-host gradient copies land in (CUDA only)
+        for f in self.flats:
+            shard_bytes[f.offloaded] += f.shard.numel() * f.shard.element_size()
+            if f.grad_shard is not None:
+                grad_shards[f.offloaded] += grad_shard_bytes(f.grad_shard.numel())
+            if f.grad_sink is not None:
+                staging += f.grad_sink.staging_bytes()
+        grad_device = sum(f.grad_full.numel() * GRAD_BYTES for f in self.flats if f.grad_full is not None)
+        grad_device += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
+        state = sum(pc.moments.nbytes() for pc in self.pieces)
+        master = sum(pc.master.nbytes() for pc in self.pieces)
+        copies = sum(pc.param_host.host.numel() * pc.param_host.host.element_size() for pc in self.pieces if pc.param_host)
+        on_host = self.offload == "cpu"
         return {
-            "param_bytes": sum(f.shard.numel() * f.shard.element_size() for f in self.flats) + st.live_bytes,
-            "grad_bytes": grads,
-            "state_bytes": sum(pc.moments.nbytes() for pc in self.pieces),
-            "master_bytes": sum(pc.master.nbytes() for pc in self.pieces),
+            "param_bytes": shard_bytes[True] + shard_bytes[False] + st.live_bytes,
+            "grad_bytes": grad_shards[True] + grad_shards[False] + grad_device,
+            "state_bytes": state,
+            "master_bytes": master,
             # The most bytes of gathered units and fp32 gradient buffers at once so far ([Note: communication
             # buffers] in sizes.py); those alive now are also in param_bytes and grad_bytes.
             "buffer_bytes": st.peak_buffer_bytes,
+            "device_bytes": shard_bytes[False] + st.live_bytes + grad_shards[False] + grad_device
+            + (0 if on_host else state + master),
+            "host_bytes": shard_bytes[True] + grad_shards[True] + copies + staging + (state + master if on_host else 0),
         }
 
     # ---------------------------------------------------------------- state dicts

@@ -30,6 +30,21 @@ it gathered; with ``reshard_after_forward=False`` every unit stays; a prefetch t
 flight. Whoever writes the shards (the optimizer step, ``load_full_state_dict``) therefore calls
 ``ShardedModel.release_all()`` so that the next forward gathers the new values; otherwise it would silently run on
 the old weights.
+
+[Note: parameter offload]
+With ``shard_model(offload_params=True)`` a unit's persistent shard lives in host memory (pinned when the model
+computes on a GPU) and the device holds nothing of the unit between uses. A gather copies the host shard into a
+device staging shard and all-gathers that into the full buffer (on one rank it copies the host shard straight
+into the full buffer); on CUDA both run on a side stream (``copy_stream``)
+that first waits for the compute queued so far (the allocator may hand the full buffer a block the compute stream
+freed), so a prefetched unit's copy and all-gather overlap the compute of the unit in use, and the compute stream
+waits for them only where it needs the unit. The staging shard is dropped once the gather is waited for. Gradients
+are reduce-scattered on the device as usual; each unit's averaged shard goes to a host fp32 gradient shard
+(``HostGradSink``: an asynchronous device-to-host copy, added once backward ends). ZeroAdam(stage=3,
+offload="cpu") then updates the host shard in place: the parameters have no device copy between steps. Parameter
+offload without optimizer offload is refused (``Zero3Engine.create``): the update would need the state on the
+device and the parameters copied there and back every step, which saves only the parameters' bytes while paying
+two copies of them; DeepSpeed allows that combination, ZeroAdam asks for offload="cpu" instead.
 """
 from __future__ import annotations
 
@@ -47,6 +62,7 @@ from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadca
 from zeroadam.comm.mesh import Topology, resolve_topology
 from zeroadam.comm.quantized import quantized_all_gather, quantized_reduce_scatter
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
+from zeroadam.engines.offload import HostGradSink, host_buffer
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
 
@@ -97,6 +113,13 @@ class UnitFlat:
     grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] fp32 while backward collects gradients
     grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] fp32: averaged gradients for the optimizer
     filled: int = 0
+    offloaded: bool = False  # shard and grad_shard live on the host: see [Note: parameter offload]
+    grad_sink: Optional[HostGradSink] = None  # moves reduced gradient shards to the host (offloaded only)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the unit computes (and the full buffer lives), whatever holds the shard."""
+        return self.full.device
 
     @property
     def full_bytes(self) -> int:
@@ -121,6 +144,8 @@ class Unit:
     flats: list[UnitFlat]
     gathered: bool = False
     handles: list[Any] = field(default_factory=list)
+    staged: list[torch.Tensor] = field(default_factory=list)  # device copies of offloaded shards, until the gather is waited for
+    copied: Optional[Any] = None  # CUDA event: the side stream's copies and gathers of this unit are queued
     reduced: bool = False
 
     @property
@@ -136,10 +161,15 @@ class ShardedModel:
     """The stage-3 state of one model (attached to it as ``model._zeroadam_sharded``)."""
 
     def __init__(
-        self, model: nn.Module, topology: Topology, units: list[Unit], reshard_after_forward: bool, prefetch: int
+        self, model: nn.Module, topology: Topology, units: list[Unit], reshard_after_forward: bool, prefetch: int,
+        offload_params: bool = False,
     ) -> None:
         group = topology.shard
         self.model = model
+        self.offload_params = offload_params
+        device = units[-1].flats[0].device if units[-1].flats else next((f.device for u in units for f in u.flats), None)
+        # Host-to-device copies and gathers of offloaded shards: see [Note: parameter offload].
+        self.copy_stream = torch.cuda.Stream(device) if offload_params and device is not None and device.type == "cuda" else None
         self.group = group  # parameters are sharded over these ranks (a 2-D mesh's "shard" dim)
         self.topology = topology  # the replicas of a 2-D mesh hold the same shards ([Note: hybrid sharding])
         # Reduce-scatters travel on a group of their own: see [Note: stage-3 schedule].
@@ -205,21 +235,36 @@ class ShardedModel:
 
     # ---------------------------------------------------------------- gather / release
     def _start_gather(self, u: Unit) -> None:
-        if u.gathered or u.handles:
+        if u.gathered or u.handles or u.copied is not None:
             return
         sync_done = False
         for f in u.flats:
+            # Allocated on the compute stream, which frees it in release(): see [Note: parameter offload].
             was = f.is_materialized()
             f.materialize()
             if not was:
                 self.live_bytes += f.full_bytes
-            if self.group.world > 1 and self.quantized_weights:
-                quantized_all_gather(self.group, f.full, f.shard, self.stats)  # synchronous: no prefetch overlap
-                sync_done = True
-            elif self.group.world > 1:
-                u.handles.append(all_gather_into(self.group, f.full, f.shard, self.stats))
-            else:
-                f.full.copy_(f.shard)
+        stream = self.copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for f in u.flats:
+                src = f.shard
+                if f.offloaded and self.group.world > 1:  # on one rank the host shard is copied straight into full
+                    src = torch.empty(f.shard.numel(), dtype=f.shard.dtype, device=f.device)
+                    src.copy_(f.shard, non_blocking=True)
+                    u.staged.append(src)
+                    self.live_bytes += src.numel() * src.element_size()
+                if self.group.world > 1 and self.quantized_weights:
+                    quantized_all_gather(self.group, f.full, src, self.stats)  # synchronous: no prefetch overlap
+                    sync_done = True
+                elif self.group.world > 1:
+                    u.handles.append(all_gather_into(self.group, f.full, src, self.stats))
+                else:
+                    f.full.copy_(src, non_blocking=True)
+            if stream is not None:
+                u.copied = torch.cuda.Event()
+                u.copied.record(stream)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
         if sync_done:
@@ -230,6 +275,8 @@ class ShardedModel:
             self._start_gather(u)
             for h in u.handles:
                 h.wait()
+            if u.copied is not None:
+                torch.cuda.current_stream(self.copy_stream.device).wait_event(u.copied)  # type: ignore[union-attr]
         except RuntimeError as e:
             # gloo: "Received data size doesn't match expected size"; NCCL would hang instead.
             raise RuntimeError(
@@ -240,10 +287,13 @@ class ShardedModel:
                 "zeroadam.full_state_dict(model) (every rank calls it) and evaluate that"
             ) from e
         u.handles.clear()
+        self.live_bytes -= sum(t.numel() * t.element_size() for t in u.staged)
+        u.staged.clear()  # allocated on the side stream, read only there and by the collective (which records it)
+        u.copied = None
         u.gathered = True
 
     def release(self, u: Unit) -> None:
-        if u.handles:
+        if u.handles or u.copied is not None:
             self.gather(u)  # never free a buffer a collective is still writing
         for f in u.flats:
             if f.is_materialized():
@@ -341,7 +391,7 @@ class ShardedModel:
     def _grad_buffer(self, f: UnitFlat) -> torch.Tensor:
         """The flat's fp32 gradient buffer, allocated (and counted) at its first use in a backward pass."""
         if f.grad_full is None:
-            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
+            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.device)
             self.grad_live_bytes += f.layout.total * GRAD_BYTES
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
         return f.grad_full
@@ -364,18 +414,27 @@ class ShardedModel:
                 continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
             self._grad_buffer(f)
             if f.grad_shard is None:
-                f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
-            out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
+                if f.offloaded:  # see [Note: parameter offload]
+                    f.grad_shard = host_buffer(f.layout.shard, torch.float32, pin=f.device.type == "cuda")
+                    f.grad_sink = HostGradSink(f.grad_shard, f.device)
+                else:
+                    f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.device)
             if self.group.world > 1 and self.quantized_gradients:
+                out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.device)
                 n = f.layout.shard
                 ranges = [(r * n, (r + 1) * n) for r in range(self.group.world)]
                 quantized_reduce_scatter(self.grad_group, out, f.grad_full, ranges, self.stats)
-                f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+                reduced, alpha = out, 1.0 / self.group.world
             elif self.group.world > 1:
+                out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.device)
                 reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
-                f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+                reduced, alpha = out, 1.0 / self.group.world
             else:
-                f.grad_shard.add_(f.grad_full)
+                reduced, alpha = f.grad_full, 1.0
+            if f.grad_sink is not None:
+                f.grad_sink.add(0, reduced, alpha)
+            else:
+                f.grad_shard.add_(reduced, alpha=alpha)
             f.grad_full = None
             self.grad_live_bytes -= f.layout.total * GRAD_BYTES
             f.filled = 0
@@ -386,6 +445,10 @@ class ShardedModel:
     def _end_backward(self) -> None:
         if self.sync:
             self._launch_ready(force=True)
+            for u in self.units:
+                for f in u.flats:
+                    if f.grad_sink is not None:
+                        f.grad_sink.drain()  # the host gradient shards are complete before step() reads them
         # Under no_sync the gradients wait in p.grad and no unit was reduced (see [Note: stage-3 schedule]).
         for u in self.units:
             self.release(u)
@@ -401,8 +464,8 @@ class ShardedModel:
         """The whole flat buffer of one unit dtype (collective), without touching the parameters' storage."""
         if self.group.world == 1:
             return f.shard
-        full = torch.empty(f.layout.total, dtype=f.shard.dtype, device=f.shard.device)
-        all_gather_into(self.group, full, f.shard, None).wait()
+        full = torch.empty(f.layout.total, dtype=f.shard.dtype, device=f.device)
+        all_gather_into(self.group, full, f.shard.to(f.device), None).wait()  # a host shard goes through the device
         return full
 
 
@@ -465,6 +528,7 @@ def _build_flats(
     device: torch.device,
     fill: Callable[[list[nn.Parameter], FlatLayout, torch.Tensor], None],
     rebound: dict[nn.Parameter, nn.Parameter],
+    offload_params: bool = False,
 ) -> list[UnitFlat]:
     """Flat buffers per dtype: parameters become views of the full buffer, ``fill`` writes their values, this rank
     keeps its shard and the full buffer is released. A meta parameter cannot view real memory, so it is replaced
@@ -493,7 +557,12 @@ def _build_flats(
             # Like DDP: every rank starts from rank 0's values (and rank 0 alone read a state dict).
             broadcast_from_first(topology.everyone, full)
         lo, hi = layout.shard_range(group.rank)
-        f = UnitFlat(live, layout, full.narrow(0, lo, hi - lo).clone(), full)
+        if offload_params:  # the persistent shard lives on the host: [Note: parameter offload]
+            shard = host_buffer(hi - lo, dtype, pin=device.type == "cuda")
+            shard.copy_(full.narrow(0, lo, hi - lo))
+        else:
+            shard = full.narrow(0, lo, hi - lo).clone()
+        f = UnitFlat(live, layout, shard, full, offloaded=offload_params)
         f.release()
         flats.append(f)
     return flats
@@ -534,6 +603,7 @@ def shard_model(
     full_state_dict: Optional[dict[str, torch.Tensor]] = None,
     init_fn: Optional[Callable[[nn.Module], None]] = None,
     seed: int = 0,
+    offload_params: bool = False,
 ) -> nn.Module:
     """Shard a model's parameters across the ranks of ``process_group`` (ZeRO stage 3), in place.
 
@@ -549,18 +619,26 @@ def shard_model(
     ``mesh``: instead of ``process_group``, a DeviceMesh; with dims ``("replicate", "shard")`` the parameters are
     sharded over "shard" only and every replica holds the same shards (hybrid sharding, see zeroadam/comm/mesh.py).
     Pass the same mesh to ``ZeroAdam``.
+
+    ``offload_params=True`` keeps each rank's parameter shards in host memory (pinned on a GPU machine): a unit's
+    shard is copied to the device right before its all-gather (prefetched like the gather) and nothing of the unit
+    stays on the device after its release. Build ``ZeroAdam(..., stage=3, offload="cpu")`` with it, which updates
+    the host shards in place (see [Note: parameter offload]).
     """
     topology = resolve_topology(mesh, process_group, "zeroadam.shard_model")
     group, everyone = topology.shard, topology.everyone
     # Every rank checks alone, then all agree ([Note: fingerprints]) before any other collective: a rank that
     # raised here while the others went on would leave them waiting in the first gather.
     try:
-        _check_shard_arguments(model, prefetch, device)
+        _check_shard_arguments(model, prefetch, device, offload_params)
         assigned = _assign_units(model, units)
         error: Optional[ValueError] = None
     except ValueError as e:
         assigned, error = [], e
-    mine = [("error", str(error))] if error is not None else _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device)
+    if error is not None:
+        mine = [("error", str(error))]
+    else:
+        mine = _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device, offload_params)
     check_same_on_every_rank(
         everyone, mine + [("mesh (replicate, shard)", topology.shape)], "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
     )
@@ -610,12 +688,12 @@ def shard_model(
                     with _others_on_meta(sub, live):
                         init_fn(sub)  # type: ignore[misc]
 
-        flats = _build_flats(own, topology, target, fill, rebound)
+        flats = _build_flats(own, topology, target, fill, rebound, offload_params)
         built.append(Unit(ui, uname or "<root>", module, flats))
     _rebind(model, rebound)
     if on_meta:
         _materialize_buffers(model, target, full_state_dict if source == "state_dict" else None, everyone)
-    sharded = ShardedModel(model, topology, built, reshard_after_forward, prefetch)
+    sharded = ShardedModel(model, topology, built, reshard_after_forward, prefetch, offload_params)
     model._zeroadam_sharded = sharded  # type: ignore[assignment]
     # DistributedDataParallel(model) would broadcast the released parameters (0 bytes of storage) and crash the
     # process with no Python error; told to ignore them, it raises instead ("not needed when a module doesn't have
@@ -628,9 +706,14 @@ def shard_model(
     return model
 
 
-def _check_shard_arguments(model: nn.Module, prefetch: Any, device: Any) -> None:
+def _check_shard_arguments(model: nn.Module, prefetch: Any, device: Any, offload_params: Any) -> None:
     if hasattr(model, "_zeroadam_sharded"):
         raise ValueError("zeroadam.shard_model: this model is already sharded")
+    if not isinstance(offload_params, bool):
+        raise ValueError(
+            f"zeroadam.shard_model: invalid offload_params={offload_params!r}; expected True (parameter shards in "
+            "host memory) or False"
+        )
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"zeroadam.shard_model: invalid prefetch={prefetch!r}; expected an integer >= 0")
     if device is None and any(p.is_meta for p in model.parameters()):
@@ -650,6 +733,7 @@ def _model_fingerprint(
     reshard_after_forward: bool,
     prefetch: int,
     device: Any,
+    offload_params: bool = False,
 ) -> list[tuple[str, Any]]:
     """What every rank's shard_model must agree on: the options that change the order of gathers, whether the
     model is on the meta device, and per unit its name and its parameters' names, shapes, dtypes and whether
@@ -658,6 +742,7 @@ def _model_fingerprint(
     items: list[tuple[str, Any]] = [
         ("reshard_after_forward", bool(reshard_after_forward)),
         ("prefetch", prefetch),
+        ("offload_params", offload_params),
         ("device", None if device is None else torch.device(device).type),
         ("on_meta", any(p.is_meta for p in model.parameters())),
         ("units", len(assigned)),

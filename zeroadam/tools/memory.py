@@ -38,7 +38,11 @@ transformer blocks (U elements each) the current one and one prefetched are gath
 buffer filling (``stage3_peak_buffer_bytes``). With ``--config`` R and U come from the model; from a bare count
 both are taken as b.
 With ``offload="cpu"`` the moments, the master and the fp32 gradient shard live in host memory instead, with a
-host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies. Offloading at stage 0
+host copy of the parameter shard and a pinned fp32 staging shard for the gradient copies. With ``offload_params``
+(stage 3, ``shard_model(offload_params=True)``) the parameter shard PΨ / N moves to the host as well, updated
+there in place (no host copy), and the fp32 gradient shard lives there too: the GPU keeps only the buffers, whose
+gathered units now also need the device staging shards of the prefetched units (``stage3_staging_bytes``). For
+DeepSpeed, ``offload_param`` moves its 16-bit partitions (2Ψ / N) to the host likewise. Offloading at stage 0
 partitions nothing: every rank keeps (and offloads) the whole state in one flat buffer per space, and a DDP
 wrapper averages the gradients (``ZeroEngine.create`` runs it on a group of one rank).
 
@@ -134,6 +138,8 @@ class Setup:
     offload: Optional[Offload] = None
     bucket_size: int = 5_000_000
     """Elements per stage-2 gradient bucket (ZeroAdam's default)."""
+    offload_params: bool = False
+    """Stage 3 with ``offload="cpu"``: the parameter shards live on the host too (``shard_model(offload_params=True)``)."""
 
     def __post_init__(self) -> None:
         # The optimizer's own validation, so both accept and reject the same values with the same messages.
@@ -146,6 +152,11 @@ class Setup:
         )
         if self.param_dtype not in get_args(ParamDtype):
             raise _bad("param_dtype", self.param_dtype, "expected one of 'fp32', 'bf16', 'fp16'")
+        if self.offload_params and (self.stage != 3 or self.offload != "cpu"):
+            raise _bad(
+                "offload_params", self.offload_params, f"needs stage 3 and offload 'cpu' (got stage {self.stage}, "
+                f"offload {self.offload!r}): only stage 3 shards the parameters, and their update runs on the host"
+            )
         if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
             raise _bad("world_size", self.world_size, "expected a whole number >= 1")
 
@@ -295,6 +306,15 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     if setup.offload is None:
         gpu = {"params": params, "grads": full_grads + grad_shard, "moments": moments, "master": master, "buffers": buffers}
         return Placement(gpu, notes=tuple(notes))
+    if setup.offload_params:
+        # The shards live on the host, where the update writes them in place; the device holds the gathered units
+        # (buffers) and the staging shards their gathers copy in.
+        unit = float(n * _shard(model.block, n)) if model is not None and model.block else _cap(setup.bucket_size, psi)
+        buffers += sizes.stage3_staging_bytes(int(unit), n, p)
+        gpu = {"params": 0.0, "grads": 0.0, "moments": 0.0, "master": 0.0, "buffers": buffers}
+        host = {"params": params, "grads": grad_shard, "moments": moments, "master": master, "buffers": 4 * psi / shard}
+        notes.append("offload_params: parameters reach the GPU only while their unit is gathered (in buffers)")
+        return Placement(gpu, host, tuple(notes))
     gpu = {"params": params, "grads": full_grads, "moments": 0.0, "master": 0.0, "buffers": buffers}
     # A host copy of the parameter shard (the CPU update writes it) and a pinned fp32 staging shard (gradients).
     host_buffers = p * psi / shard + 4 * psi / shard
@@ -329,6 +349,8 @@ def deepspeed_memory(num_params: float, setup: Setup) -> Placement:
         return Placement({"params": params, "grads": grads, "moments": moments, "master": master, "buffers": buffers}, notes=notes)
     gpu = {"params": params, "grads": grads, "moments": 0.0, "master": 0.0, "buffers": buffers}
     host = {"params": 0.0, "grads": 4 * psi / n, "moments": moments, "master": master, "buffers": 0.0}
+    if setup.offload_params:  # offload_param: the 16-bit partitions live on the host between uses
+        gpu["params"], host["params"] = 0.0, params
     return Placement(gpu, host)
 
 
@@ -431,6 +453,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-weights", default="auto", choices=get_args(MasterWeights), help="default auto (compact)")
     parser.add_argument("--param-dtype", default="bf16", choices=get_args(ParamDtype), help="default bf16")
     parser.add_argument("--offload", default=None, choices=get_args(Offload), help="keep the optimizer state on the host")
+    parser.add_argument(
+        "--offload-params", action="store_true",
+        help="stage 3 with --offload cpu: parameter shards on the host too (shard_model(offload_params=True))",
+    )
     parser.add_argument("--bucket-size", type=int, default=5_000_000, help="elements per gradient bucket")
     parser.add_argument("--gpus-per-host", type=int, default=None, help="default min(world size, 8)")
     parser.add_argument(
@@ -553,11 +579,12 @@ def _estimate(args: argparse.Namespace) -> int:
         param_dtype=args.param_dtype,
         offload=args.offload,
         bucket_size=args.bucket_size,
+        offload_params=args.offload_params,
     )
     if not 0 < args.usable_fraction <= 1:
         raise _bad("usable_fraction", args.usable_fraction, "expected a number in (0, 1]")
     gpus_per_host = args.gpus_per_host or min(setup.world_size, 8)
-    zero_name = f"ZeroAdam {setup.state_dtype}" + (" offload" if setup.offload else "")
+    zero_name = f"ZeroAdam {setup.state_dtype}" + (" offload" if setup.offload else "") + (" params" if setup.offload_params else "")
     columns = {
         zero_name: zeroadam_memory(num_params, setup, model=model),
         "DDP + AdamW": ddp_adamw_memory(num_params, setup.world_size),
@@ -589,6 +616,7 @@ def _estimate(args: argparse.Namespace) -> int:
         f"zeroadam estimate: {num_params:,} parameters{source}; {setup.world_size} GPUs, stage {setup.stage}, "
         f"{setup.param_dtype} parameters, {setup.state_dtype} moments, master {setup.master_weights}"
         + (f", offload {setup.offload}" if setup.offload else "")
+        + (", parameters offloaded" if setup.offload_params else "")
     )
     print(_report(title, columns, gpus_per_host, cards, args.usable_fraction))
     return 0
