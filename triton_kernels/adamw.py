@@ -225,15 +225,14 @@ def _encode_unsigned(v, root, absmax):
     return tl.where(v > 0, tl.maximum(c, 1.0), c).to(tl.uint8)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_fp32_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-    n, index_base, seed_p,
-    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, TILE: tl.constexpr,
+# The bodies of the kernels: one program's tile of one run, given its element offsets. The one-run kernels below
+# and the multi-tensor kernels of ``adamw_multi`` (which read the pointers from a table) share them, so both paths
+# compute the same bits.
+@triton.jit
+def _fp32_tile(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    mask = offs < n
     g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
@@ -244,15 +243,11 @@ def _adamw_fp32_kernel(
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_bf16_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-    n, index_base, seed_m, seed_v, seed_p,
-    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, TILE: tl.constexpr,
+@triton.jit
+def _bf16_tile(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask, index_base, seed_m, seed_v, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    mask = offs < n
     g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = _to_f32(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0))
@@ -264,15 +259,14 @@ def _adamw_bf16_kernel(
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_int8_kernel(
+@triton.jit
+def _int8_tile(
     param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
-    n, index_base, seed_p,
+    rows, n, index_base, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+    MASTER: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     # A [ROWS, QBLOCK] tile of whole quantization blocks: each row's new absmax is a reduction along axis 1.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < n
     row_mask = rows * QBLOCK < n
@@ -292,12 +286,55 @@ def _adamw_int8_kernel(
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_fp32_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    _fp32_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, offs < n, index_base, seed_p,
+        grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_bf16_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+    n, index_base, seed_m, seed_v, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    _bf16_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, offs < n, index_base, seed_m, seed_v,
+        seed_p, grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_int8_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    _int8_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+        rows, n, index_base, seed_p,
+        grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER, QBLOCK,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _check_run(run: Run) -> Optional[torch.Tensor]:
+def check_run(run: Run) -> Optional[torch.Tensor]:
     """Validate the run's tensors; returns the master tensor the kernel takes (or None)."""
     n, dev = run.param.numel(), run.param.device
     _launch.check_flat("param", run.param, n, _FLOATS, dev)
@@ -324,7 +361,7 @@ def update_triton(run: Run, sc: StepScalars) -> None:
     n = run.param.numel()
     if n == 0:
         return
-    master = _check_run(run)
+    master = check_run(run)
     seed_m, seed_v, seed_p = sc.seeds()
     scalars = coefficients(sc)
     mom = run.moments
