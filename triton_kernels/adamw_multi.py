@@ -98,7 +98,7 @@ def _multi_fp32_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_MULTI)
 def _multi_bf16_kernel(
-    table, runs, seed_m, seed_v, seed_p,
+    table, runs, seed_m, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
@@ -109,7 +109,7 @@ def _multi_bf16_kernel(
     offs = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
     _bf16_tile(
         param_ptr, _ptr(row, 4, G_DTYPE), _master_ptr(row, param_ptr, MASTER), _ptr(row, 6, tl.bfloat16),
-        _ptr(row, 7, tl.bfloat16), offs, offs < n, tl.load(row + 2), seed_m, seed_v, seed_p,
+        _ptr(row, 7, tl.bfloat16), offs, offs < n, tl.load(row + 2), seed_m, seed_p,
         grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER,
     )  # fmt: skip
 
@@ -160,7 +160,7 @@ def _launch_group(members: list[tuple[Run, Optional[torch.Tensor]]], sc: StepSca
     run0 = members[0][0]
     fmt, kind = run0.moments.fmt, run0.master.kind
     largest = max(run.param.numel() for run, _ in members)
-    seed_m, seed_v, seed_p = sc.seeds()
+    seed_m, _, seed_p = sc.seeds()  # bf16 moments draw both roundings from seed_m
     scalars = coefficients(sc)
     dtypes = {"P_DTYPE": _TL_DTYPE[run0.param.dtype], "G_DTYPE": _TL_DTYPE[run0.grad.dtype], "MASTER": kind}
     search = {"SEARCH_STEPS": len(members).bit_length()}
@@ -179,7 +179,7 @@ def _launch_group(members: list[tuple[Run, Optional[torch.Tensor]]], sc: StepSca
             )  # fmt: skip
         elif fmt == "bf16":
             _multi_bf16_kernel[(total,)](
-                table, len(members), seed_m, seed_v, seed_p, *scalars,
+                table, len(members), seed_m, seed_p, *scalars,
                 TILE=tile.size, **dtypes, **search, **_launch.launch_options(tile),
             )  # fmt: skip
         else:
