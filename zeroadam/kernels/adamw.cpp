@@ -309,8 +309,7 @@ struct MomentsBf16 {  // stochastic rounding on the way out, both moments from o
 struct MomentsInt8 {  // quant.dequantize, then quant.encode_blocks from the block's new absmax
   template <bool kFull, bool kDivide>
   static void encode(int8_t* __restrict__ cm, uint8_t* __restrict__ cv, const float* __restrict__ m,
-                     const float* __restrict__ v, const float* __restrict__ root, int64_t n_any, float dm,
-                     float inv_m, float inv_root_v) {
+                     const float* __restrict__ root, int64_t n_any, float dm, float inv_m, float inv_root_v) {
     const int64_t n = kFull ? kBlock : n_any;
     for (int64_t i = 0; i < n; ++i) {
       const float y = kDivide ? m[i] / dm : m[i] * inv_m;
@@ -318,9 +317,9 @@ struct MomentsInt8 {  // quant.dequantize, then quant.encode_blocks from the blo
       const int32_t qm = __builtin_irintf(std::sqrt(std::fabs(y)) * 127.0f);
       cm[i] = int8_t(y < 0 ? -qm : qm);
       const int32_t qv = __builtin_irintf(std::sqrt(root[i] * inv_root_v) * 255.0f);
-      // The floor of 1 looks at v: sqrt(v / scale) underflows to 0 for v below ~1e-45 * scale. (A NaN converts to
-      // INT32_MIN, stored as 0, with or without the floor, as before the codes were rounded in integers.)
-      cv[i] = uint8_t(v[i] > 0 && qv == 0 ? 1 : qv);
+      // The floor of 1 looks at v (v > 0 exactly where its root is, v >= 0 being no NaN): sqrt(v / scale)
+      // underflows to 0 for v below ~1e-45 * scale. A NaN converts to INT32_MIN, stored as 0.
+      cv[i] = uint8_t(root[i] > 0 && qv == 0 ? 1 : qv);
     }
   }
 
@@ -329,7 +328,7 @@ struct MomentsInt8 {  // quant.dequantize, then quant.encode_blocks from the blo
                     const Coef32 c) {
     int8_t* __restrict__ cm = static_cast<int8_t*>(r.exp_avg) + s.begin;
     uint8_t* __restrict__ cv = static_cast<uint8_t*>(r.exp_avg_sq) + s.begin;
-    alignas(64) float m[kBlock], v[kBlock], root[kBlock];
+    alignas(64) float m[kBlock], root[kBlock];
     const float sm = r.exp_avg_scale[s.block], sv = r.exp_avg_sq_scale[s.block];
     const int64_t n = kFull ? kBlock : s.n;
     // Non-negative floats order as their bit patterns, and an integer max vectorizes where a float max with
@@ -340,7 +339,6 @@ struct MomentsInt8 {  // quant.dequantize, then quant.encode_blocks from the blo
       float mi = ((a * std::fabs(a)) * kMUnit) * sm, vi = ((b2 * b2) * kVUnit) * sv, ri;
       x[i] = adamw(g[i], x[i], mi, vi, ri, c);
       m[i] = mi;
-      v[i] = vi;
       root[i] = ri;
       am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
       av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
@@ -352,9 +350,9 @@ struct MomentsInt8 {  // quant.dequantize, then quant.encode_blocks from the blo
     const float dm = scale_m > 0 ? scale_m : 1.0f, dv = scale_v > 0 ? scale_v : 1.0f;
     const float inv_m = 1.0f / dm, inv_root_v = 1.0f / std::sqrt(dv);
     if (std::isinf(inv_m)) {  // a subnormal scale: divide, as quant.encode_blocks does
-      encode<kFull, true>(cm, cv, m, v, root, n, dm, inv_m, inv_root_v);
+      encode<kFull, true>(cm, cv, m, root, n, dm, inv_m, inv_root_v);
     } else {
-      encode<kFull, false>(cm, cv, m, v, root, n, dm, inv_m, inv_root_v);
+      encode<kFull, false>(cm, cv, m, root, n, dm, inv_m, inv_root_v);
     }
   }
 
