@@ -1,4 +1,4 @@
-"""The Triton kernels compile for a real GPU (sm_90, the H100) on a machine without one.
+"""The Triton kernels (one-run and multi-tensor) compile for a real GPU (sm_90, the H100) on a machine without one.
 
 The interpreter tests (test_triton_kernels.py) check what the kernels compute, not that the compiler accepts
 them: a construct the interpreter runs (numpy semantics) can still fail to lower to PTX. Triton compiles for a
@@ -62,6 +62,33 @@ for fmt, param, grad, master in variants:
     ptx = k.asm["ptx"]
     approx = sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)[a-z.]*\.f32", ptx)))
     out.append({"variant": [fmt, param, grad, master], "cubin_bytes": len(k.asm["cubin"]), "approx": approx})
+
+# The multi-tensor kernels: typed pointers cast from the run table's int64 addresses.
+from zeroadam.triton_kernels import adamw_multi
+import triton.language as tl
+TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+for fmt, param, grad, master in variants:
+    fn = getattr(adamw_multi, f"_multi_{fmt}_kernel")
+    consts = {"MASTER": master, "TILE": 1024, "ROWS": 4, "QBLOCK": BLOCK_SIZE, "P_DTYPE": TL[param],
+              "G_DTYPE": TL[grad], "SEARCH_STEPS": 9}
+    signature, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name == "table":
+            signature[name] = "*i64"
+        elif name == "runs":
+            signature[name] = "i32"
+        elif name.startswith("seed"):
+            signature[name] = "i64"
+        else:
+            signature[name] = "fp32"
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    approx = sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)[a-z.]*\.f32", ptx)))
+    out.append({"variant": ["multi", fmt, param, grad, master], "cubin_bytes": len(k.asm["cubin"]), "approx": approx})
 print(json.dumps(out))
 """
 
@@ -73,7 +100,7 @@ def test_kernels_compile_for_sm90_with_exact_division_and_sqrt() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(VARIANTS)
+    assert len(results) == 2 * len(VARIANTS)  # one-run and multi-tensor kernels
     for r in results:
         assert r["cubin_bytes"] > 0, r
         assert r["approx"] == [], f"{r['variant']}: approximate operations in the PTX: {r['approx']}"

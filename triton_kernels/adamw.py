@@ -18,8 +18,9 @@ definition these kernels must match (``tests/test_triton_kernels.py``).
 * Rounding to a 16-bit float and back goes through the bits. The Triton interpreter converts fp32 to bf16 by
   truncation, not to nearest even as GPUs and torch do, so ``x.to(tl.bfloat16)`` cannot serve both.
 * ``torch.round`` (half to even) is written with ``tl.floor``: libdevice's ``rint`` has no interpreter version.
-* The stochastic-rounding bits are the hash of ``zeroadam.formats.state.hash_uniform`` in uint32 arithmetic, on the
-  element's index ``run.index_base + i`` (see [Note: stochastic rounding] in ``zeroadam/state.py``).
+* The stochastic-rounding bits are the hash of ``zeroadam.formats.state.hash_bits`` in uint32 arithmetic, on the
+  element's index ``run.index_base + i``; bf16 moments take both roundings from one hash (see [Note: stochastic
+  rounding] in ``zeroadam/formats/state.py``).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ _H2 = tl.constexpr(0x5BD1E995)
 _INV254 = tl.constexpr(1.0 / 254.0)
 # Seeds and the hash base vary per step: keep them out of Triton's value specialization (a seed equal to 1 would
 # otherwise become a compile-time constant, and divisibility by 16 a second compiled variant).
-_NO_SPECIALIZE = ["index_base", "seed_m", "seed_v", "seed_p"]
+_NO_SPECIALIZE = ["index_base", "seed_m", "seed_p"]
 
 
 # ---------------------------------------------------------------------------------------------- 16-bit floats
@@ -99,8 +100,8 @@ def _hash_index(index_base, offs):
 
 
 @triton.jit
-def _hash_uniform(idx, seed):
-    """u in [0, 1) from 24 hash bits, as zeroadam.formats.state.hash_uniform (idx: uint32 tensor, seed: integer)."""
+def _hash32(idx, seed):
+    """32 hash bits of (idx: uint32 tensor, seed: integer), as zeroadam.formats.state.hash_bits."""
     # The products wrap modulo 2**32 by design. sanitize_overflow=False says so: debug builds and the interpreter
     # otherwise check every integer product for overflow (a sixth of an interpreted launch, measured).
     h = idx ^ seed.to(tl.uint32)
@@ -108,8 +109,22 @@ def _hash_uniform(idx, seed):
     h = tl.mul(h, _H1, sanitize_overflow=False)
     h = h ^ (h >> 15)
     h = tl.mul(h, _H2, sanitize_overflow=False)
-    h = h ^ (h >> 16)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _hash_uniform(idx, seed):
+    """u in [0, 1) from 24 hash bits, as zeroadam.formats.state.hash_uniform."""
+    return (_hash32(idx, seed) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _round_bf16_bits(x, r16):
+    """zeroadam.formats.state.round_bf16_bits: |x|'s fp32 bits plus 16 random bits, truncated to bf16."""
+    b = x.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    out = ((a + r16) >> 16) | ((b >> 16) & 0x8000)  # a + r16 < 2**32: no wrap
+    return _from_bits(tl.where(a > 0x7F800000, 0x7FC0, out), tl.bfloat16)
 
 
 @triton.jit
@@ -225,15 +240,14 @@ def _encode_unsigned(v, root, absmax):
     return tl.where(v > 0, tl.maximum(c, 1.0), c).to(tl.uint8)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_fp32_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-    n, index_base, seed_p,
-    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, TILE: tl.constexpr,
+# The bodies of the kernels: one program's tile of one run, given its element offsets. The one-run kernels below
+# and the multi-tensor kernels of ``adamw_multi`` (which read the pointers from a table) share them, so both paths
+# compute the same bits.
+@triton.jit
+def _fp32_tile(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    mask = offs < n
     g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
@@ -244,35 +258,30 @@ def _adamw_fp32_kernel(
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_bf16_kernel(
-    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-    n, index_base, seed_m, seed_v, seed_p,
-    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, TILE: tl.constexpr,
+@triton.jit
+def _bf16_tile(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask, index_base, seed_m, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    mask = offs < n
     g = _load_grad(grad_ptr, offs, mask, grad_scale)
     x = _load_master(param_ptr, master_ptr, offs, mask, MASTER)
     m = _to_f32(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0))
     v = _to_f32(tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0))
     x, m, v, _ = _adamw(x, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
-    idx = _hash_index(index_base, offs)
-    tl.store(exp_avg_ptr + offs, _stochastic_round(m, _hash_uniform(idx, seed_m), tl.bfloat16), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, _stochastic_round(v, _hash_uniform(idx, seed_v), tl.bfloat16), mask=mask)
+    h = _hash32(_hash_index(index_base, offs), seed_m)  # one hash for both moments: high bits exp_avg, low exp_avg_sq
+    tl.store(exp_avg_ptr + offs, _round_bf16_bits(m, h >> 16), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _round_bf16_bits(v, h & 0xFFFF), mask=mask)
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _adamw_int8_kernel(
+@triton.jit
+def _int8_tile(
     param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
-    n, index_base, seed_p,
+    rows, n, index_base, seed_p,
     grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+    MASTER: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     # A [ROWS, QBLOCK] tile of whole quantization blocks: each row's new absmax is a reduction along axis 1.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < n
     row_mask = rows * QBLOCK < n
@@ -292,12 +301,55 @@ def _adamw_int8_kernel(
     _store_master(param_ptr, master_ptr, offs, mask, x, index_base, seed_p, MASTER)
 
 
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_fp32_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    _fp32_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, offs < n, index_base, seed_p,
+        grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_bf16_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+    n, index_base, seed_m, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    _bf16_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, offs < n, index_base, seed_m,
+        seed_p, grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adamw_int8_kernel(
+    param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+    n, index_base, seed_p,
+    grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    _int8_tile(
+        param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+        rows, n, index_base, seed_p,
+        grad_scale, decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MASTER, QBLOCK,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _check_run(run: Run) -> Optional[torch.Tensor]:
+def check_run(run: Run) -> Optional[torch.Tensor]:
     """Validate the run's tensors; returns the master tensor the kernel takes (or None)."""
     n, dev = run.param.numel(), run.param.device
     _launch.check_flat("param", run.param, n, _FLOATS, dev)
@@ -324,8 +376,8 @@ def update_triton(run: Run, sc: StepScalars) -> None:
     n = run.param.numel()
     if n == 0:
         return
-    master = _check_run(run)
-    seed_m, seed_v, seed_p = sc.seeds()
+    master = check_run(run)
+    seed_m, _, seed_p = sc.seeds()  # bf16 moments draw both roundings from seed_m
     scalars = coefficients(sc)
     mom = run.moments
     head = (run.param, run.grad, master, mom.exp_avg, mom.exp_avg_sq)
@@ -341,7 +393,7 @@ def update_triton(run: Run, sc: StepScalars) -> None:
         elif mom.fmt == "bf16":
             tile = _launch.elementwise_tile(n)
             _adamw_bf16_kernel[(tile.programs,)](
-                *head, n, run.index_base, seed_m, seed_v, seed_p, *scalars,
+                *head, n, run.index_base, seed_m, seed_p, *scalars,
                 MASTER=run.master.kind, TILE=tile.size, **_launch.launch_options(tile),
             )  # fmt: skip
         else:

@@ -17,7 +17,7 @@ from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
 from zeroadam.options import GroupHyper
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
 from zeroadam.update.contract import Run, StepScalars
-from zeroadam.update.dispatch import fused_update, grads_sq_sum
+from zeroadam.update.dispatch import fused_updates, grads_sq_sum
 
 __all__ = ["LocalEngine", "ParamState"]
 
@@ -147,6 +147,10 @@ class LocalEngine(Engine):
         for gi, group in enumerate(self.setup.param_groups):
             hyper = GroupHyper.of(group)
             offsets: Optional[dict[torch.Tensor, int]] = None
+            # Runs of one step count share the step's scalars, so a backend can take them together (fused_updates:
+            # one Triton launch per storage combination rather than one per parameter).
+            by_step: dict[int, list[Run]] = {}
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue  # like torch.optim.AdamW: no decay, no moment update, no step count
@@ -160,16 +164,21 @@ class LocalEngine(Engine):
                 # copy in its logical order, so its blocks follow the flattened index like every other one.
                 dense = p.is_contiguous()
                 flat = p.detach().view(-1) if dense else p.detach().contiguous().view(-1)
-                run = Run(
-                    param=flat,
-                    grad=p.grad.detach().reshape(-1),
-                    moments=st.moments,
-                    master=st.master,
-                    index_base=st.index_base,
+                by_step.setdefault(st.step, []).append(
+                    Run(
+                        param=flat,
+                        grad=p.grad.detach().reshape(-1),
+                        moments=st.moments,
+                        master=st.master,
+                        index_base=st.index_base,
+                    )
                 )
-                fused_update(run, StepScalars.for_group(hyper, st.step, scale, gi), self.setup.backend)
                 if not dense:
-                    p.detach().copy_(flat.view(p.shape))
+                    copies.append((p, flat))
+            for step, runs in by_step.items():
+                fused_updates(runs, StepScalars.for_group(hyper, step, scale, gi), self.setup.backend)
+            for p, flat in copies:
+                p.detach().copy_(flat.view(p.shape))
 
     # ---------------------------------------------------------------- introspection
     def comm_stats(self) -> dict[str, Any]:

@@ -11,6 +11,11 @@ The random bits come from a hash of (element index, step, stream), where the ele
 position in its parameter group's block-aligned layout. That index does not depend on the world size or the
 stage, so results are reproducible and identical across them, and every backend (torch, C++, Triton) computes
 the same bits.
+
+bf16 moments take both roundings from one 32-bit hash of the exp_avg stream's seed: its high 16 bits round exp_avg,
+its low 16 bits exp_avg_sq (``round_bf16_bits``: add the 16 bits below bf16's last kept bit, truncate). 16 bits are
+all that rounding fp32 to bf16 can use, and one hash per element instead of two saves the CPU kernel a third of
+its rounding work. 16-bit parameters without a master keep ``stochastic_round`` with 24 bits of ``hash_uniform``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ __all__ = [
     "MasterKind",
     "mix_seed",
     "hash_uniform",
+    "hash_bits",
     "stochastic_round",
+    "round_bf16_bits",
     "compact_encode",
     "compact_decode",
     "ulp_up",
@@ -67,11 +74,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def hash_bits(index_base: int, numel: int, seed: int, device: torch.device) -> torch.Tensor:
+    """32 random bits (int64 values below 2**32), one per element index_base .. index_base + numel - 1."""
+    idx = torch.arange(index_base, index_base + numel, dtype=torch.int64, device=device)
+    return _mix32((idx & _M32) ^ seed)
+
+
 def hash_uniform(index_base: int, numel: int, seed: int, device: torch.device) -> torch.Tensor:
     """u in [0, 1) with 24 random bits, one per element index_base .. index_base + numel - 1."""
-    idx = torch.arange(index_base, index_base + numel, dtype=torch.int64, device=device)
-    h = _mix32((idx & _M32) ^ seed)
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return (hash_bits(index_base, numel, seed, device) >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def ulp_up(y: torch.Tensor) -> torch.Tensor:
@@ -91,6 +102,17 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> to
     nb = (y0.view(torch.int16) + torch.where(err != 0, step, torch.zeros_like(step))).view(dtype).float()
     take = u * (nb - y0f).abs() < err.abs()
     return torch.copysign(torch.where(take, nb, y0f), x).to(dtype)
+
+
+def round_bf16_bits(x: torch.Tensor, r16: torch.Tensor) -> torch.Tensor:
+    """fp32 x to bf16, stochastically with 16 random bits per element (r16: int64 in [0, 2**16)): the fp32 bits of
+    |x| plus r16, truncated to their upper half, so the magnitude goes up one bf16 step with probability (dropped
+    bits) / 2**16; the sign is kept, NaN becomes 0x7FC0 (as ``x.to(torch.bfloat16)``), an overflow inf."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    a = bits & 0x7FFFFFFF
+    out = ((a + r16) >> 16) | ((bits >> 16) & 0x8000)
+    out = torch.where(a > 0x7F800000, 0x7FC0, out)
+    return (out - ((out & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)  # as a signed 16-bit pattern
 
 
 _INV254 = 1.0 / 254.0
@@ -169,10 +191,10 @@ class Moments:
         if self.fmt == "fp32":
             self.exp_avg.copy_(m)
             self.exp_avg_sq.copy_(v)
-        elif self.fmt == "bf16":
-            n, dev = m.numel(), m.device
-            self.exp_avg.copy_(stochastic_round(m, torch.bfloat16, hash_uniform(index_base, n, seed_m, dev)))
-            self.exp_avg_sq.copy_(stochastic_round(v, torch.bfloat16, hash_uniform(index_base, n, seed_v, dev)))
+        elif self.fmt == "bf16":  # one hash for both (see [Note: stochastic rounding]); seed_v is not drawn
+            h = hash_bits(index_base, m.numel(), seed_m, m.device)
+            self.exp_avg.copy_(round_bf16_bits(m, h >> 16))
+            self.exp_avg_sq.copy_(round_bf16_bits(v, h & 0xFFFF))
         else:
             qm = quant.quantize(m, "signed")
             qv = quant.quantize(v, "unsigned")

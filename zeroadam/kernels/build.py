@@ -33,6 +33,12 @@ SOURCE = Path(__file__).with_name("adamw.cpp")
 # sqrt vectorize. Without OpenMP the kernel runs on one thread.
 _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _OPENMP = "-fopenmp"
+# -mprefer-vector-width=512: GCC tunes Intel's AVX-512 server CPUs (-march=native on a Xeon) for 256-bit vectors and
+# then emits no zmm at all (objdump of an icelake-server build: 0 zmm, 2067 ymm instructions). The int8 and bf16
+# blocks are bound by instruction throughput, not memory, so twice the lanes per instruction is what they need:
+# 4M int8 elements on one Zen 4 core, icelake-server tuning, 6.5 ms with ymm against 5.8 ms with zmm (a busy VM).
+# An x86 CPU without AVX-512 ignores the preference; other compilers' targets do not know the option.
+_WIDE = "-mprefer-vector-width=512"
 _ARCH_FLAGS: dict[str, str] = {
     "native": "-march=native",
     "avx512": "-march=x86-64-v4",
@@ -95,11 +101,13 @@ def _attempts(arch: CpuArch) -> list[tuple[str, list[str]]]:
     if arch == "native":
         tag = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:8]
         return [
-            (f"zeroadam_cpu_{tag}", [_ARCH_FLAGS["native"], _OPENMP]),
+            (f"zeroadam_cpu_{tag}", [_ARCH_FLAGS["native"], *([_WIDE] if _is_x86() else []), _OPENMP]),
             ("zeroadam_cpu_openmp", [_OPENMP]),  # the compiler rejected -march=native
             ("zeroadam_cpu_serial", []),  # ... or has no OpenMP
         ]
     march = [_ARCH_FLAGS[arch]] if _is_x86() else []  # generic elsewhere: the compiler's default target
+    if arch == "avx512":
+        march.append(_WIDE)
     return [(f"zeroadam_cpu_{arch}", march + [_OPENMP]), (f"zeroadam_cpu_{arch}_serial", march)]
 
 

@@ -3,9 +3,9 @@
 The kernel makes one pass over memory for every format. OpenMP threads take 256-element blocks; a block's
 gradient (times grad_scale), master values and moments are brought to fp32 (in L1 scratch, or in place where
 they are fp32 already), updated in the reference's operation order, and written back in their formats: int8
-blocks requantized from the block's new absmax, bf16 moments and master-less 16-bit parameters rounded
-stochastically with the bits of ``state.hash_uniform``, compact masters split into a 16-bit value and an int8
-residual. Each format is a small policy struct; a run is one composition of them, chosen once per call.
+blocks requantized from the block's new absmax, bf16 moments rounded stochastically with the bits of one
+``state.hash_bits`` per element (``state.round_bf16_bits``), master-less 16-bit parameters with those of
+``state.hash_uniform``, compact masters split into a 16-bit value and an int8 residual. Each format is a small policy struct; a run is one composition of them, chosen once per call.
 
 The C++ source, ``adamw.cpp`` beside this file, includes no torch header: a plain function over raw pointers,
 called through ctypes, compiles in under 2 s of CPU time where ``torch/extension.h`` alone takes about 40 s on
