@@ -397,3 +397,36 @@ def test_estimate_cli_offload_params(capsys) -> None:  # noqa: ANN001
     off = zeroadam_memory(7e9, Setup(world_size=8, stage=3, offload="cpu", offload_params=True))
     on = zeroadam_memory(7e9, Setup(world_size=8, stage=3, offload="cpu"))
     assert off.gpu["params"] == 0 and off.host["params"] == on.gpu["params"] == 2 * 7e9 / 8
+
+
+# ---------------------------------------------------------------------------------------------- several machines
+def test_hybrid_sharding_holds_what_one_node_of_flat_sharding_holds() -> None:
+    from zeroadam.tools.memory import cross_node_bytes
+
+    for stage in (1, 2, 3):
+        hybrid = zeroadam_memory(7e9, Setup(world_size=16, nodes=2, stage=stage))
+        one_node = zeroadam_memory(7e9, Setup(world_size=8, stage=stage))
+        assert hybrid.gpu == one_node.gpu
+    psi = 7e9
+    hsdp = Setup(world_size=16, nodes=2, stage=3)
+    assert cross_node_bytes(psi, hsdp, 8) == pytest.approx(2 * (1 / 2) * psi / 8 * 4)
+    q = Setup(world_size=16, nodes=2, stage=3, quantized_gradients=True)
+    assert cross_node_bytes(psi, q, 8) / cross_node_bytes(psi, hsdp, 8) == pytest.approx((1 + 4 / 256) / 4)
+    flat = Setup(world_size=16, stage=3)
+    assert cross_node_bytes(psi, flat, 8) == pytest.approx(15 / 16 * psi * (4 + 2 * 2))
+    assert cross_node_bytes(psi, flat, 16) == 0.0  # one machine
+    with pytest.raises(ValueError, match="nodes=3"):
+        Setup(world_size=16, nodes=3, stage=3)
+    with pytest.raises(ValueError, match="nodes=2.*stage of 1-3"):
+        Setup(world_size=16, nodes=2, stage=0)
+
+
+def test_estimate_prints_cross_node_bytes(capsys: pytest.CaptureFixture) -> None:
+    assert main(["estimate", "--params", "7B", "--world-size", "16", "--nodes", "2", "--stage", "3",
+                 "--quantized-gradients", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cross = out["cross_node_bytes_per_gpu_step"]
+    assert set(cross) == {"ZeroAdam HSDP 2x8", "ZeroAdam int8", "DDP + AdamW", "DeepSpeed ZeRO-3"}
+    assert cross["ZeroAdam HSDP 2x8"] < cross["ZeroAdam int8"] / 10
+    assert main(["estimate", "--params", "7B", "--world-size", "16", "--nodes", "2", "--stage", "3"]) == 0
+    assert "cross-node bytes per GPU per step" in capsys.readouterr().out

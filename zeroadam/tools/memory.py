@@ -140,6 +140,12 @@ class Setup:
     """Elements per stage-2 gradient bucket (ZeroAdam's default)."""
     offload_params: bool = False
     """Stage 3 with ``offload="cpu"``: the parameter shards live on the host too (``shard_model(offload_params=True)``)."""
+    nodes: int = 1
+    """Machines; > 1: hybrid sharding over a (nodes, world_size // nodes) mesh, state split within a node only."""
+    quantized_weights: bool = False
+    """int8 parameter all-gathers (ZeRO++ qwZ): changes the bytes sent, not the memory."""
+    quantized_gradients: bool = False
+    """int8 gradient reductions (ZeRO++ qgZ): changes the bytes sent, not the memory."""
 
     def __post_init__(self) -> None:
         # The optimizer's own validation, so both accept and reject the same values with the same messages.
@@ -149,7 +155,16 @@ class Setup:
             stage=self.stage,
             offload=self.offload,
             bucket_size=self.bucket_size,
+            quantized_weights=self.quantized_weights,
+            quantized_gradients=self.quantized_gradients,
         )
+        if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or self.nodes < 1:
+            raise _bad("nodes", self.nodes, "expected a whole number >= 1")
+        if self.nodes > 1 and (self.world_size % self.nodes or self.stage == 0):
+            raise _bad(
+                "nodes", self.nodes, f"hybrid sharding needs the world size ({self.world_size}) to be a multiple of the "
+                f"number of nodes and a stage of 1-3 (got stage {self.stage})"
+            )
         if self.param_dtype not in get_args(ParamDtype):
             raise _bad("param_dtype", self.param_dtype, "expected one of 'fp32', 'bf16', 'fp16'")
         if self.offload_params and (self.stage != 3 or self.offload != "cpu"):
@@ -276,7 +291,7 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     ``model``, the sizes of the model's tensors, makes the moments and gradient shards exact (small tensors in
     fp32, block padding) and gives the buffers the model's own buckets (stage 2) and units (stage 3).
     """
-    psi, n = float(num_params), setup.world_size
+    psi, n = float(num_params), setup.world_size // setup.nodes  # the ranks sharing the state (a node with a mesh)
     p = param_bytes_per_param(setup.param_dtype)
     w = master_bytes_per_param(setup.master_weights, setup.param_dtype)
     stage = setup.stage
@@ -322,6 +337,31 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
     if setup.stage == 0 and n > 1:
         notes.append("offload at stage 0 keeps the whole state on every rank's host; stage 1 partitions it")
     return Placement(gpu, host, tuple(notes))
+
+
+QUANTIZED_BYTES = 1 + 4 / 256  # an int8 code per element and an fp32 scale per block of 256 (comm/quantized.py)
+
+
+def cross_node_bytes(num_params: float, setup: Setup, gpus_per_node: int, grad_bytes: Optional[float] = None) -> float:
+    """Bytes one GPU sends per step over collectives that span machines (ring algorithms: (k - 1) / k of a
+    collective's buffer over k ranks). Flat ZeRO: every collective spans the world, so a reduce-scatter of fp32
+    gradients and one (stages 1-2) or two (stage 3: forward and backward) parameter all-gathers; with hybrid sharding
+    (``setup.nodes`` > 1) gathers and reduce-scatters stay within a node and only the all-reduce of each reduced
+    gradient shard (Ψ / S elements) crosses machines. 0 on one machine. ``grad_bytes``: bytes per reduced gradient
+    element where they are not ZeroAdam's fp32 (DeepSpeed reduces in the parameters' dtype)."""
+    n = setup.world_size
+    if n <= gpus_per_node:
+        return 0.0
+    psi, p = float(num_params), param_bytes_per_param(setup.param_dtype)
+    grad_b = QUANTIZED_BYTES if setup.quantized_gradients else (grad_bytes or 4.0)
+    weight_b = QUANTIZED_BYTES if setup.quantized_weights else float(p)
+    if setup.nodes > 1:
+        shards, replicas = n // setup.nodes, setup.nodes
+        return 2 * (replicas - 1) / replicas * psi / shards * grad_b
+    if setup.stage == 0:
+        return 2 * (n - 1) / n * psi * p  # DDP's all-reduce of the gradients
+    gathers = 2 if setup.stage == 3 else 1
+    return (n - 1) / n * psi * (grad_b + gathers * weight_b)
 
 
 def ddp_adamw_memory(num_params: float, world_size: int) -> Placement:
@@ -457,6 +497,12 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
         "--offload-params", action="store_true",
         help="stage 3 with --offload cpu: parameter shards on the host too (shard_model(offload_params=True))",
     )
+    parser.add_argument(
+        "--nodes", type=int, default=1,
+        help="machines; > 1 adds a hybrid-sharding column (mesh=(nodes, GPUs per node)) and cross-node bytes per step",
+    )
+    parser.add_argument("--quantized-weights", action="store_true", help="int8 parameter all-gathers (ZeRO++ qwZ)")
+    parser.add_argument("--quantized-gradients", action="store_true", help="int8 gradient reductions (ZeRO++ qgZ)")
     parser.add_argument("--bucket-size", type=int, default=5_000_000, help="elements per gradient bucket")
     parser.add_argument("--gpus-per-host", type=int, default=None, help="default min(world size, 8)")
     parser.add_argument(
@@ -580,7 +626,11 @@ def _estimate(args: argparse.Namespace) -> int:
         offload=args.offload,
         bucket_size=args.bucket_size,
         offload_params=args.offload_params,
+        quantized_weights=args.quantized_weights,
+        quantized_gradients=args.quantized_gradients,
     )
+    if args.nodes != 1:
+        Setup(**{**asdict(setup), "nodes": args.nodes})  # the same checks as the column below, before any output
     if not 0 < args.usable_fraction <= 1:
         raise _bad("usable_fraction", args.usable_fraction, "expected a number in (0, 1]")
     gpus_per_host = args.gpus_per_host or min(setup.world_size, 8)
@@ -589,6 +639,20 @@ def _estimate(args: argparse.Namespace) -> int:
         zero_name: zeroadam_memory(num_params, setup, model=model),
         "DDP + AdamW": ddp_adamw_memory(num_params, setup.world_size),
         f"DeepSpeed ZeRO-{setup.stage}": deepspeed_memory(num_params, setup),
+    }
+    plain = Setup(world_size=setup.world_size, stage=setup.stage, param_dtype=setup.param_dtype)  # no ZeRO++
+    setups = {zero_name: setup, "DDP + AdamW": Setup(world_size=setup.world_size, stage=0, param_dtype=setup.param_dtype),
+              f"DeepSpeed ZeRO-{setup.stage}": plain}
+    if args.nodes > 1:
+        hybrid = Setup(**{**asdict(setup), "nodes": args.nodes})
+        name = f"ZeroAdam HSDP {args.nodes}x{setup.world_size // args.nodes}"
+        columns = {name: zeroadam_memory(num_params, hybrid, model=model), **columns}
+        setups[name] = hybrid
+    per_node = setup.world_size // args.nodes
+    cross = {
+        name: cross_node_bytes(num_params, setups[name], per_node, float(param_bytes_per_param(setup.param_dtype))
+                               if name.startswith("DeepSpeed") else None)
+        for name in columns
     }
     cards = list(CARDS) + [(f"custom-{g:g}", g) for g in args.gpu_memory_gib]
     if args.json:
@@ -603,6 +667,8 @@ def _estimate(args: argparse.Namespace) -> int:
                                "host_total": pl.host_total * gpus_per_host, "notes": list(pl.notes)}
                         for name, pl in columns.items()
                     },
+                    "nodes": args.nodes,
+                    "cross_node_bytes_per_gpu_step": cross,
                     "fits": {
                         card: {name: pl.gpu_total <= gib * _GIB * args.usable_fraction for name, pl in columns.items()}
                         for card, gib in cards
@@ -619,4 +685,8 @@ def _estimate(args: argparse.Namespace) -> int:
         + (", parameters offloaded" if setup.offload_params else "")
     )
     print(_report(title, columns, gpus_per_host, cards, args.usable_fraction))
+    if args.nodes > 1:
+        unit, scale = _unit(list(cross.values()))
+        print(f"\ncross-node bytes per GPU per step ({unit}; {args.nodes} machines of {per_node} GPUs, ring collectives):")
+        print("".join(f"  {name}: {v / scale:.2f}\n" for name, v in cross.items()).rstrip())
     return 0
