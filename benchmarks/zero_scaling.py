@@ -4,6 +4,7 @@ measured in the same run on the same model, data and ranks.
     python benchmarks/zero_scaling.py                          # ~20M-parameter GPT, 2 ranks, every variant
     python benchmarks/zero_scaling.py --params-m 50            # the stage-3 figure: ~50M parameters on 2 ranks
     python benchmarks/zero_scaling.py --variants ddp-adamw,s2-int8 --steps 3
+    python benchmarks/zero_scaling.py --mesh 2x2 --params-m 5      # hybrid sharding: bytes by mesh dim
 
 A GPT-style transformer (``GPT`` below: tied token embedding and output head, learned positions, pre-norm
 ``Block``s of causal attention and a 4x MLP) is trained for ``--warmup`` + ``--steps`` iterations by each
@@ -13,6 +14,8 @@ variant in turn, all in the same ``--world-size`` gloo processes (one torch thre
     s1-fp32/int8    ZeroAdam(stage=1): moments and master sharded, full gradients reduce-scattered at step()
     s2-fp32/int8    ZeroAdam(stage=2): gradients too, reduced in buckets during backward
     s3-fp32/int8    shard_model(model) + ZeroAdam(stage=3): parameters too, gathered per Block
+    hsdp-...        with --mesh RxS: the same on a ("replicate", "shard") mesh, and with 8-bit collectives
+                    (-qw: quantized_weights, -qg: quantized_gradients); compared with s3-fp32 over all R*S ranks
 
 Each rank reads its own batches (the same ones for every variant), every variant starts from the same weights,
 and the fp32 variants should follow DDP's losses to rounding (``loss_max_rel_diff_vs_ddp``; a large value
@@ -176,6 +179,10 @@ class Variant:
     stage: Optional[int]
     """ZeroAdam's stage; None for the DDP + torch AdamW baseline."""
     state_dtype: Literal["fp32", "int8", "bf16"] = "fp32"
+    mesh: bool = False
+    """On the ``--mesh`` (replicate, shard) DeviceMesh (hybrid sharding)."""
+    quantized_weights: bool = False
+    quantized_gradients: bool = False
 
     @property
     def theory_factor(self) -> int:
@@ -187,6 +194,15 @@ BASELINE = "ddp-adamw"
 VARIANTS: tuple[Variant, ...] = (
     Variant(name=BASELINE, stage=None),
     *(Variant(name=f"s{s}-{f}", stage=s, state_dtype=f) for s in (1, 2, 3) for f in ("fp32", "int8")),  # type: ignore[arg-type]
+)
+MESH_VARIANTS: tuple[Variant, ...] = (
+    Variant(name=BASELINE, stage=None),
+    Variant(name="s3-fp32", stage=3),
+    *(
+        Variant(name=f"hsdp-s{s}{'-qw' if qw else ''}{'-qg' if qg else ''}", stage=s, mesh=True, quantized_weights=qw,
+                quantized_gradients=qg)
+        for s in (2, 3) for qw, qg in ((False, False), (False, True), (True, False), (True, True))
+    ),
 )
 
 
@@ -240,6 +256,8 @@ class RunArgs:
     """ZeroAdam's bucket_size (elements) for stages 1-2; None keeps its default."""
     phase: Phase
     """"time": step time, memory_stats, communication; "rss": only the peak RSS, over RSS_ITERATIONS iterations."""
+    mesh_shape: Optional[tuple[int, int]] = None
+    """(replicate, shard) for the hsdp variants."""
 
 
 RSS_ITERATIONS = 2  # the first step creates the state; the second is a steady one, in case it peaks higher
@@ -263,11 +281,27 @@ def _build(v: Variant, a: RunArgs) -> tuple[nn.Module, torch.optim.Optimizer]:
     if v.stage is None:
         model = nn.parallel.DistributedDataParallel(model)
         return model, torch.optim.AdamW(model.parameters(), **HYPER, fused=True)
+    mesh = _mesh(a.mesh_shape) if v.mesh else None
     if v.stage == 3:
-        model = shard_model(model)
-    extra = {} if a.bucket_size is None else {"bucket_size": a.bucket_size}
+        model = shard_model(model, mesh=mesh)
+    extra: dict[str, Any] = {} if a.bucket_size is None else {"bucket_size": a.bucket_size}
+    if v.mesh:
+        extra.update(mesh=mesh, quantized_weights=v.quantized_weights, quantized_gradients=v.quantized_gradients)
     opt = ZeroAdam(model.parameters(), **HYPER, state_dtype=v.state_dtype, stage=v.stage, **extra)
     return model, opt
+
+
+_MESHES: dict[tuple[int, int], Any] = {}
+
+
+def _mesh(shape: Optional[tuple[int, int]]) -> Any:
+    """One DeviceMesh per process (creating one makes process groups: collective, so once)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert shape is not None, "an hsdp variant needs --mesh"
+    if shape not in _MESHES:
+        _MESHES[shape] = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    return _MESHES[shape]
 
 
 def _ddp_stats(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, int], int]:
@@ -347,6 +381,9 @@ def _time_variant(v: Variant, a: RunArgs, rank: int) -> dict[str, Any]:
         out["comm_elements"] = dict(comm["elements"])
         out["comm_elements_zero_accounting"] = sum(comm["elements"].values())
         out["comm_bytes"] = comm["total_bytes"]
+        out["comm_bytes_by_kind"] = dict(comm["bytes"])
+        if "by_dim" in comm:
+            out["comm_bytes_by_dim"] = {d: dict(s["bytes"]) for d, s in comm["by_dim"].items()}
         buckets = getattr(getattr(opt, "engine", None), "buckets", None)  # internal; None with one rank
         if v.stage == 2 and buckets is not None:
             out["peak_full_grad_bytes"] = buckets.peak_live_bytes
@@ -504,6 +541,8 @@ def summarize(
             "comm_elements": r0["comm_elements"],
             "comm_elements_per_step": r0["comm_elements_zero_accounting"],
             "comm_bytes_per_step": r0["comm_bytes"],
+            "comm_bytes_by_kind": r0.get("comm_bytes_by_kind"),
+            "comm_bytes_by_dim": r0.get("comm_bytes_by_dim"),
             "comm_theory_elements": theory,
             "comm_theory_formula": f"{v.theory_factor}Ψ",
             "comm_ratio_vs_theory": r0["comm_elements_zero_accounting"] / theory,
@@ -598,6 +637,32 @@ def figures(rows: Sequence[dict[str, Any]], world: int) -> list[dict[str, Any]]:
     return out
 
 
+def mesh_figures(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bytes per step of rank 0 by mesh dim (--mesh): what crosses "replicate" (the machines' link in a real run)
+    against flat stage 3 over all ranks, whose every collective spans the machines; and the gathered bytes of
+    quantized_weights against fp32 gathers."""
+    by = {r["variant"]: r for r in rows if r["status"] == "ok"}
+    flat = by.get("s3-fp32")
+    out: list[dict[str, Any]] = []
+    if flat is None:
+        return out
+    for name, r in by.items():
+        dims = r.get("comm_bytes_by_dim")
+        if not name.startswith("hsdp-") or not dims:
+            continue
+        across = sum(dims["replicate"].values())
+        out.append({"figure": f"{name} bytes across 'replicate' / s3-fp32 bytes over all ranks",
+                    "value": across / flat["comm_bytes_per_step"], "across_bytes": across,
+                    "flat_bytes": flat["comm_bytes_per_step"]})
+        gathered = sum(v for k, v in dims["shard"].items() if k.startswith("all_gather"))
+        plain = by.get(name.replace("-qw", ""))
+        if "-qw" in name and plain is not None:
+            plain_gathered = sum(v for k, v in plain["comm_bytes_by_dim"]["shard"].items() if k.startswith("all_gather"))
+            out.append({"figure": f"{name} gathered bytes / fp32 gathers", "target": "<= 0.27",
+                        "value": gathered / plain_gathered, "met": gathered / plain_gathered <= 0.27})
+    return out
+
+
 def _merge_write(key: str, setting: dict[str, Any]) -> str:
     """Replace this setting's entry in the result file, keeping the other settings' entries."""
     path = RESULTS_DIR / RESULT_FILE
@@ -645,6 +710,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="ZeroAdam's bucket_size in elements (default: its own, 5M elements = 20 MB of fp32; "
         "DDP's bucket_cap_mb=25 is 6.5M fp32 elements)",
     )
+    ap.add_argument(
+        "--mesh", help="RxS: hybrid sharding on a (replicate, shard) mesh of R*S ranks (sets --world-size); runs "
+        "the hsdp variants against s3-fp32 over all ranks and reports bytes by mesh dim",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed to the whole run")
     args = ap.parse_args(argv)
@@ -654,8 +723,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"invalid --params-m={args.params_m!r}; expected a positive number of millions")
     if args.bucket_size is not None and args.bucket_size < 1:
         ap.error(f"invalid --bucket-size={args.bucket_size!r}; expected a positive number of elements")
+    mesh_shape: Optional[tuple[int, int]] = None
+    if args.mesh is not None:
+        try:
+            r, s = (int(x) for x in args.mesh.lower().split("x"))
+            assert r >= 1 and s >= 1
+        except (ValueError, AssertionError):
+            ap.error(f"invalid --mesh={args.mesh!r}; expected RxS, for example 2x2")
+        mesh_shape, args.world_size = (r, s), r * s
     try:
-        variants = _select(args.variants)
+        variants = MESH_VARIANTS if mesh_shape else _select(args.variants)
     except ValueError as exc:
         ap.error(str(exc))
 
@@ -676,7 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     run_args = RunArgs(
         cfg=cfg, batch=args.batch, warmup=args.warmup, steps=args.steps, seed=args.seed, variants=variants,
-        bucket_size=args.bucket_size, phase="time",
+        bucket_size=args.bucket_size, phase="time", mesh_shape=mesh_shape,
     )
     per_rank = run_ranks(measure_rank, args.world_size, run_args, timeout_s=args.timeout)
     rss_per_rank = None
@@ -686,7 +763,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rss_per_rank = run_ranks(measure_rank, args.world_size, rss_args, timeout_s=args.timeout, env=MALLOC_ENV)
     machine["loadavg_after"] = describe_machine("cpu")["loadavg_1_5_15"]
     rows = summarize(per_rank, rss_per_rank, variants, psi, args.world_size)
-    figs = figures(rows, args.world_size)
+    figs = figures(rows, args.world_size) + (mesh_figures(rows) if mesh_shape else [])
 
     print(
         f"\none iteration (forward + backward + step), {psi / 1e6:.1f}M parameters, {args.world_size} ranks; "
@@ -695,8 +772,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(rows))
     for f in figs:
         cpu = f"; in CPU time {f['cpu_time_ratio']:.3f}" if f.get("cpu_time_ratio") is not None else ""
-        print(f"# figure: {f['figure']}: {f['value']:.3f} (target {f['target']}) {'met' if f['met'] else 'NOT met'}{cpu}")
-    key = f"{round(args.params_m)}M-{args.world_size}ranks"
+        verdict = f" (target {f['target']}) {'met' if f['met'] else 'NOT met'}" if "target" in f else ""
+        print(f"# figure: {f['figure']}: {f['value']:.3f}{verdict}{cpu}")
+    key = f"{round(args.params_m)}M-{args.world_size}ranks" + (f"-mesh{args.mesh}" if mesh_shape else "")
     path = _merge_write(
         key,
         {
