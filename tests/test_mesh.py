@@ -9,7 +9,7 @@ import torch
 
 from distributed import run_ranks, run_two_nodes
 from helpers import max_rel_err
-from test_zero import CLIP, reference
+from test_zero import CLIP, GLOBAL_BATCH, reference
 
 HERE = Path(__file__).parent
 
@@ -170,3 +170,62 @@ def test_zero_accelerator_with_a_mesh_gives_hybrid_sharding(tmp_path: Path) -> N
         assert max_rel_err(got[0][stage]["params"], reference(10, 2, CLIP)) <= 1e-5
     assert "mesh=accelerator.zero_mesh" in got[0]["refusal"]
 
+
+
+def zds_hybrid(rank: int, world: int) -> dict:
+    """zds.initialize on a 2x2 mesh: zero_hpz_partition_size 2, with and without ZeRO++'s 8-bit collectives."""
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank))
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import mesh_train
+    import zeroadam
+    from zeroadam.integrations import deepspeed as zds
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    per = GLOBAL_BATCH // world
+    out = {}
+    for quantized in (False, True):
+        cfg = {
+            "train_micro_batch_size_per_gpu": per, "gradient_accumulation_steps": mesh_train.MICRO,
+            "gradient_clipping": CLIP, "steps_per_print": 10**9,
+            "optimizer": {"type": "ZeroAdam", "params": {"lr": 1e-2, "weight_decay": 0.0, "state_dtype": "fp32"}},
+            "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2, "zero_quantized_weights": quantized,
+                                  "zero_quantized_gradients": quantized},
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine, opt, _, _ = zds.initialize(model=mesh_train.make_model(), config=cfg, mesh=mesh)
+        for mbs in mesh_train.batches(mesh_train.STEPS, mesh_train.MICRO):
+            for x, y in mbs:
+                engine.backward(torch.nn.functional.mse_loss(engine(x[rank * per : (rank + 1) * per]),
+                                                             y[rank * per : (rank + 1) * per]))
+                engine.step()
+        full = zeroadam.full_state_dict(engine.module)
+        out[quantized] = {"params": [full[n] for n, _ in engine.module.named_parameters()],
+                          "shape": opt.engine.topology.shape, "quantized": opt.options.quantized_gradients}
+    return out
+
+
+def test_deepspeed_config_with_hpz_trains_on_the_mesh() -> None:
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (make test installs it)")
+    got = run_ranks(zds_hybrid, 4, timeout=600)
+    import mesh_train
+
+    model = mesh_train.make_model()  # one param group: what zds builds from a config
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for mbs in mesh_train.batches(mesh_train.STEPS, mesh_train.MICRO):
+        for x, y in mbs:
+            (torch.nn.functional.mse_loss(model(x), y) / mesh_train.MICRO).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    ref = [p.detach() for p in model.parameters()]
+    for r in got:
+        assert r[False]["shape"] == (2, 2) and r[True]["quantized"]
+        assert max_rel_err(r[False]["params"], ref) <= 1e-5
+        assert max_rel_err(r[True]["params"], ref) <= 0.05
+        assert max_rel_err(r[True]["params"], got[0][True]["params"]) == 0.0
