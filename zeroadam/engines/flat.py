@@ -42,6 +42,7 @@ from zeroadam.engines.grad_sync import (
 )
 from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
+from zeroadam.engines.state_view import LocalState
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.formats.state import Master, MasterKind, Moments
 from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes, stage1_chunk, stage1_staging_numel
@@ -549,6 +550,16 @@ class FlatEngine(Engine):
                 a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
                 if a < b:
                     out[p] = (a - slot.start, b - slot.start)
+        return out
+
+    def local_states(self) -> dict[torch.Tensor, LocalState]:
+        out = {}
+        for sp in self.spaces:
+            for p, slot in zip(sp.params, sp.layout.slots):
+                a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+                if a < b:
+                    piece = (a - sp.lo, b - a)
+                    out[p] = LocalState(sp, a - slot.start, b - slot.start, sp.moments.narrow(*piece), sp.master.narrow(*piece))
         return out
 
     def check_entries(self, checked: list[CheckedEntry]) -> None:

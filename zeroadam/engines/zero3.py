@@ -19,6 +19,7 @@ from zeroadam.comm.collectives import Group, all_gather_objects, all_reduce_sum
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
+from zeroadam.engines.state_view import LocalState
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
@@ -283,6 +284,9 @@ class Zero3Engine(Engine):
 
     def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
         return {pc.param: (pc.start, pc.start + pc.numel) for pc in self.pieces}
+
+    def local_states(self) -> dict[torch.Tensor, LocalState]:
+        return {pc.param: LocalState(pc, pc.start, pc.start + pc.numel, pc.moments, pc.master) for pc in self.pieces}
 
     def load_entries(self, checked: list[CheckedEntry]) -> None:
         """Install validated entries (whole, or pieces covering this rank's part) into the pieces; nothing
