@@ -149,7 +149,9 @@ class Zero3Engine(Engine):
         if leftover:
             raise RuntimeError(
                 "ZeroAdam(stage=3): parameters still hold local gradients from backward passes run under "
-                "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced"
+                "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced. (Gradients "
+                "set by hand are not reduced either; torch's get/set_optimizer_state_dict set them on an optimizer "
+                "that has not stepped: save and load with zeroadam.checkpoint, or optimizer.load_state_dict.)"
             )
 
     def scale_grads(self, factor: float) -> None:
