@@ -4,6 +4,7 @@ deepcopy, ``optimizer.state[p]`` as a mapping, repeated param groups, ``maximize
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -253,25 +254,31 @@ def test_tensor_betas_like_adamw() -> None:
         ZeroAdam(make_mlp().parameters(), betas=(0.9, torch.tensor(1.5)))
 
 
+@pytest.mark.parametrize("offload", [None, "cpu"])  # stage 0, and one rank of the flat engine
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
-def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: str) -> None:
+def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: str, offload) -> None:
     """torchao's pattern: ``dcp.load(opt.state_dict())`` fills the optimizer's own tensors, step included."""
     import torch.distributed.checkpoint as dcp
 
     model = make_mlp()
-    opt = ZeroAdam(model.parameters(), state_dtype=fmt, **HYPER)
+    opt = ZeroAdam(model.parameters(), state_dtype=fmt, offload=offload, **HYPER)
     train(model, opt, 3)
     dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
     saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
 
     other = make_mlp()
-    opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, **HYPER)
+    opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, offload=offload, **HYPER)
     train(other, opt2, 1, start=10)  # state exists (as for AdamW, an in-place load needs it)
     dcp.load({"optim": opt2.state_dict()}, checkpoint_id=str(tmp_path))
     for k, entry in opt2.state_dict()["state"].items():
         for n, v in entry.items():
             assert torch.equal(v, saved[k][n]), (k, n)
-    assert all(st.step == 3 for st in opt2.state.values())
+    assert all(float(st["step"]) == 3 for st in opt2.state.values())
+    # Training on from there is training on from the saved optimizer.
+    other.load_state_dict(model.state_dict())
+    train(model, opt, 2, start=3)
+    train(other, opt2, 2, start=3)
+    assert max_rel_err(params(other), params(model)) == 0
 
 
 def test_stock_adamw_refuses_int8_codes_loudly() -> None:
@@ -428,6 +435,10 @@ def _sharded_state_contract(rank: int, world: int, tmp: str) -> dict:
 
     warnings.simplefilter("ignore")  # the hidden-gradients warning of stages 2-3
     out: dict = {}
+    # A DCP checkpoint that DCP can take: stage 0 (every rank holds the same whole state).
+    model0, opt0 = _sharded(0, "int8")
+    _train_ranks(rank, world, model0, opt0, range(1))
+    dcp.save(opt0.state_dict(), checkpoint_id=f"{tmp}/{world}-stage0")
     for stage in (1, 2, 3):
         for fmt in ("fp32", "int8"):
             r: dict = {}
@@ -464,6 +475,17 @@ def _sharded_state_contract(rank: int, world: int, tmp: str) -> dict:
                     r[f"dcp_{name}"] = "saved"
                 except CheckpointException as e:  # every rank's error, ours included
                     r[f"dcp_{name}"] = str(e)
+            # An in-place dcp.load is refused too, and torch.save writes the refusing step tensors as plain ones.
+            try:
+                dcp.load(opt.state_dict(), checkpoint_id=f"{tmp}/{world}-stage0")
+                r["dcp_load"] = "loaded"
+            except CheckpointException as e:
+                r["dcp_load"] = str(e)
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=True)
+            r["saved_plain"] = all(type(e["step"]) is torch.Tensor and not e["step"].__dict__ for e in loaded["state"].values())
             # set_optimizer_state_dict of that state dict (rank 0 whole, the others their shard) loads it exactly.
             # On an optimizer without state torch first steps it with zero gradients set in p.grad, which stage 3
             # refuses (they bypass the reduce-scatter) with the fix.
@@ -521,10 +543,10 @@ def test_sharded_state_is_a_mapping_of_live_views_and_dcp_is_refused(world: int,
             r = res[cfg]
             for flag in (
                 "empty_before_step", "holds_local_params", "unchanged_by_moves", "get_osd_keeps_state", "set_osd_exact",
-                "no_fqn_entries", "live_after_step", "write_through",
+                "no_fqn_entries", "live_after_step", "write_through", "saved_plain",
             ):
                 assert r[flag] is True, (cfg, rank, flag)
-            for name in ("state_dict", "get_optimizer_state_dict"):
+            for name in ("state_dict", "get_optimizer_state_dict", "load"):
                 assert "zeroadam.checkpoint" in r[f"dcp_{name}"], (cfg, rank, name, r[f"dcp_{name}"][:300])
             if stage == 3:
                 assert "load_state_dict" in r["set_osd_error"], (cfg, rank)

@@ -12,7 +12,7 @@ an all-gather of the parameter shards into the flat buffers, which the parameter
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -66,7 +66,17 @@ class FlatSpace:
     master: Master  # [shard], on the state device
     param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
-    step: int = 0
+    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
+    # in-place load (DCP) sets the step with the moments.
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
 
     def param_shard(self) -> torch.Tensor:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
@@ -517,6 +527,8 @@ class FlatEngine(Engine):
                 out[p] = entry_of(
                     sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
                 )
+                if self.group.world == 1:
+                    out[p]["step"] = sp.step_tensor  # live, as the moments are
         return out
 
     def has_state(self) -> bool:

@@ -42,9 +42,10 @@ _STATE_DICT_FIX = (
 # elsewhere. dcp.save of it fails inside DCP with an AssertionError that names no fix, or, where every saved tensor is
 # 1D, keeps one rank's piece as if it were the whole tensor; and an in-place dcp.load would fill rank 0's gathered
 # copies, not the state. So the step tensors of a sharded state dict refuse DCP: DCP asks every value it saves for
-# ``__create_write_items__`` (its protocol for tensors that describe their own pieces), and theirs raises with the
-# fix. The attribute is the instance's own and ``__getstate__`` leaves it out, so torch.save writes a plain tensor
-# (torch.load(weights_only=True) reads it). DCP checkpoints of sharded state: zeroadam.checkpoint.
+# ``__create_write_items__``, and every tensor it loads into for ``__create_chunk_list__`` (its protocol for tensors
+# that describe their own pieces, as DTensor does), and theirs raise with the fix. The attributes are the tensor's
+# own and its ``__getstate__`` leaves them out, so torch.save writes a plain tensor (torch.load(weights_only=True) reads
+# it). DCP checkpoints of sharded state: zeroadam.checkpoint.
 DCP_FIX = (
     "torch.distributed.checkpoint cannot take a sharded ZeroAdam's state_dict() (or get_optimizer_state_dict): rank 0 "
     "holds the whole state and the other ranks their shard under the same names. Use zeroadam.checkpoint.save(path, "
@@ -53,8 +54,13 @@ DCP_FIX = (
 )
 
 
-def _refuse_dcp(fqn: str, obj: Any) -> Any:
-    raise ValueError(f"ZeroAdam: {fqn}: {DCP_FIX}")
+def _refuse_dcp_save(fqn: str, obj: Any) -> Any:
+    raise RuntimeError(f"ZeroAdam: {fqn}: {DCP_FIX}")
+
+
+def _refuse_dcp_load() -> Any:
+    # A RuntimeError: DCP rewords a ValueError here as a problem of the checkpoint's metadata.
+    raise RuntimeError(f"ZeroAdam: {DCP_FIX}")
 
 
 def _no_state() -> dict[str, Any]:
@@ -67,7 +73,8 @@ def _mark_sharded(entries: dict[torch.Tensor, dict[str, Any]]) -> None:
         step = entry.get("step")
         if isinstance(step, torch.Tensor):
             step = entry["step"] = step.clone()  # never the caller's own tensor
-            step.__create_write_items__ = _refuse_dcp  # type: ignore[attr-defined]
+            step.__create_write_items__ = _refuse_dcp_save  # type: ignore[attr-defined]  # dcp.save
+            step.__create_chunk_list__ = _refuse_dcp_load  # type: ignore[attr-defined]  # dcp.load, in place
             step.__getstate__ = _no_state  # type: ignore[method-assign]
 
 
