@@ -281,6 +281,22 @@ def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: st
     assert max_rel_err(params(other), params(model)) == 0
 
 
+def test_state_dict_keyed_by_parameter_names_loads_as_parameters_state() -> None:
+    """torch's get_optimizer_state_dict names parameters by FQN in ``state`` and ``param_groups``: those entries are
+    the parameters' state, not keys of optimizer.state to keep beside it."""
+    model = make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    sd = {**sd, "state": {names[i]: e for i, e in sd["state"].items()}}
+    sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    opt2 = ZeroAdam(make_mlp().parameters(), state_dtype="int8", **HYPER)
+    opt2.load_state_dict(sd)
+    assert all(isinstance(k, torch.Tensor) for k in opt2.state) and len(opt2.state) == len(names)
+    assert all(float(st["step"]) == 2 for st in opt2.state.values())
+
+
 def test_stock_adamw_refuses_int8_codes_loudly() -> None:
     """A ZeroAdam int8 state dict must not load into torch.optim.AdamW as if its codes were moments: the codes have
     keys of their own, so AdamW fails on its first step instead of training on numbers up to 127 and 255."""
