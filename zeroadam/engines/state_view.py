@@ -1,9 +1,9 @@
-"""``optimizer.state[p]`` for the sharded engines (stages 1-3, offload): live views of the state this rank holds.
+"""``optimizer.state[p]`` for the sharded engines (stages 1-3, offload, FSDP2): live views of the state this rank holds.
 
 Tools walk ``optimizer.state`` as a mapping of parameters to dicts of tensors, as ``torch.optim.AdamW`` keeps it
 (Lightning's ``optimizer_to_device``, loggers, torch's ``get_optimizer_state_dict``, which steps an optimizer whose
-``state`` is empty to create its state). ``FlatEngine`` and ``Zero3Engine`` keep their state in flat shards, so
-``optimizer.state[p]`` is a ``ShardState``: for a parameter of which this rank holds elements [start, end) of its
+``state`` is empty to create its state). ``FlatEngine`` and ``Zero3Engine`` keep their state in flat shards, and
+``DTensorEngine`` in pieces of each local shard, so ``optimizer.state[p]`` is a ``ShardState``: for a parameter of which this rank holds elements [start, end) of its
 flattened value, its keys are those of the state dict — ``step`` and ``exp_avg`` / ``exp_avg_sq`` (fp32, bf16), or
 ``exp_avg_codes`` / ``exp_avg_sq_codes`` with ``exp_avg_scale`` / ``exp_avg_sq_scale`` (int8), and ``master`` /
 ``master_residual`` for 16-bit parameters — each a 1D view of the engine's buffers.
@@ -12,13 +12,15 @@ flattened value, its keys are those of the state dict — ``step`` and ``exp_avg
 - Only elements [start, end) are there (``ShardState.elements``), so the tensors are 1D, not shaped like the
   parameter. start lies on a 256-element block of the parameter and end on a block boundary or at the parameter's
   end (see [Note: block-aligned layout]): the int8 scales of the view are exactly those of its blocks, one per
-  block, which no other rank holds.
+  block, which no other rank holds. FSDP2 (DTensor parameters) cuts rows, possibly inside a block: there the scales
+  are those of every block [start, end) touches, a cut block's on both ranks (see [Note: blocks across shard
+  boundaries] in engines/dtensor.py).
 - A parameter this rank holds nothing of, or whose state has not been created (no step, nothing loaded), is absent,
   as in AdamW before its first step.
 - Writing into a view writes the state. Assigning a key copies the value into ZeroAdam's buffer (same dtype and
   number of elements, any device): the state stays where ZeroAdam keeps it, so ``st[k] = st[k].to(device)`` keeps
-  it whatever the device. ``step`` is a copy: the whole param group steps together, so it can only be assigned its
-  own value. Keys cannot be deleted.
+  it whatever the device. ``step`` is a copy of the engine's count (a sharded param group steps together), so it
+  can only be assigned its own value. Keys cannot be deleted.
 """
 from __future__ import annotations
 
@@ -45,9 +47,9 @@ class LocalState:
     """What a sharded engine holds of one parameter: elements [start, end) of its flattened value."""
 
     holder: _Stepped  # whose ``step`` counts this state's steps
-    start: int  # a block boundary of the parameter
+    start: int  # a block boundary of the parameter (FSDP2: where its shard begins)
     end: int
-    moments: Moments  # views of the engine's buffers: [end - start] elements, scales of ceil((end - start) / 256) blocks
+    moments: Moments  # views of the engine's buffers: [end - start] elements, the scales of the blocks it touches
     master: Master  # views, [end - start]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -58,7 +60,7 @@ _FIX = "change the state through optimizer.load_state_dict, or zeroadam.checkpoi
 
 
 class ShardState(MutableMapping):
-    """``optimizer.state[p]`` of a sharded engine: see [Note: state views]."""
+    """``optimizer.state[p]`` of a sharded or DTensor engine: see [Note: state views]."""
 
     def __init__(self, local: LocalState) -> None:
         self._local = local
@@ -78,8 +80,8 @@ class ShardState(MutableMapping):
             v = float(value) if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1) else None
             if v != float(self._local.holder.step):
                 raise ValueError(
-                    f"ZeroAdam: optimizer.state[p]['step'] = {value!r}: with a sharded stage the whole param group steps "
-                    f"together (step {self._local.holder.step}), so one parameter's step cannot change; {_FIX}"
+                    f"ZeroAdam: optimizer.state[p]['step'] = {value!r}: ZeroAdam keeps the step count itself (step "
+                    f"{self._local.holder.step}; a sharded param group steps together), so it cannot be set here; {_FIX}"
                 )
             return
         tensors = self._local.tensors()
