@@ -281,6 +281,34 @@ def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: st
     assert max_rel_err(params(other), params(model)) == 0
 
 
+def _in_place_stage3_one_rank(rank: int, world: int, tmp: str, fmt: str) -> dict:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    warnings.simplefilter("ignore")  # the hidden-gradients warning
+    model, opt = _sharded(3, fmt)
+    _train_ranks(rank, world, model, opt, range(3))
+    dcp.save(opt.state_dict(), checkpoint_id=tmp)
+    saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
+    model2, opt2 = _sharded(3, fmt)
+    _train_ranks(rank, world, model2, opt2, range(10, 11))
+    dcp.load(opt2.state_dict(), checkpoint_id=tmp)
+    loaded = opt2.state_dict()["state"]
+    return {
+        "equal": loaded.keys() == saved.keys() and all(torch.equal(v, saved[k][n]) for k, e in loaded.items() for n, v in e.items()),
+        "steps": [float(st["step"]) for st in opt2.state.values()],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_in_place_load_at_stage_3_on_one_rank_restores_moments_and_step(tmp_path, fmt: str) -> None:
+    from distributed import run_ranks
+
+    (res,) = run_ranks(_in_place_stage3_one_rank, 1, str(tmp_path), fmt)
+    assert res["equal"] and res["steps"] == [3.0] * 4
+
+
 def test_state_dict_keyed_by_parameter_names_loads_as_parameters_state() -> None:
     """torch's get_optimizer_state_dict names parameters by FQN in ``state`` and ``param_groups``: those entries are
     the parameters' state, not keys of optimizer.state to keep beside it."""

@@ -9,7 +9,7 @@ step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a re
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -45,7 +45,17 @@ class Piece:
     moments: Moments
     master: Master
     param_host: Optional[HostParamCopies] = None  # the piece's host copy when offloading from a GPU
-    step: int = 0
+    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
+    # in-place load (DCP) sets the step with the moments.
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
 
     def param_view(self) -> torch.Tensor:
         return self.flat.shard.narrow(0, self.offset, self.numel)
@@ -259,6 +269,14 @@ class Zero3Engine(Engine):
         """Every parameter's whole state entry on rank ``to`` (CPU tensors; None elsewhere). Collective: the
         pieces travel as objects, which is simple and fine for state dicts, not for checkpoints of big models
         (``zeroadam.checkpoint`` writes pieces where they are)."""
+        if self.group.world == 1:
+            # One rank holds every parameter whole, in one piece: the live state, as torch.optim hands it out (an
+            # in-place DCP load sets it, step included).
+            return {
+                pc.param: {**entry_of(pc.step, pc.moments, pc.master, pc.param.shape), "step": pc.step_tensor}
+                for pc in self.pieces
+                if pc.step > 0
+            }
         index = {p: i for i, p in enumerate(p for g in self.setup.param_groups for p in g["params"])}
         mine = [
             (index[pc.param], pc.start, pc.step, {k: t.cpu() for k, t in {**pc.moments.tensors(), **pc.master.tensors()}.items()})
