@@ -3,10 +3,11 @@
 Tools walk ``optimizer.state`` as a mapping of parameters to dicts of tensors, as ``torch.optim.AdamW`` keeps it
 (Lightning's ``optimizer_to_device``, loggers, torch's ``get_optimizer_state_dict``, which steps an optimizer whose
 ``state`` is empty to create its state). ``FlatEngine`` and ``Zero3Engine`` keep their state in flat shards, and
-``DTensorEngine`` in pieces of each local shard, so ``optimizer.state[p]`` is a ``ShardState``: for a parameter of which this rank holds elements [start, end) of its
-flattened value, its keys are those of the state dict — ``step`` and ``exp_avg`` / ``exp_avg_sq`` (fp32, bf16), or
-``exp_avg_codes`` / ``exp_avg_sq_codes`` with ``exp_avg_scale`` / ``exp_avg_sq_scale`` (int8), and ``master`` /
-``master_residual`` for 16-bit parameters — each a 1D view of the engine's buffers.
+``DTensorEngine`` in pieces of each local shard, so ``optimizer.state[p]`` is a ``ShardState``: for a parameter of
+which this rank holds elements [start, end) of its flattened value, its keys are those of the state dict — ``step``
+and ``exp_avg`` / ``exp_avg_sq`` (fp32, bf16), or ``exp_avg_codes`` / ``exp_avg_sq_codes`` with ``exp_avg_scale`` /
+``exp_avg_sq_scale`` (int8), and ``master`` / ``master_residual`` for 16-bit parameters — each a 1D view of the
+engine's buffers.
 
 [Note: state views]
 - Only elements [start, end) are there (``ShardState.elements``), so the tensors are 1D, not shaped like the
@@ -77,11 +78,12 @@ class ShardState(MutableMapping):
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key == "step":
-            v = float(value) if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1) else None
-            if v != float(self._local.holder.step):
+            one = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+            if not one or float(value) != float(self._local.holder.step):
                 raise ValueError(
                     f"ZeroAdam: optimizer.state[p]['step'] = {value!r}: ZeroAdam keeps the step count itself (step "
-                    f"{self._local.holder.step}; a sharded param group steps together), so it cannot be set here; {_FIX}"
+                    f"{self._local.holder.step}; a sharded param group steps together), so it cannot be set here; "
+                    f"{_FIX}"
                 )
             return
         tensors = self._local.tensors()
@@ -91,11 +93,13 @@ class ShardState(MutableMapping):
         if value is t:
             return  # what moving a state to the device it is on hands back
         if not isinstance(value, torch.Tensor) or value.dtype != t.dtype or value.numel() != t.numel():
-            got = f"a {value.dtype} tensor of {value.numel()} elements" if isinstance(value, torch.Tensor) else type(value).__name__
+            got = type(value).__name__
+            if isinstance(value, torch.Tensor):
+                got = f"a {value.dtype} tensor of {value.numel()} elements"
             raise ValueError(
-                f"ZeroAdam: optimizer.state[p][{key!r}] must stay a {t.dtype} tensor of {t.numel()} elements (this rank's "
-                f"elements {self.elements} of the parameter), got {got}; its values are copied into ZeroAdam's buffer, "
-                "which stays where ZeroAdam keeps it"
+                f"ZeroAdam: optimizer.state[p][{key!r}] must stay a {t.dtype} tensor of {t.numel()} elements (this "
+                f"rank's elements {self.elements} of the parameter), got {got}; its values are copied into ZeroAdam's "
+                "buffer, which stays where ZeroAdam keeps it"
             )
         with torch.no_grad():
             t.copy_(value.reshape(-1))
