@@ -261,3 +261,24 @@ def test_stage0_multi_tensor_step_matches_one_launch_per_parameter(state_dtype: 
         torch.cuda.synchronize()
         for a, b in zip(multi, single):
             assert torch.equal(a.detach(), b.detach())
+
+
+def test_offload_state_mapping_stays_on_the_host_when_moved_to_the_gpu() -> None:
+    """What Lightning's optimizer_to_device does with the model's device: ``st[k] = v.to("cuda")``. The values go
+    back into the pinned host buffers ([Note: state views]); the state is unchanged and the optimizer still steps."""
+    params = _params(SHAPES, torch.bfloat16, seed=6)
+    opt = ZeroAdam(params, lr=LR, state_dtype="int8", offload="cpu")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for st in opt.state.values():
+        for k, v in list(st.items()):
+            if k != "step":
+                st[k] = v.to(_dev())
+    for p in params:
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, before[id(p)][k]), k
+            assert v.device.type == "cpu" and (k == "step" or v.is_pinned())
+    opt.step()
+    assert all(float(st["step"]) == 2 for st in opt.state.values())

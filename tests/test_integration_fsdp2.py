@@ -62,6 +62,36 @@ def moments(opt, model) -> dict[str, torch.Tensor]:
     return out
 
 
+def views_match(opt) -> bool:
+    """optimizer.state[p] is this rank's part of the state ([Note: state views]): 1D views of elements [s, e) of the
+    flattened parameter, with the scales of every block [s, e) touches; writing into a view writes the state."""
+    from torch.distributed.tensor import DTensor
+
+    from zeroadam.formats.quant import BLOCK_SIZE
+
+    sd = opt.state_dict()  # collective
+    ok = True
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st, entry = opt.state[p], sd["state"][i]
+        s, e = st.elements
+        ok &= set(st) == set(entry) and float(st["step"]) == float(entry["step"])
+        for k, t in entry.items():
+            if k == "step":
+                continue
+            if k.endswith("_scale"):
+                want = t.full_tensor()[s // BLOCK_SIZE : (e - 1) // BLOCK_SIZE + 1]
+            else:
+                want = (t.to_local() if isinstance(t, DTensor) else t).reshape(-1)
+            ok &= torch.equal(st[k], want)
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    key = next(k for k in st if k != "step")
+    saved = st[key].clone()
+    st[key].zero_()
+    ok &= bool((opt.state_dict()["state"][0][key].to_local() == 0).all())  # collective
+    st[key] = saved  # copied back in
+    return bool(ok)
+
+
 def sharded(rank: int, world: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -116,6 +146,7 @@ def suite(rank: int, world: int, ckpt: str) -> dict:
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
     out["int8_at_save"] = full_params(model)
     out["moments_at_save"] = moments(opt, model)
+    out["views_match"] = views_match(opt)
     train(model, opt, range(SAVE_AT, STEPS), rank, world)
     out["int8"] = full_params(model)
     out["state_bytes"] = opt.memory_stats()["state_bytes"]
@@ -183,6 +214,10 @@ def test_int8_state_is_the_same_as_one_process(ranks: list[dict]) -> None:
         assert sorted(r["moments_at_save"]) == sorted(one_moments) == ["0.weight", "2.weight"]
         for name, m in one_moments.items():
             assert float((r["moments_at_save"][name] - m).norm() / m.norm()) <= 1e-5
+
+
+def test_state_mapping_views_the_local_shard(ranks: list[dict]) -> None:
+    assert all(r["views_match"] for r in ranks)
 
 
 def test_state_lives_on_the_local_shard(ranks: list[dict]) -> None:

@@ -4,6 +4,7 @@ deepcopy, ``optimizer.state[p]`` as a mapping, repeated param groups, ``maximize
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -253,25 +254,75 @@ def test_tensor_betas_like_adamw() -> None:
         ZeroAdam(make_mlp().parameters(), betas=(0.9, torch.tensor(1.5)))
 
 
+@pytest.mark.parametrize("offload", [None, "cpu"])  # stage 0, and one rank of the flat engine
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
-def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: str) -> None:
+def test_in_place_load_of_state_dict_restores_moments_and_step(tmp_path, fmt: str, offload) -> None:
     """torchao's pattern: ``dcp.load(opt.state_dict())`` fills the optimizer's own tensors, step included."""
     import torch.distributed.checkpoint as dcp
 
     model = make_mlp()
-    opt = ZeroAdam(model.parameters(), state_dtype=fmt, **HYPER)
+    opt = ZeroAdam(model.parameters(), state_dtype=fmt, offload=offload, **HYPER)
     train(model, opt, 3)
     dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
     saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
 
     other = make_mlp()
-    opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, **HYPER)
+    opt2 = ZeroAdam(other.parameters(), state_dtype=fmt, offload=offload, **HYPER)
     train(other, opt2, 1, start=10)  # state exists (as for AdamW, an in-place load needs it)
     dcp.load({"optim": opt2.state_dict()}, checkpoint_id=str(tmp_path))
     for k, entry in opt2.state_dict()["state"].items():
         for n, v in entry.items():
             assert torch.equal(v, saved[k][n]), (k, n)
-    assert all(st.step == 3 for st in opt2.state.values())
+    assert all(float(st["step"]) == 3 for st in opt2.state.values())
+    # Training on from there is training on from the saved optimizer.
+    other.load_state_dict(model.state_dict())
+    train(model, opt, 2, start=3)
+    train(other, opt2, 2, start=3)
+    assert max_rel_err(params(other), params(model)) == 0
+
+
+def _in_place_stage3_one_rank(rank: int, world: int, tmp: str, fmt: str) -> dict:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    warnings.simplefilter("ignore")  # the hidden-gradients warning
+    model, opt = _sharded(3, fmt)
+    _train_ranks(rank, world, model, opt, range(3))
+    dcp.save(opt.state_dict(), checkpoint_id=tmp)
+    saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
+    model2, opt2 = _sharded(3, fmt)
+    _train_ranks(rank, world, model2, opt2, range(10, 11))
+    dcp.load(opt2.state_dict(), checkpoint_id=tmp)
+    loaded = opt2.state_dict()["state"]
+    return {
+        "equal": loaded.keys() == saved.keys() and all(torch.equal(v, saved[k][n]) for k, e in loaded.items() for n, v in e.items()),
+        "steps": [float(st["step"]) for st in opt2.state.values()],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_in_place_load_at_stage_3_on_one_rank_restores_moments_and_step(tmp_path, fmt: str) -> None:
+    from distributed import run_ranks
+
+    (res,) = run_ranks(_in_place_stage3_one_rank, 1, str(tmp_path), fmt)
+    assert res["equal"] and res["steps"] == [3.0] * 4
+
+
+def test_state_dict_keyed_by_parameter_names_loads_as_parameters_state() -> None:
+    """torch's get_optimizer_state_dict names parameters by FQN in ``state`` and ``param_groups``: those entries are
+    the parameters' state, not keys of optimizer.state to keep beside it."""
+    model = make_mlp()
+    opt = ZeroAdam(model.parameters(), state_dtype="int8", **HYPER)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    sd = {**sd, "state": {names[i]: e for i, e in sd["state"].items()}}
+    sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    opt2 = ZeroAdam(make_mlp().parameters(), state_dtype="int8", **HYPER)
+    opt2.load_state_dict(sd)
+    assert all(isinstance(k, torch.Tensor) for k in opt2.state) and len(opt2.state) == len(names)
+    assert all(float(st["step"]) == 2 for st in opt2.state.values())
 
 
 def test_stock_adamw_refuses_int8_codes_loudly() -> None:
@@ -381,3 +432,190 @@ def test_meta_parameters_are_refused_at_step_with_the_fix() -> None:
             p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="meta device.*to_empty"):
         opt.step()
+
+
+# ---------------------------------------------------------------------------------------------- sharded stages
+def _sharded(stage: int, fmt: str) -> tuple[torch.nn.Module, ZeroAdam]:
+    import zeroadam
+    from helpers import make_model
+
+    model = make_model()
+    if stage == 3:
+        model = zeroadam.shard_model(model)
+    return model, ZeroAdam(model.parameters(), state_dtype=fmt, stage=stage, **HYPER)
+
+
+def _train_ranks(rank: int, world: int, model: torch.nn.Module, opt: ZeroAdam, steps: range) -> None:
+    from helpers import GLOBAL_BATCH, batch
+
+    per = GLOBAL_BATCH // world
+    for s in steps:
+        x, y = batch(s)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]).backward()
+        opt.step()
+    opt.zero_grad()
+
+
+def _views(opt: ZeroAdam) -> dict[int, tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+    index = {p: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return {index[p]: (st.elements, {k: v.clone() for k, v in st.items()}) for p, st in opt.state.items()}
+
+
+def _same_views(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[i][0] == b[i][0] and a[i][1].keys() == b[i][1].keys() and all(torch.equal(t, b[i][1][k]) for k, t in a[i][1].items())
+        for i in a
+    )
+
+
+def _sharded_state_contract(rank: int, world: int, tmp: str) -> dict:
+    """optimizer.state[p] at stages 1-3 ([Note: state views]), and DCP refused ([Note: DCP and sharded state dicts])."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    warnings.simplefilter("ignore")  # the hidden-gradients warning of stages 2-3
+    out: dict = {}
+    # A DCP checkpoint that DCP can take: stage 0 (every rank holds the same whole state).
+    model0, opt0 = _sharded(0, "int8")
+    _train_ranks(rank, world, model0, opt0, range(1))
+    dcp.save(opt0.state_dict(), checkpoint_id=f"{tmp}/{world}-stage0")
+    for stage in (1, 2, 3):
+        for fmt in ("fp32", "int8"):
+            r: dict = {}
+            model, opt = _sharded(stage, fmt)
+            r["empty_before_step"] = len(opt.state) == 0
+            _train_ranks(rank, world, model, opt, range(3))
+            ranges = opt.engine.local_ranges()
+            r["holds_local_params"] = set(opt.state) == set(ranges) and all(
+                opt.state[p].elements == ranges[p] for p in ranges
+            )
+            r["views"] = _views(opt)
+            # What Lightning's optimizer_to_device does (the same device: the same tensors), then copies of every
+            # tensor assigned back: the state is unchanged and still live.
+            try:
+                from lightning.fabric.utilities.optimizer import _optimizer_to_device
+
+                _optimizer_to_device(opt, torch.device("cpu"))
+            except ImportError:  # pragma: no cover
+                pass
+            for st in opt.state.values():
+                for k, v in list(st.items()):
+                    st[k] = v.clone()
+            r["unchanged_by_moves"] = _same_views(_views(opt), r["views"])
+            # torch's get_optimizer_state_dict finds state, so it does not step the optimizer to create it.
+            osd = get_optimizer_state_dict(model, opt)
+            r["get_osd_keeps_state"] = _same_views(_views(opt), r["views"])
+            sd = opt.state_dict()
+            if rank == 0:
+                r["full"] = sd["state"]
+            # DCP refuses a sharded state dict on every rank, naming the fix.
+            for name, d in (("state_dict", sd), ("get_optimizer_state_dict", {"optim": osd})):
+                try:
+                    dcp.save(d, checkpoint_id=f"{tmp}/{world}-{stage}-{fmt}-{name}")
+                    r[f"dcp_{name}"] = "saved"
+                except CheckpointException as e:  # every rank's error, ours included
+                    r[f"dcp_{name}"] = str(e)
+            # An in-place dcp.load is refused too, and torch.save writes the refusing step tensors as plain ones.
+            try:
+                dcp.load(opt.state_dict(), checkpoint_id=f"{tmp}/{world}-stage0")
+                r["dcp_load"] = "loaded"
+            except CheckpointException as e:
+                r["dcp_load"] = str(e)
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=True)
+            r["saved_plain"] = all(type(e["step"]) is torch.Tensor and not e["step"].__dict__ for e in loaded["state"].values())
+            # set_optimizer_state_dict of that state dict (rank 0 whole, the others their shard) loads it exactly.
+            # On an optimizer without state torch first steps it with zero gradients set in p.grad, which stage 3
+            # refuses (they bypass the reduce-scatter) with the fix.
+            opt2 = ZeroAdam(model.parameters(), state_dtype=fmt, stage=stage, **HYPER)
+            try:
+                set_optimizer_state_dict(model, opt2, osd)
+                r["set_osd_error"] = None
+            except RuntimeError as e:
+                r["set_osd_error"] = str(e)
+                opt2.zero_grad()
+                opt2.load_state_dict(osd)
+            r["set_osd_exact"] = _same_views(_views(opt2), r["views"])
+            r["no_fqn_entries"] = all(isinstance(k, torch.Tensor) for k in opt2.state)
+            # One more step: the views follow the state (they are not copies).
+            _train_ranks(rank, world, model, opt, range(3, 4))
+            shard = opt.engine.shard_entries()
+            r["live_after_step"] = all(
+                torch.equal(st[k], shard[p][k]) and float(st["step"]) == 4 for p, st in opt.state.items() for k in st if k != "step"
+            )
+            # Writing into a view writes the state.
+            p, st = next(iter(opt.state.items()))
+            key = next(k for k in st if k != "step")
+            st[key].fill_(3)
+            r["write_through"] = bool((opt.engine.shard_entries()[p][key] == 3).all())
+            errors = {}
+            for what, fn in (
+                ("dtype", lambda: st.__setitem__(key, st[key].double())),
+                ("size", lambda: st.__setitem__(key, st[key][:-1].clone())),
+                ("step", lambda: st.__setitem__("step", torch.tensor(99.0))),
+                ("delete", lambda: st.__delitem__(key)),
+                ("unknown", lambda: st.__setitem__("max_exp_avg_sq", st[key])),
+            ):
+                try:
+                    fn()
+                    errors[what] = None
+                except (ValueError, TypeError, KeyError) as e:
+                    errors[what] = f"{type(e).__name__}: {e}"
+            st["step"] = st["step"]  # its own value: accepted
+            r["errors"] = errors
+            out[(stage, fmt)] = r
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_state_is_a_mapping_of_live_views_and_dcp_is_refused(world: int, tmp_path) -> None:
+    from distributed import run_ranks
+    from zeroadam.formats.quant import BLOCK_SIZE, num_blocks
+
+    ranks = run_ranks(_sharded_state_contract, world, str(tmp_path), timeout=900)
+    for cfg in ranks[0]:
+        stage, fmt = cfg
+        full = ranks[0][cfg]["full"]
+        covered: dict[int, list[tuple[int, int]]] = {}
+        for rank, res in enumerate(ranks):
+            r = res[cfg]
+            for flag in (
+                "empty_before_step", "holds_local_params", "unchanged_by_moves", "get_osd_keeps_state", "set_osd_exact",
+                "no_fqn_entries", "live_after_step", "write_through", "saved_plain",
+            ):
+                assert r[flag] is True, (cfg, rank, flag)
+            for name in ("state_dict", "get_optimizer_state_dict", "load"):
+                assert "zeroadam.checkpoint" in r[f"dcp_{name}"], (cfg, rank, name, r[f"dcp_{name}"][:300])
+            if stage == 3:
+                assert "load_state_dict" in r["set_osd_error"], (cfg, rank)
+            else:
+                assert r["set_osd_error"] is None, (cfg, rank)
+            e = r["errors"]
+            assert e["dtype"].startswith("ValueError") and "must stay" in e["dtype"], e
+            assert e["size"].startswith("ValueError") and "must stay" in e["size"], e
+            assert e["step"].startswith("ValueError") and "load_state_dict" in e["step"], e
+            assert e["delete"].startswith("TypeError") and e["unknown"].startswith("KeyError"), e
+            # Each view is this rank's elements [a, b) of the whole state (int8: the scales of exactly its blocks).
+            for i, ((a, b), tensors) in r["views"].items():
+                covered.setdefault(i, []).append((a, b))
+                assert a % BLOCK_SIZE == 0 and set(tensors) == set(full[i]), (cfg, rank, i)
+                for k, t in tensors.items():
+                    whole = full[i][k].reshape(-1)
+                    if k == "step":
+                        assert float(t) == float(whole) == 3
+                    elif k.endswith("_scale"):
+                        assert torch.equal(t, whole[a // BLOCK_SIZE : a // BLOCK_SIZE + num_blocks(b - a)]), (cfg, i, k)
+                    else:
+                        assert torch.equal(t, whole[a:b]), (cfg, i, k)
+        # Together the ranks hold every element of every parameter once.
+        for i, pieces in covered.items():
+            pieces.sort()
+            assert pieces[0][0] == 0 and all(x[1] == y[0] for x, y in zip(pieces, pieces[1:])), (cfg, i, pieces)
+            assert pieces[-1][1] == full[i]["exp_avg_sq" if "exp_avg_sq" in full[i] else "exp_avg_sq_codes"].numel()
+        assert set(covered) == set(full)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from zeroadam.engines import Engine, EngineSetup, build
+from zeroadam.engines.state_view import publish
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions, check_hyper
 from zeroadam.state_dict.api import apply_state_dict, build_state_dict, consolidate_state_dict
@@ -145,6 +146,9 @@ class ZeroAdam(torch.optim.Optimizer):
             state=self.state,
         )
         self.engine = build(setup, process_group, mesh)
+        # Sharded engines: optimizer.state[p] views their shards ([Note: state views]); the views are (re)made after
+        # the first step and after loads, not at every step.
+        self._state_views_stale = True
 
     # ---------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -311,6 +315,9 @@ class ZeroAdam(torch.optim.Optimizer):
             self.engine.after_skip()
             return loss
         self.engine.step(scale)
+        if self._state_views_stale:
+            publish(self.engine, self.state)
+            self._state_views_stale = False
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -365,6 +372,8 @@ class ZeroAdam(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         apply_state_dict(self, state_dict)
+        publish(self.engine, self.state)
+        self._state_views_stale = True  # parameters left without state by this load get theirs at the next step
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -26,6 +26,9 @@ from zeroadam.comm.collectives import Group
 from zeroadam.comm.mesh import Topology
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from zeroadam.engines.state_view import LocalState
 
 __all__ = ["Engine", "EngineSetup", "Entries", "CheckedEntry", "refuse_sparse_grad", "refuse_meta_params", "SPARSE_GRAD_FIX"]
 
@@ -213,6 +216,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
         """The flattened elements [start, end) of each parameter whose state this rank keeps."""
+
+    def local_states(self) -> "Optional[dict[torch.Tensor, LocalState]]":
+        """Views of this rank's part of each parameter's state, for ``optimizer.state[p]`` (see [Note: state views]
+        in engines/state_view.py); None for engines that keep their own entries in ``optimizer.state``."""
+        return None
 
     @abc.abstractmethod
     def shard_entries(self) -> Entries:

@@ -26,7 +26,7 @@ entries by parameter FQN. ``load_state_dict`` also takes plain whole tensors (a 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from zeroadam.formats import quant
 from zeroadam.comm.collectives import CommStats, Group, all_reduce_sum
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
+from zeroadam.engines.state_view import LocalState, ShardState
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update
 from zeroadam.options import BLOCK_SIZE, GroupHyper
@@ -64,12 +65,17 @@ class Piece:
         return self.start + self.numel
 
 
-@dataclass(eq=False)
-class DTensorParamState:
-    """Stage-0 state of one DTensor parameter: the pieces of its local shard (kept in ``optimizer.state[p]``)."""
+class DTensorParamState(ShardState):
+    """Stage-0 state of one DTensor parameter (kept in ``optimizer.state[p]``): the pieces of its local shard, views
+    of one contiguous storage of the local range [start, end) of the flattened parameter, which the mapping shows
+    (see [Note: state views] in engines/state_view.py). int8 scales: one per block the local range touches, a block
+    cut by a shard boundary included (its scale is the same on both ranks, see [Note: blocks across shard
+    boundaries])."""
 
-    step: int
-    pieces: list[Piece] = field(default_factory=list)
+    def __init__(self, step: int, start: int, end: int, moments: Moments, master: Master) -> None:
+        super().__init__(LocalState(self, start, end, moments, master))
+        self.step = step
+        self.pieces: list[Piece] = []
 
 
 def _shard_dim_of(p: DTensor) -> int:
@@ -175,17 +181,31 @@ class DTensorEngine(Engine):
     def _init_state(self, p: DTensor) -> DTensorParamState:
         setup = self.setup
         fmt = setup.policy.moment_format(p.numel())
-        s, _ = _local_range(p, self.mesh_dim)
+        s, e = _local_range(p, self.mesh_dim)
         local = p.to_local().detach().reshape(-1)
-        st = DTensorParamState(step=0)
+        b0 = s // BLOCK_SIZE  # the first block the local range touches: scale 0 of the storage
+        blocks = (e - 1) // BLOCK_SIZE - b0 + 1 if e > s else 0
+        tensors = {
+            t.key: torch.zeros(blocks if t.per_block else e - s, dtype=t.dtype, device=local.device)
+            for t in MOMENT_TENSORS[fmt]
+        }
+        moments = Moments.of(fmt, tensors)  # type: ignore[arg-type]
+        master = Master.create(setup.policy.master_kind(p), local)
+        st = DTensorParamState(0, s, e, moments, master)
         for a, b, slot in self._pieces(p, fmt):
+            views = {
+                t.key: tensors[t.key].narrow(0, a // BLOCK_SIZE - b0, quant.num_blocks(b - a))
+                if t.per_block
+                else tensors[t.key].narrow(0, a - s, b - a)
+                for t in MOMENT_TENSORS[fmt]
+            }
             st.pieces.append(
                 Piece(
                     start=a,
                     numel=b - a,
                     local=a - s,
-                    moments=Moments.zeros(fmt, b - a, local.device),  # type: ignore[arg-type]
-                    master=Master.create(setup.policy.master_kind(p), local.narrow(0, a - s, b - a)),
+                    moments=Moments.of(fmt, views),  # type: ignore[arg-type]
+                    master=master.narrow(a - s, b - a),
                     straddle=slot,
                 )
             )

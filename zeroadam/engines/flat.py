@@ -12,7 +12,7 @@ an all-gather of the parameter shards into the flat buffers, which the parameter
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -44,6 +44,7 @@ from zeroadam.engines.grad_sync import (
 )
 from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
+from zeroadam.engines.state_view import LocalState
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.formats.state import Master, MasterKind, Moments
 from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes, stage1_chunk, stage1_staging_numel
@@ -67,7 +68,17 @@ class FlatSpace:
     master: Master  # [shard], on the state device
     param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
-    step: int = 0
+    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
+    # in-place load (DCP) sets the step with the moments.
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
 
     def param_shard(self) -> torch.Tensor:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
@@ -551,6 +562,8 @@ class FlatEngine(Engine):
                 out[p] = entry_of(
                     sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
                 )
+                if self.group.world == 1:
+                    out[p]["step"] = sp.step_tensor  # live, as the moments are
         return out
 
     def has_state(self) -> bool:
@@ -584,6 +597,16 @@ class FlatEngine(Engine):
                 a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
                 if a < b:
                     out[p] = (a - slot.start, b - slot.start)
+        return out
+
+    def local_states(self) -> dict[torch.Tensor, LocalState]:
+        out = {}
+        for sp in self.spaces:
+            for p, slot in zip(sp.params, sp.layout.slots):
+                a, b = max(slot.start, sp.lo), min(slot.end, sp.hi)
+                if a < b:
+                    piece = (a - sp.lo, b - a)
+                    out[p] = LocalState(sp, a - slot.start, b - slot.start, sp.moments.narrow(*piece), sp.master.narrow(*piece))
         return out
 
     def check_entries(self, checked: list[CheckedEntry]) -> None:

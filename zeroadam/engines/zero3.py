@@ -9,7 +9,7 @@ step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a re
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -21,6 +21,7 @@ from zeroadam.comm.quantized import quantized_all_reduce
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
+from zeroadam.engines.state_view import LocalState
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper
@@ -46,7 +47,17 @@ class Piece:
     moments: Moments
     master: Master
     param_host: Optional[HostParamCopies] = None  # the piece's host copy when offloading from a GPU
-    step: int = 0
+    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
+    # in-place load (DCP) sets the step with the moments.
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
 
     def param_view(self) -> torch.Tensor:
         return self.flat.shard.narrow(0, self.offset, self.numel)
@@ -171,7 +182,9 @@ class Zero3Engine(Engine):
         if leftover:
             raise RuntimeError(
                 "ZeroAdam(stage=3): parameters still hold local gradients from backward passes run under "
-                "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced"
+                "no_sync(); run the last micro-batch's backward outside no_sync() so they are reduced. (Gradients "
+                "set by hand are not reduced either; torch's get/set_optimizer_state_dict set them on an optimizer "
+                "that has not stepped: save and load with zeroadam.checkpoint, or optimizer.load_state_dict.)"
             )
         self._average_replicas()
 
@@ -321,6 +334,14 @@ class Zero3Engine(Engine):
         """Every parameter's whole state entry on rank ``to`` (CPU tensors; None elsewhere). Collective: the
         pieces travel as objects, which is simple and fine for state dicts, not for checkpoints of big models
         (``zeroadam.checkpoint`` writes pieces where they are)."""
+        if self.group.world == 1:
+            # One rank holds every parameter whole, in one piece: the live state, as torch.optim hands it out (an
+            # in-place DCP load sets it, step included).
+            return {
+                pc.param: {**entry_of(pc.step, pc.moments, pc.master, pc.param.shape), "step": pc.step_tensor}
+                for pc in self.pieces
+                if pc.step > 0
+            }
         index = {p: i for i, p in enumerate(p for g in self.setup.param_groups for p in g["params"])}
         mine = [
             (index[pc.param], pc.start, pc.step, {k: t.cpu() for k, t in {**pc.moments.tensors(), **pc.master.tensors()}.items()})
@@ -348,6 +369,9 @@ class Zero3Engine(Engine):
 
     def local_ranges(self) -> dict[torch.Tensor, tuple[int, int]]:
         return {pc.param: (pc.start, pc.start + pc.numel) for pc in self.pieces}
+
+    def local_states(self) -> dict[torch.Tensor, LocalState]:
+        return {pc.param: LocalState(pc, pc.start, pc.start + pc.numel, pc.moments, pc.master) for pc in self.pieces}
 
     def load_entries(self, checked: list[CheckedEntry]) -> None:
         """Install validated entries (whole, or pieces covering this rank's part) into the pieces; nothing

@@ -36,6 +36,48 @@ _STATE_DICT_FIX = (
 )
 
 
+# [Note: DCP and sharded state dicts]
+# torch.distributed.checkpoint takes a plain tensor for the same value on every rank (it keeps one copy of each name).
+# A sharded state dict holds different tensors under the same names: the whole state on rank 0, each rank's shard
+# elsewhere. dcp.save of it fails inside DCP with an AssertionError that names no fix, or, where every saved tensor is
+# 1D, keeps one rank's piece as if it were the whole tensor; and an in-place dcp.load would fill rank 0's gathered
+# copies, not the state. So the step tensors of a sharded state dict refuse DCP: DCP asks every value it saves for
+# ``__create_write_items__``, and every tensor it loads into for ``__create_chunk_list__`` (its protocol for tensors
+# that describe their own pieces, as DTensor does), and theirs raise with the fix. The attributes are the tensor's
+# own and its ``__getstate__`` leaves them out, so torch.save writes a plain tensor (torch.load(weights_only=True) reads
+# it). DCP checkpoints of sharded state: zeroadam.checkpoint.
+DCP_FIX = (
+    "torch.distributed.checkpoint cannot take a sharded ZeroAdam's state_dict() (or get_optimizer_state_dict): rank 0 "
+    "holds the whole state and the other ranks their shard under the same names. Use zeroadam.checkpoint.save(path, "
+    "model, optimizer) / zeroadam.checkpoint.load(path, model, optimizer), which write and reshard the shards through "
+    "DCP; or torch.save(optimizer.state_dict()) on rank 0 and optimizer.load_state_dict(...) on every rank"
+)
+
+
+def _refuse_dcp_save(fqn: str, obj: Any) -> Any:
+    raise RuntimeError(f"ZeroAdam: {fqn}: {DCP_FIX}")
+
+
+def _refuse_dcp_load() -> Any:
+    # A RuntimeError: DCP rewords a ValueError here as a problem of the checkpoint's metadata.
+    raise RuntimeError(f"ZeroAdam: {DCP_FIX}")
+
+
+def _no_state() -> dict[str, Any]:
+    return {}
+
+
+def _mark_sharded(entries: dict[torch.Tensor, dict[str, Any]]) -> None:
+    """Make the entries refuse torch.distributed.checkpoint (see [Note: DCP and sharded state dicts])."""
+    for entry in entries.values():
+        step = entry.get("step")
+        if isinstance(step, torch.Tensor):
+            step = entry["step"] = step.clone()  # never the caller's own tensor
+            step.__create_write_items__ = _refuse_dcp_save  # type: ignore[attr-defined]  # dcp.save
+            step.__create_chunk_list__ = _refuse_dcp_load  # type: ignore[attr-defined]  # dcp.load, in place
+            step.__getstate__ = _no_state  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------------------------------- building
 @dataclass
 class _Consolidated:
@@ -103,6 +145,8 @@ def build_state_dict(opt: "ZeroAdam") -> dict[str, Any]:
     groups, state = [], {}
     index: dict[int, int] = {}  # id(param) -> its number: a parameter listed twice keeps one (as torch.optim)
     entries, shard = _entries(opt)
+    if opt.engine.gathers_state_dict and opt.engine.group.world > 1:
+        _mark_sharded(entries)
     for group in opt.param_groups:
         g = {k: v for k, v in group.items() if k != "params"}
         g["params"] = []

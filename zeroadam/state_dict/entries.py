@@ -258,8 +258,11 @@ def extra_state(sd: dict[str, Any]) -> dict[Any, Any]:
     """The entries of ``sd["state"]`` that belong to no parameter (keys that are not parameter numbers).
 
     torch.optim keeps whatever non-parameter keys ``optimizer.state`` holds (a state-dict pre-hook may add one, a
-    subclass may keep counters there) and puts them back on load, unchanged; so does ZeroAdam."""
-    return {k: v for k, v in sd["state"].items() if not isinstance(k, int) or isinstance(k, bool)}
+    subclass may keep counters there) and puts them back on load, unchanged; so does ZeroAdam. A key that a saved
+    param group lists is a parameter's, whatever its type: torch's ``get_optimizer_state_dict`` names parameters by
+    their fully qualified names."""
+    listed = {k for g in sd["param_groups"] for k in g["params"]}
+    return {k: v for k, v in sd["state"].items() if k not in listed and (not isinstance(k, int) or isinstance(k, bool))}
 
 
 def validate_state_dict(
