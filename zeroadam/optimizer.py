@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from zeroadam.engines import Engine, EngineSetup, build
+from zeroadam.engines.release import CLIP_REFUSED, SCALER_REFUSED
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions, check_hyper
 from zeroadam.state_dict.api import apply_state_dict, build_state_dict, consolidate_state_dict
@@ -92,6 +93,8 @@ class ZeroAdam(torch.optim.Optimizer):
         bucket_size: int = 5_000_000,
         backend: Optional[str] = None,
         gradient_sync: str = "auto",
+        grad_dtype: str = "fp32",
+        release_grads: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -115,6 +118,8 @@ class ZeroAdam(torch.optim.Optimizer):
             offload=offload,  # type: ignore[arg-type]
             bucket_size=bucket_size,
             gradient_sync=gradient_sync,  # type: ignore[arg-type]
+            grad_dtype=grad_dtype,  # type: ignore[arg-type]
+            release_grads=release_grads,
         )
         if backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")
@@ -220,6 +225,8 @@ class ZeroAdam(torch.optim.Optimizer):
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid norm_type={norm_type!r}; only 2.0 is supported")
         if not isinstance(max_norm, (int, float)) or max_norm <= 0:
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid max_norm={max_norm!r}; expected a number > 0")
+        if self.options.release_grads:
+            raise RuntimeError(f"ZeroAdam.clip_grad_norm_ with release_grads=True: {CLIP_REFUSED}")
         norm = self._global_norm(1.0, phase=1)
         self._pending_clip = float(max_norm)
         self._pending_norm = norm
@@ -234,6 +241,8 @@ class ZeroAdam(torch.optim.Optimizer):
     def _amp_unscale(self, inv_scale: float) -> bool:
         """For zeroadam.GradScaler: multiply the (sharded) gradients by inv_scale; True when any is non-finite
         on any rank (collective)."""
+        if self.options.release_grads:
+            raise RuntimeError(SCALER_REFUSED)
         nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0, phase=2))).item()
         if inv_scale != 1.0:
             self.engine.scale_grads(inv_scale)
@@ -295,6 +304,13 @@ class ZeroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.engine.before_step()
+        if self.options.release_grads:
+            # Backward made the updates ([Note: released gradients]); the step finishes them.
+            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+                raise RuntimeError(SCALER_REFUSED)
+            self.overflow = False
+            self.engine.step(1.0)
+            return loss
         scale = self._step_scale()
         self.overflow = scale is None
         if scale is None:
@@ -303,6 +319,12 @@ class ZeroAdam(torch.optim.Optimizer):
             return loss
         self.engine.step(scale)
         return loss
+
+    @property
+    def skipped_units(self) -> int:
+        """release_grads=True: units skipped for non-finite gradients (see [Note: released gradients])."""
+        release = getattr(self.engine, "release", None)
+        return 0 if release is None else release.skipped_units
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

@@ -20,6 +20,7 @@ def build(setup: EngineSetup, process_group: Optional[Any]) -> Engine:
     * otherwise → ``LocalEngine`` (on one rank stages 1-2 are the same computation as stage 0).
     """
     o = setup.options
+    _check_release_grads(setup)
     if any(_compat.is_dtensor(p) for p in setup.params()):
         from zeroadam.engines.dtensor import DTensorEngine
 
@@ -34,6 +35,27 @@ def build(setup: EngineSetup, process_group: Optional[Any]) -> Engine:
             from zeroadam.engines.flat import FlatEngine
 
             return FlatEngine(setup, group)
+    if o.release_grads:
+        from zeroadam.engines.local_release import ReleasedLocalEngine
+
+        return ReleasedLocalEngine(setup)
     from zeroadam.engines.local import LocalEngine
 
     return LocalEngine(setup)
+
+
+RELEASE_GRADS_STAGES: tuple[int, ...] = (0, 3)
+"""Stages whose engines update inside backward (``release_grads=True``)."""
+
+
+def _check_release_grads(setup: EngineSetup) -> None:
+    o = setup.options
+    if not o.release_grads:
+        return
+    if o.stage not in RELEASE_GRADS_STAGES or o.offload is not None or any(_compat.is_dtensor(p) for p in setup.params()):
+        where = f"stage={o.stage}" + (f", offload={o.offload!r}" if o.offload else "")
+        raise ValueError(
+            f"ZeroAdam: release_grads=True is not supported with {where}"
+            + ("" if not RELEASE_GRADS_STAGES else f" (supported: stage in {RELEASE_GRADS_STAGES}, without offload)")
+            + "; use release_grads=False"
+        )

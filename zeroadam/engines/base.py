@@ -84,7 +84,7 @@ class EngineSetup:
         """What every rank of a sharded optimizer must agree on (see [Note: fingerprints] in comm/agreement.py):
         every option that changes the collectives a rank makes or the values it computes — the stage, offload,
         the stage-2 bucket size, who averages gradients (a rank on "wrapper" skips the reductions a rank on "auto"
-        makes), the state format (it splits the flat buffers), the master kind, clipping — each group's
+        makes), the state format (it splits the flat buffers), the master kind, clipping, the gradient dtype (it sets the collectives' dtype), releasing gradients — each group's
         hyperparameters, and each parameter's shape, dtype, device type and whether it takes a gradient."""
         o = self.options
         items: list[tuple[str, Any]] = [
@@ -95,6 +95,8 @@ class EngineSetup:
             ("state_dtype", o.state_dtype),
             ("master_weights", o.master_weights),
             ("max_grad_norm", o.max_grad_norm),
+            ("grad_dtype", o.grad_dtype),
+            ("release_grads", o.release_grads),
         ]
         for gi, pg in enumerate(self.param_groups):
             hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")

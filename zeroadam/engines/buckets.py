@@ -1,7 +1,7 @@
 """Stage-2 gradient buckets, fed by post-accumulate-grad hooks.
 
-As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (an fp32
-buffer covering a contiguous range of the flat layout) and frees ``p.grad``. A complete bucket is reduced, piece
+As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (a buffer of the
+gradient dtype, fp32 or bf16, covering a contiguous range of the flat layout) and frees ``p.grad``. A complete bucket is reduced, piece
 by piece, to the ranks that own each piece, asynchronously, while backward goes on; when the next bucket is
 launched the previous one is awaited, added into the owners' fp32 gradient shards, and its buffer freed, so at
 most about two buckets of full gradients exist at a time.
@@ -22,7 +22,6 @@ import torch
 from zeroadam.comm.collectives import CommStats, Group, reduce_to
 from zeroadam.engines.base import refuse_sparse_grad
 from zeroadam.layout import Slot
-from zeroadam.sizes import GRAD_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.engines.flat import FlatSpace
@@ -36,7 +35,7 @@ class Bucket:
     lo: int  # flat range [lo, hi) of the space's layout
     hi: int
     members: list[tuple[torch.Tensor, Slot]]
-    buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] fp32, alive while filling or in flight
+    buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] space.grad_dtype, alive while filling or in flight
     filled: int = 0
     handles: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (work, rank, start, end)
 
@@ -46,7 +45,7 @@ class Bucket:
 
     def ensure_buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.space.flat.device)
+            self.buffer = torch.zeros(self.numel, dtype=self.space.grad_dtype, device=self.space.flat.device)
         return self.buffer
 
 
@@ -100,7 +99,7 @@ class GradBuckets:
             h.remove()
 
     def live_bytes(self) -> int:
-        return sum(b.buffer.numel() * GRAD_BYTES for b in self.buckets if b.buffer is not None)
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets if b.buffer is not None)
 
     # ---------------------------------------------------------------- backward
     def _on_grad(self, p: torch.Tensor) -> None:

@@ -42,9 +42,9 @@ from zeroadam.engines.grad_sync import (
 )
 from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
-from zeroadam.options import BLOCK_SIZE, GroupHyper
+from zeroadam.options import BLOCK_SIZE, GroupHyper, grad_dtype_for
 from zeroadam.formats.state import Master, MasterKind, Moments
-from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes, stage1_chunk, stage1_staging_numel
+from zeroadam.sizes import grad_shard_bytes, stage1_chunk, stage1_staging_numel
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["FlatSpace", "FlatEngine"]
@@ -60,12 +60,13 @@ class FlatSpace:
     flat: torch.Tensor  # 1D [layout.total], parameter dtype; the parameters are views into it
     lo: int  # this rank's shard [lo, hi) in flat coordinates
     hi: int
-    grad_shard: torch.Tensor  # 1D [shard] fp32, on the state device
+    grad_shard: torch.Tensor  # 1D [shard] grad_dtype, on the state device
     moments: Moments  # [shard], on the state device
     master: Master  # [shard], on the state device
     param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
     step: int = 0
+    grad_dtype: torch.dtype = torch.float32  # the shard's, buckets' and reductions' dtype (ZeroOptions.grad_dtype)
 
     def param_shard(self) -> torch.Tensor:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
@@ -101,7 +102,7 @@ class FlatEngine(Engine):
         self.stats = CommStats(group.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
-        self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps
+        self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps (bytes)
         # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
         sync = setup.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
@@ -168,12 +169,13 @@ class FlatEngine(Engine):
         shard = flat.narrow(0, lo, hi - lo)
         param_host = offload.param_copies(self.offload, hi - lo, flat.dtype, dev)
         kind = setup.policy.master_kind(params[0])
+        grad_dtype = grad_dtype_for(setup.options.grad_dtype, params[0].dtype)
         if self._direct:
-            grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad
+            grad_shard = torch.zeros(0, dtype=grad_dtype)  # unused: the update reads p.grad
         elif pin:
-            grad_shard = host_buffer(hi - lo, torch.float32, pin=True)
+            grad_shard = host_buffer(hi - lo, grad_dtype, pin=True)
         else:
-            grad_shard = torch.zeros(hi - lo, dtype=torch.float32, device=state_dev)
+            grad_shard = torch.zeros(hi - lo, dtype=grad_dtype, device=state_dev)
         return FlatSpace(
             group_index=gi,
             fmt=fmt,
@@ -188,6 +190,7 @@ class FlatEngine(Engine):
             master=Master.create(kind, shard, device=state_dev, pin=pin),
             param_host=param_host,
             sink=HostGradSink(grad_shard, dev),
+            grad_dtype=grad_dtype,
         )
 
     # ---------------------------------------------------------------- gradients
@@ -218,7 +221,8 @@ class FlatEngine(Engine):
                 continue
             shard = sp.hi - sp.lo
             c = stage1_chunk(self.setup.options.bucket_size, world, shard)
-            buf = self._staging(stage1_staging_numel(self.setup.options.bucket_size, world, shard), sp.flat.device)
+            numel = stage1_staging_numel(self.setup.options.bucket_size, world, shard)
+            buf = self._staging(numel, sp.grad_dtype, sp.flat.device)
             out = buf.narrow(0, world * c, c)  # the received chunk, after the world chunks sent
             for k in range(0, shard, c):
                 n = min(c, shard - k)
@@ -230,13 +234,15 @@ class FlatEngine(Engine):
                 sp.sink.add(k, out.narrow(0, 0, n), 1.0)
             sp.sink.drain()
 
-    def _staging(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A reusable fp32 buffer of at least ``numel`` elements (allocating ~100 MB each step costs more than
-        the reduction on a CPU: fresh pages are zeroed by the kernel)."""
+    def _staging(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reusable buffer of at least ``numel`` elements of ``dtype`` (allocating ~100 MB each step costs more
+        than the reduction on a CPU: fresh pages are zeroed by the kernel). Kept as bytes, so that spaces with
+        fp32 and bf16 gradient shards (grad_dtype="auto") share it."""
+        nbytes = numel * dtype.itemsize
         buf = self._stage1_buffer
-        if buf is None or buf.numel() < numel or buf.device != device:
-            buf = self._stage1_buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        return buf
+        if buf is None or buf.numel() < nbytes or buf.device != device:
+            buf = self._stage1_buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf.narrow(0, 0, nbytes).view(dtype)
 
     def grads_from_wrapper(self) -> bool:
         """Whether a DDP wrapper averages the gradients (see [Note: gradients averaged by a wrapper])."""
@@ -458,7 +464,7 @@ class FlatEngine(Engine):
         return self._last_stats
 
     def memory_stats(self) -> dict[str, int]:
-        grads = sum(grad_shard_bytes(sp.grad_shard.numel()) for sp in self.spaces)
+        grads = sum(grad_shard_bytes(sp.grad_shard.numel(), sp.grad_dtype.itemsize) for sp in self.spaces)
         grads += sum(p.grad.numel() * p.grad.element_size() for sp in self.spaces for p in sp.params if p.grad is not None)
         if self.buckets is not None:
             grads += self.buckets.live_bytes()
@@ -469,7 +475,7 @@ class FlatEngine(Engine):
             "master_bytes": sum(sp.master.nbytes() for sp in self.spaces),
             # [Note: communication buffers] in sizes.py: the stage-1 staging buffer (kept between steps) and the
             # most bytes of stage-2 buckets alive at once so far.
-            "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel() * GRAD_BYTES)
+            "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel())
             + (0 if self.buckets is None else self.buckets.peak_live_bytes),
         }
 

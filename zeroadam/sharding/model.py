@@ -46,7 +46,7 @@ from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadcast_from_first, reduce_scatter_sum
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.layout import FlatLayout
-from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
+from zeroadam.sizes import DEFAULT_PREFETCH
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
 
@@ -92,9 +92,10 @@ class UnitFlat:
     layout: FlatLayout
     shard: torch.Tensor  # 1D [layout.shard], parameter dtype: what this rank stores between uses
     full: torch.Tensor  # 1D [layout.total]; storage resized to 0 bytes while released; parameters view it
-    grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] fp32 while backward collects gradients
-    grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] fp32: averaged gradients for the optimizer
+    grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] grad_dtype while backward collects gradients
+    grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] grad_dtype: averaged gradients for the optimizer
     filled: int = 0
+    grad_dtype: torch.dtype = torch.float32  # set by the optimizer (ZeroOptions.grad_dtype)
 
     @property
     def full_bytes(self) -> int:
@@ -152,7 +153,10 @@ class ShardedModel:
         self._rs_next = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
-        self.grad_live_bytes = 0  # fp32 gradient buffers (grad_full) alive
+        self.grad_live_bytes = 0  # gradient buffers (grad_full) alive
+        self.peak_grad_bytes = 0  # most bytes of gradient buffers and shards at once since reset (memory_stats)
+        # Called with each unit once its gradients are reduced into the shards (ZeroAdam(release_grads=True)).
+        self.on_reduced: Optional[Callable[[Unit], None]] = None
         self.peak_buffer_bytes = 0  # most bytes of gathered units and gradient buffers at once
         self.unit_of: dict[nn.Parameter, tuple[Unit, UnitFlat, int]] = {}
         for u in units:
@@ -325,10 +329,11 @@ class ShardedModel:
         self._launch_ready()
 
     def _grad_buffer(self, f: UnitFlat) -> torch.Tensor:
-        """The flat's fp32 gradient buffer, allocated (and counted) at its first use in a backward pass."""
+        """The flat's gradient buffer, allocated (and counted) at its first use in a backward pass."""
         if f.grad_full is None:
-            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.shard.device)
-            self.grad_live_bytes += f.layout.total * GRAD_BYTES
+            f.grad_full = torch.zeros(f.layout.total, dtype=f.grad_dtype, device=f.shard.device)
+            self.grad_live_bytes += f.layout.total * f.grad_dtype.itemsize
+            self._note_grad_bytes()
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
         return f.grad_full
 
@@ -350,19 +355,27 @@ class ShardedModel:
                 continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
             self._grad_buffer(f)
             if f.grad_shard is None:
-                f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.shard.device)
-            out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.shard.device)
+                f.grad_shard = torch.zeros(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
+            out = torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
             if self.group.world > 1:
                 reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
                 f.grad_shard.add_(out, alpha=1.0 / self.group.world)
             else:
                 f.grad_shard.add_(f.grad_full)
+            self._note_grad_bytes(out.numel() * out.element_size())
             f.grad_full = None
-            self.grad_live_bytes -= f.layout.total * GRAD_BYTES
+            self.grad_live_bytes -= f.layout.total * f.grad_dtype.itemsize
             f.filled = 0
         u.reduced = True
+        if self.on_reduced is not None:
+            self.on_reduced(u)
         if u is not self.root:
             self.release(u)
+
+    def _note_grad_bytes(self, extra: int = 0) -> None:
+        shards = sum(f.grad_shard.numel() * f.grad_shard.element_size() for u in self.units for f in u.flats
+                     if f.grad_shard is not None)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_live_bytes + shards + extra)
 
     def _end_backward(self) -> None:
         if self.sync:

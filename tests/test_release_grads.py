@@ -1,0 +1,161 @@
+"""release_grads=True: each stage-3 unit is updated during backward, as soon as its gradients are reduced; the same
+numbers as the run without it (fp32 parameters, no clipping), and what cannot hold is refused by name
+([Note: released gradients] in zeroadam/engines/release.py)."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import zeroadam
+from distributed import run_ranks
+from helpers import max_rel_err
+from test_zero3 import BATCH, data, groups, loss_of, make
+from zeroadam import ZeroAdam
+
+STEPS, MICRO = 5, 2
+
+
+def train(rank: int, world: int, stage: int, release: bool, *, grad_dtype: str = "fp32", state_dtype: str = "fp32",
+          bad_step: int = -1) -> dict:
+    model = make()
+    if stage == 3:
+        model = zeroadam.shard_model(model)
+    opt = ZeroAdam(groups(model), lr=1e-2, stage=stage, state_dtype=state_dtype, grad_dtype=grad_dtype,
+                   release_grads=release)
+    per = BATCH // world
+    peaks, grads_at_step = [], []
+    for step, mbs in enumerate(data(STEPS, MICRO)):
+        for k, (x, y) in enumerate(mbs):
+            last = k == len(mbs) - 1
+            with contextlib.nullcontext() if last else opt.no_sync():
+                loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]) / MICRO
+                if step == bad_step and last and rank == 0:
+                    loss = loss * float("nan")
+                loss.backward()
+        grads_at_step.append(opt.memory_stats()["grad_bytes"])
+        opt.step()
+        opt.zero_grad()
+        peaks.append(opt.memory_stats()["peak_grad_bytes"])
+    full = zeroadam.full_state_dict(model) if stage == 3 else dict(model.named_parameters())
+    return {
+        "params": [full[n].detach().float().clone() for n, _ in make().named_parameters()],
+        "peak_grad_bytes": max(peaks),
+        "grad_bytes_at_step": max(grads_at_step),
+        "skipped_units": opt.skipped_units,
+        "comm": opt.comm_stats(),
+    }
+
+
+def suite(rank: int, world: int) -> dict:
+    warnings.simplefilter("ignore")
+    out = {}
+    for stage in (3,):
+        for release in (False, True):
+            out[(stage, release)] = train(rank, world, stage, release)
+        out[(stage, "bf16")] = train(rank, world, stage, True, grad_dtype="bf16", state_dtype="int8")
+        out[(stage, "bad")] = train(rank, world, stage, True, bad_step=2)
+    return out
+
+
+_cache: dict[int, list[dict]] = {}
+
+
+def results(world: int) -> list[dict]:
+    if world not in _cache:
+        _cache[world] = run_ranks(suite, world, timeout=600)
+    return _cache[world]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stage", [3])
+def test_release_equals_the_run_without_it(world: int, stage: int) -> None:
+    for r in results(world):
+        assert max_rel_err(r[(stage, True)]["params"], r[(stage, False)]["params"]) <= 1e-6
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_release_keeps_no_gradient_shard(world: int) -> None:
+    for r in results(world):
+        kept, released = r[(3, False)], r[(3, True)]
+        assert released["grad_bytes_at_step"] == 0 < kept["grad_bytes_at_step"]
+        assert released["peak_grad_bytes"] < kept["peak_grad_bytes"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_non_finite_unit_is_skipped_on_every_rank(world: int) -> None:
+    res = results(world)
+    for r in res:
+        assert r[(3, "bad")]["skipped_units"] >= 1
+        assert all(torch.isfinite(p).all() for p in r[(3, "bad")]["params"])
+    for r in res[1:]:  # every rank skipped the same units: the gathered parameters agree
+        assert max_rel_err(r[(3, "bad")]["params"], res[0][(3, "bad")]["params"]) == 0
+
+
+def test_clipping_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0; with release_grads=True: global-norm clipping needs every"):
+        ZeroAdam(make().parameters(), max_grad_norm=1.0, release_grads=True, stage=3)
+
+
+def test_unsupported_stages_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"release_grads=True is not supported with stage=1"):
+        ZeroAdam(make().parameters(), release_grads=True, stage=1)
+
+
+# ---------------------------------------------------------------- stage 0, one device
+def _stage0(release: bool, state_dtype: str, dtype: torch.dtype, bad_step: int = -1) -> tuple[list[torch.Tensor], ZeroAdam]:
+    model = make().to(dtype)
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype=state_dtype, release_grads=release)
+    for step, mbs in enumerate(data(STEPS, MICRO)):
+        for k, (x, y) in enumerate(mbs):
+            with contextlib.nullcontext() if k == MICRO - 1 else opt.no_sync():
+                loss = loss_of(model, x, y) / MICRO
+                if step == bad_step and k == MICRO - 1:
+                    loss = loss * float("nan")
+                loss.backward()
+        if release:
+            assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().float().clone() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize("state_dtype,dtype", [("fp32", torch.float32), ("int8", torch.float32), ("int8", torch.bfloat16)])
+def test_stage0_release_equals_the_step(state_dtype: str, dtype: torch.dtype) -> None:
+    # int8 moments and compact masters (bf16 parameters) are updated by the same kernel, in the hook.
+    kept, _ = _stage0(False, state_dtype, dtype)
+    released, opt = _stage0(True, state_dtype, dtype)
+    assert max_rel_err(released, kept) == 0
+    assert opt.memory_stats()["grad_bytes"] == 0
+
+
+def test_stage0_non_finite_parameter_is_skipped_and_counted() -> None:
+    with pytest.warns(RuntimeWarning, match="that unit was skipped"):
+        params, opt = _stage0(True, "fp32", torch.float32, bad_step=2)
+    assert opt.skipped_units >= 1
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_second_backward_outside_no_sync_is_refused() -> None:
+    model = make()
+    opt = ZeroAdam(model.parameters(), lr=1e-2, release_grads=True)
+    x, y = data(1, 1)[0][0]
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="a second backward outside no_sync"):
+        loss_of(model, x, y).backward()
+
+
+def test_clip_grad_norm_and_grad_scaler_are_refused() -> None:
+    model = make()
+    opt = ZeroAdam(model.parameters(), lr=1e-2, release_grads=True)
+    x, y = data(1, 1)[0][0]
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="clip_grad_norm_ with release_grads=True: global-norm clipping needs"):
+        opt.clip_grad_norm_(1.0)
+    opt.step()
+    scaler = zeroadam.GradScaler("cpu", enabled=True)
+    scaler.scale(loss_of(model, x, y)).backward()
+    with pytest.raises(RuntimeError, match="cannot take a loss-scaled"):
+        scaler.step(opt)
