@@ -8,7 +8,9 @@ or releasing gradients inside backward. The score is the held-out loss after the
 the gathered weights); a run whose initial weights are jittered by 1e-6 (relative) gives the noise floor.
 
 Micro-batches are accumulated as most loops do at stages 2-3: every backward reduces into the gradient shard
-(no ``no_sync()``), so with accumulation 8 a bf16 shard receives 8 rounded additions per step.
+(no ``no_sync()``), so with accumulation 8 a bf16 shard receives 8 rounded additions per step. ``release_grads``
+runs accumulate the micro-batches before the last under ``no_sync()`` (their gradients add up in ``p.grad``), as
+it requires.
 
 Run: ``python benchmarks/grad_memory.py`` (a few minutes on 2 CPU cores); writes
 ``benchmarks/results/grad_memory.json`` and ``grad_memory.png``.
@@ -16,6 +18,7 @@ Run: ``python benchmarks/grad_memory.py`` (a few minutes on 2 CPU cores); writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -51,7 +54,11 @@ def specs(steps: int) -> list[RunSpec]:
         for accum in (1, 8):
             out.append(RunSpec(f"s{stage} a{accum} fp32", stage, accum))
             out.append(RunSpec(f"s{stage} a{accum} bf16", stage, accum, grad_dtype="bf16"))
+            if stage == 3:
+                out.append(RunSpec(f"s{stage} a{accum} release", stage, accum, release_grads=True))
+    out.append(RunSpec("s3 a1 release bf16", 3, 1, grad_dtype="bf16", release_grads=True))
     out.append(RunSpec("s2 a1 fp32 jitter", 2, 1, jitter=1e-6))
+    out.append(RunSpec("s3 a1 fp32 jitter", 3, 1, jitter=1e-6))
     return out
 
 
@@ -85,9 +92,12 @@ def _train(rank: int, spec: RunSpec, setup: charlm.TrainSetup, corpus: charlm.Co
         xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         total = 0.0
         for k in range(spec.accum):
-            loss = model(xs[k * micro:(k + 1) * micro], ys[k * micro:(k + 1) * micro]) / spec.accum
-            loss.backward()
-            total += float(loss)
+            # release_grads updates at every backward outside no_sync(): the micro-batches before the last go inside.
+            last = k == spec.accum - 1
+            with contextlib.nullcontext() if last or not spec.release_grads else opt.no_sync():
+                loss = model(xs[k * micro:(k + 1) * micro], ys[k * micro:(k + 1) * micro]) / spec.accum
+                loss.backward()
+            total += float(loss.detach())
         opt.step()
         opt.zero_grad()
         peak_grad = max(peak_grad, opt.memory_stats().get("peak_grad_bytes", 0))

@@ -176,6 +176,9 @@ class Variant:
     stage: Optional[int]
     """ZeroAdam's stage; None for the DDP + torch AdamW baseline."""
     state_dtype: Literal["fp32", "int8", "bf16"] = "fp32"
+    bf16_params: bool = False  # the model cast to bf16 (compact master weights)
+    grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    release_grads: bool = False
 
     @property
     def theory_factor(self) -> int:
@@ -187,7 +190,15 @@ BASELINE = "ddp-adamw"
 VARIANTS: tuple[Variant, ...] = (
     Variant(name=BASELINE, stage=None),
     *(Variant(name=f"s{s}-{f}", stage=s, state_dtype=f) for s in (1, 2, 3) for f in ("fp32", "int8")),  # type: ignore[arg-type]
+    # Gradient memory (README "Gradient memory"): bf16 parameters and int8 moments, then bf16 gradient shards,
+    # then release_grads. Not run by default (--variants names them).
+    Variant(name="s2-bf16p-g16", stage=2, state_dtype="int8", bf16_params=True, grad_dtype="bf16"),
+    Variant(name="s3-bf16p", stage=3, state_dtype="int8", bf16_params=True),
+    Variant(name="s3-bf16p-g16", stage=3, state_dtype="int8", bf16_params=True, grad_dtype="bf16"),
+    Variant(name="s3-bf16p-release", stage=3, state_dtype="int8", bf16_params=True, grad_dtype="bf16",
+            release_grads=True),
 )
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.bf16_params)
 
 
 # ---------------------------------------------------------------------------------------------- memory probes
@@ -263,9 +274,13 @@ def _build(v: Variant, a: RunArgs) -> tuple[nn.Module, torch.optim.Optimizer]:
     if v.stage is None:
         model = nn.parallel.DistributedDataParallel(model)
         return model, torch.optim.AdamW(model.parameters(), **HYPER, fused=True)
+    if v.bf16_params:
+        model = model.to(torch.bfloat16)
     if v.stage == 3:
         model = shard_model(model)
-    extra = {} if a.bucket_size is None else {"bucket_size": a.bucket_size}
+    extra: dict[str, Any] = {} if a.bucket_size is None else {"bucket_size": a.bucket_size}
+    if v.grad_dtype != "fp32" or v.release_grads:
+        extra.update(grad_dtype=v.grad_dtype, release_grads=v.release_grads)
     opt = ZeroAdam(model.parameters(), **HYPER, state_dtype=v.state_dtype, stage=v.stage, **extra)
     return model, opt
 
@@ -615,7 +630,7 @@ def _merge_write(key: str, setting: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def _select(spec: Optional[str]) -> tuple[Variant, ...]:
     if spec is None:
-        return VARIANTS
+        return DEFAULT_VARIANTS
     names = {v.name: v for v in VARIANTS}
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in names]

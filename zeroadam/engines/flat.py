@@ -477,6 +477,8 @@ class FlatEngine(Engine):
             # most bytes of stage-2 buckets alive at once so far.
             "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel())
             + (0 if self.buckets is None else self.buckets.peak_live_bytes),
+            # The gradient shards and p.grad held now, plus the most bucket bytes alive at once so far.
+            "peak_grad_bytes": grads + (0 if self.buckets is None else self.buckets.peak_live_bytes),
         }
 
     # ---------------------------------------------------------------- state dicts

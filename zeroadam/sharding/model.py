@@ -354,15 +354,23 @@ class ShardedModel:
             if not any(p.requires_grad for p in f.params):
                 continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
             self._grad_buffer(f)
-            if f.grad_shard is None:
-                f.grad_shard = torch.zeros(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
-            out = torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
+            # The first reduction of a step lands in the shard itself; later ones (accumulation) go through a
+            # buffer added into it. With release_grads every reduction is a first one: one shard, no buffer.
+            fresh = f.grad_shard is None
+            if fresh:
+                f.grad_shard = torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
+            out = f.grad_shard if fresh else torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.shard.device)
             if self.group.world > 1:
                 reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
-                f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+                if fresh:
+                    out.mul_(1.0 / self.group.world)
+                else:
+                    f.grad_shard.add_(out, alpha=1.0 / self.group.world)
+            elif fresh:
+                f.grad_shard.copy_(f.grad_full)
             else:
                 f.grad_shard.add_(f.grad_full)
-            self._note_grad_bytes(out.numel() * out.element_size())
+            self._note_grad_bytes(0 if fresh else out.numel() * out.element_size())
             f.grad_full = None
             self.grad_live_bytes -= f.layout.total * f.grad_dtype.itemsize
             f.filled = 0
