@@ -64,6 +64,11 @@ class ZeroAdam(torch.optim.Optimizer):
         offload: None or "cpu" (state and update on the host).
         gradient_sync: stages 1-2: "optimizer" (ZeroAdam averages the gradients), "wrapper" (the model is wrapped in
             DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
+        grad_dtype: stages 1-3 and offload: "fp32", "bf16" or "auto" (bf16 for bf16 parameters): the dtype of the
+            gradient shard and of the buckets / reduce-scatters that fill it.
+        release_grads: stage 3 (and stage 0 on one device): update each unit inside backward as soon as its
+            gradient is reduced, and keep no gradient shard; refuses clipping and fp16 GradScaler (see
+            [Note: released gradients] in zeroadam/engines/release.py).
     """
 
     engine: Engine
