@@ -52,7 +52,8 @@ def _check_release_grads(setup: EngineSetup) -> None:
     o = setup.options
     if not o.release_grads:
         return
-    if o.stage not in RELEASE_GRADS_STAGES or o.offload is not None or any(_compat.is_dtensor(p) for p in setup.params()):
+    dtensor = any(_compat.is_dtensor(p) for p in setup.params())
+    if o.stage not in RELEASE_GRADS_STAGES or o.offload is not None or dtensor:
         where = f"stage={o.stage}" + (f", offload={o.offload!r}" if o.offload else "")
         raise ValueError(
             f"ZeroAdam: release_grads=True is not supported with {where}"

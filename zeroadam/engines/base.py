@@ -84,7 +84,8 @@ class EngineSetup:
         """What every rank of a sharded optimizer must agree on (see [Note: fingerprints] in comm/agreement.py):
         every option that changes the collectives a rank makes or the values it computes — the stage, offload,
         the stage-2 bucket size, who averages gradients (a rank on "wrapper" skips the reductions a rank on "auto"
-        makes), the state format (it splits the flat buffers), the master kind, clipping, the gradient dtype (it sets the collectives' dtype), releasing gradients — each group's
+        makes), the state format (it splits the flat buffers), the master kind, clipping, the gradient dtype (it sets
+        the collectives' dtype), releasing gradients (updates move into backward) — each group's
         hyperparameters, and each parameter's shape, dtype, device type and whether it takes a gradient."""
         o = self.options
         items: list[tuple[str, Any]] = [

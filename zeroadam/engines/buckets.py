@@ -1,10 +1,10 @@
 """Stage-2 gradient buckets, fed by post-accumulate-grad hooks.
 
-As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (a buffer of the
-gradient dtype, fp32 or bf16, covering a contiguous range of the flat layout) and frees ``p.grad``. A complete bucket is reduced, piece
-by piece, to the ranks that own each piece, asynchronously, while backward goes on; when the next bucket is
-launched the previous one is awaited, added into the owners' fp32 gradient shards, and its buffer freed, so at
-most about two buckets of full gradients exist at a time.
+As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (a buffer of
+the gradient dtype, fp32 or bf16, covering a contiguous range of the flat layout) and frees ``p.grad``. A complete
+bucket is reduced, piece by piece, to the ranks that own each piece, asynchronously, while backward goes on; when
+the next bucket is launched the previous one is awaited, added into the owners' gradient shards, and its buffer
+freed, so at most about two buckets of full gradients exist at a time.
 
 [Note: collective order]
 Buckets are launched strictly in their index order, and at the end of every backward pass the ones still

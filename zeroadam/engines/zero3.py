@@ -1,10 +1,12 @@
 """The optimizer side of ZeRO stage 3: state for the pieces of parameters that this rank's unit shards hold.
 
-``shard_model`` (``sharded_model.py``) owns the parameter shards and fills an fp32 gradient shard per unit flat
-during backward. Here each parameter's local piece — its intersection with this rank's shard, block-aligned —
+``shard_model`` (``sharded_model.py``) owns the parameter shards and fills a gradient shard per unit flat (fp32,
+or bf16 with ``grad_dtype``) during backward. Here each parameter's local piece — its intersection with this rank's shard, block-aligned —
 gets moments and master storage in the parameter's own format, and is updated in place in the shard with the
 fused kernel. No all-gather follows the step: the next forward gathers the updated shards. Communication per
-step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a reduce-scatter of gradients.
+step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a reduce-scatter of gradients. With
+``release_grads`` each unit's pieces are updated as soon as its reduce-scatter lands, during backward, and its
+gradient shard freed ([Note: released gradients] in ``release.py``).
 """
 from __future__ import annotations
 
