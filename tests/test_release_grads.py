@@ -19,28 +19,39 @@ STEPS, MICRO = 5, 2
 
 
 def train(rank: int, world: int, stage: int, release: bool, *, grad_dtype: str = "fp32", state_dtype: str = "fp32",
-          bad_step: int = -1) -> dict:
+          bad_step: int = -1, bad_param: bool = False) -> dict:
     model = make()
+    poisoned = model.blocks[0].up.weight  # bad_param: only this gradient turns NaN, on rank 0, at bad_step
+    current = {"step": -1}
+    if bad_param and rank == 0:
+        poisoned.register_hook(lambda g: g * float("nan") if current["step"] == bad_step else g)
     if stage == 3:
         model = zeroadam.shard_model(model)
     opt = ZeroAdam(groups(model), lr=1e-2, stage=stage, state_dtype=state_dtype, grad_dtype=grad_dtype,
-                   release_grads=release)
+                   release_grads=release, bucket_size=5000)  # several stage-2 buckets
     per = BATCH // world
     peaks, grads_at_step = [], []
     for step, mbs in enumerate(data(STEPS, MICRO)):
+        current["step"] = step
         for k, (x, y) in enumerate(mbs):
             last = k == len(mbs) - 1
             with contextlib.nullcontext() if last else opt.no_sync():
                 loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]) / MICRO
-                if step == bad_step and last and rank == 0:
+                if step == bad_step and last and rank == 0 and not bad_param:
                     loss = loss * float("nan")
                 loss.backward()
         grads_at_step.append(opt.memory_stats()["grad_bytes"])
         opt.step()
         opt.zero_grad()
         peaks.append(opt.memory_stats()["peak_grad_bytes"])
+    sd = opt.state_dict()  # collective; the whole state on rank 0
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    steps = {int(e["step"]) for e in sd["state"].values()} if rank == 0 else set()
+    poisoned_step = int(sd["state"][index[id(poisoned)]]["step"]) if rank == 0 else None
     full = zeroadam.full_state_dict(model) if stage == 3 else dict(model.named_parameters())
     return {
+        "steps": steps,
+        "poisoned_step": poisoned_step,
         "params": [full[n].detach().float().clone() for n, _ in make().named_parameters()],
         "peak_grad_bytes": max(peaks),
         "grad_bytes_at_step": max(grads_at_step),
@@ -52,11 +63,12 @@ def train(rank: int, world: int, stage: int, release: bool, *, grad_dtype: str =
 def suite(rank: int, world: int) -> dict:
     warnings.simplefilter("ignore")
     out = {}
-    for stage in (3,):
+    for stage in (2, 3):
         for release in (False, True):
             out[(stage, release)] = train(rank, world, stage, release)
         out[(stage, "bf16")] = train(rank, world, stage, True, grad_dtype="bf16", state_dtype="int8")
         out[(stage, "bad")] = train(rank, world, stage, True, bad_step=2)
+        out[(stage, "partial")] = train(rank, world, stage, True, bad_step=2, bad_param=True)
     return out
 
 
@@ -70,28 +82,36 @@ def results(world: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_release_equals_the_run_without_it(world: int, stage: int) -> None:
     for r in results(world):
         assert max_rel_err(r[(stage, True)]["params"], r[(stage, False)]["params"]) <= 1e-6
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_release_keeps_no_gradient_shard(world: int) -> None:
+@pytest.mark.parametrize("stage", [2, 3])
+def test_release_keeps_no_gradient_shard(world: int, stage: int) -> None:
     for r in results(world):
-        kept, released = r[(3, False)], r[(3, True)]
+        kept, released = r[(stage, False)], r[(stage, True)]
         assert released["grad_bytes_at_step"] == 0 < kept["grad_bytes_at_step"]
         assert released["peak_grad_bytes"] < kept["peak_grad_bytes"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_non_finite_unit_is_skipped_on_every_rank(world: int) -> None:
+@pytest.mark.parametrize("stage", [2, 3])
+def test_non_finite_unit_is_skipped_on_every_rank(world: int, stage: int) -> None:
     res = results(world)
     for r in res:
-        assert r[(3, "bad")]["skipped_units"] >= 1
-        assert all(torch.isfinite(p).all() for p in r[(3, "bad")]["params"])
+        assert r[(stage, "bad")]["skipped_units"] >= 1
+        assert all(torch.isfinite(p).all() for p in r[(stage, "bad")]["params"])
     for r in res[1:]:  # every rank skipped the same units: the gathered parameters agree
-        assert max_rel_err(r[(3, "bad")]["params"], res[0][(3, "bad")]["params"]) == 0
+        assert max_rel_err(r[(stage, "bad")]["params"], res[0][(stage, "bad")]["params"]) == 0
+    # One parameter's gradient non-finite on one rank: only its unit (bucket) is skipped, on every rank, and its
+    # state's step count is one behind the others' (the state dict says so).
+    partial = res[0][(stage, "partial")]
+    assert partial["skipped_units"] == 1 and partial["poisoned_step"] == STEPS - 1
+    assert partial["steps"] == {STEPS - 1, STEPS}
+    assert all(r[(stage, "partial")]["skipped_units"] == 1 for r in res)
 
 
 def test_clipping_is_refused_with_the_reason() -> None:
@@ -100,7 +120,7 @@ def test_clipping_is_refused_with_the_reason() -> None:
 
 
 def test_unsupported_stages_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"release_grads=True is not supported with stage=1"):
+    with pytest.raises(ValueError, match=r"release_grads=True is not supported with stage=1 \(supported: stage in"):
         ZeroAdam(make().parameters(), release_grads=True, stage=1)
 
 

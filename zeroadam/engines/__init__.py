@@ -44,7 +44,7 @@ def build(setup: EngineSetup, process_group: Optional[Any]) -> Engine:
     return LocalEngine(setup)
 
 
-RELEASE_GRADS_STAGES: tuple[int, ...] = (0, 3)
+RELEASE_GRADS_STAGES: tuple[int, ...] = (0, 2, 3)
 """Stages whose engines update inside backward (``release_grads=True``)."""
 
 

@@ -38,6 +38,7 @@ class Bucket:
     buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] space.grad_dtype, alive while filling or in flight
     filled: int = 0
     handles: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (work, rank, start, end)
+    updated: bool = False  # release_grads: updated by a backward since the last step
 
     @property
     def numel(self) -> int:
@@ -62,6 +63,9 @@ class GradBuckets:
         self.stats = stats
         self.sync = True
         self.takes_grads: Callable[[], bool] = lambda: True  # False: a DDP wrapper averages p.grad (grad_sync.py)
+        # release_grads: called with a reduced bucket and this rank's summed pieces (start, end, values) instead of
+        # adding them into the gradient shard (see FlatEngine._update_bucket).
+        self.on_reduced: Optional[Callable[["Bucket", list[tuple[int, int, torch.Tensor]]], None]] = None
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
         # Backward visits parameters roughly in reverse order of definition: fill each space's buckets from the
@@ -138,11 +142,17 @@ class GradBuckets:
         if b.buffer is None:
             return
         lo, _ = b.space.layout.shard_range(self.group.rank)
+        mine = []
         for work, r, s, e in b.handles:
             work.wait()
             if r == self.group.rank:
                 piece = b.buffer.narrow(0, s - b.lo, e - s)
-                b.space.sink.add(s - lo, piece, 1.0 / self.group.world)
+                if self.on_reduced is None:
+                    b.space.sink.add(s - lo, piece, 1.0 / self.group.world)
+                else:
+                    mine.append((s, e, piece))
+        if self.on_reduced is not None:
+            self.on_reduced(b, mine)
         b.handles.clear()
         b.buffer = None
         b.filled = 0

@@ -12,7 +12,7 @@ an all-gather of the parameter shards into the flat buffers, which the parameter
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -21,7 +21,8 @@ import torch.distributed as dist
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_meta_params, refuse_sparse_grad
-from zeroadam.engines.buckets import GradBuckets
+from zeroadam.engines.buckets import Bucket, GradBuckets
+from zeroadam.engines.release import SECOND_BACKWARD, Release
 from zeroadam.comm.collectives import (
     CommStats,
     Group,
@@ -67,6 +68,12 @@ class FlatSpace:
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
     step: int = 0
     grad_dtype: torch.dtype = torch.float32  # the shard's, buckets' and reductions' dtype (ZeroOptions.grad_dtype)
+    # release_grads: steps each parameter missed because its bucket was skipped for a non-finite gradient; its
+    # own step count is step - lag (every member of a bucket misses the same steps).
+    lag: dict[torch.Tensor, int] = field(default_factory=dict)
+
+    def step_of(self, p: torch.Tensor) -> int:
+        return self.step - self.lag.get(p, 0)
 
     def param_shard(self) -> torch.Tensor:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
@@ -111,6 +118,8 @@ class FlatEngine(Engine):
             self._ddp_watch = DDPWatch(p for g in setup.param_groups for p in g["params"])
         self._warned_not_replicated = False
         self._check_fingerprint()
+        # release_grads (stage 2): each bucket's owner pieces are updated as soon as they are reduced.
+        self.release: Optional[Release] = Release(group, self.stats) if setup.options.release_grads else None
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
         # no gradient is copied at all (see _step_direct).
         self._direct = group.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
@@ -123,6 +132,8 @@ class FlatEngine(Engine):
             position = {p: i / len(g["params"]) for g in setup.param_groups for i, p in enumerate(g["params"])}
             self.buckets = GradBuckets(self.spaces, group, setup.options.bucket_size, self.stats, position)
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
+            if self.release is not None:
+                self.buckets.on_reduced = self._update_bucket
         # Backward passes since the last step, told to the other ranks with the norm (see backward_passes).
         self._passes = 0
         self._in_pass = False
@@ -170,8 +181,8 @@ class FlatEngine(Engine):
         param_host = offload.param_copies(self.offload, hi - lo, flat.dtype, dev)
         kind = setup.policy.master_kind(params[0])
         grad_dtype = grad_dtype_for(setup.options.grad_dtype, params[0].dtype)
-        if self._direct:
-            grad_shard = torch.zeros(0, dtype=grad_dtype)  # unused: the update reads p.grad
+        if self._direct or self.release is not None:
+            grad_shard = torch.zeros(0, dtype=grad_dtype)  # unused: the update reads p.grad / the bucket
         elif pin:
             grad_shard = host_buffer(hi - lo, grad_dtype, pin=True)
         else:
@@ -360,6 +371,12 @@ class FlatEngine(Engine):
 
     # ---------------------------------------------------------------- step
     def before_step(self) -> None:
+        if self.release is not None and self.grads_from_wrapper():
+            raise RuntimeError(
+                "ZeroAdam(stage=2, release_grads=True) updates each bucket as ZeroAdam reduces it during backward, "
+                "but a DistributedDataParallel wrapper averages these gradients: unwrap the model (ZeroAdam averages "
+                "them itself; with Accelerate use ZeroAccelerator), or use release_grads=False"
+            )
         self.ensure_reduced()
 
     def _clear_grads(self) -> None:
@@ -379,6 +396,17 @@ class FlatEngine(Engine):
     def step(self, scale: float) -> None:
         setup = self.setup
         handles = []
+        if self.release is not None:  # backward updated the shards; count the step and gather the parameters
+            assert self.buckets is not None
+            for b in self.buckets.buckets:
+                b.updated = False
+            for sp in self.spaces:
+                sp.step += 1
+                handles.append(all_gather_into(self.group, sp.flat, sp.param_shard(), self.stats))
+            for h in handles:
+                h.wait()
+            self._end_step()
+            return
         for sp in self.spaces:
             hyper = GroupHyper.of(setup.param_groups[sp.group_index])
             sp.step += 1
@@ -406,6 +434,32 @@ class FlatEngine(Engine):
         for h in handles:
             h.wait()
         self._end_step()
+
+    def _update_bucket(self, b: Bucket, pieces: list[tuple[int, int, torch.Tensor]]) -> None:
+        """release_grads: update this rank's reduced pieces [s, e) (flat coordinates, summed over the ranks) of a
+        bucket during backward; the bucket's buffer is freed after. Collective (the finite check)."""
+        assert self.release is not None
+        sp = b.space
+        if b.updated:
+            raise RuntimeError(SECOND_BACKWARD)
+        b.updated = True
+        if not self.release.all_finite([piece for _, _, piece in pieces]):
+            for p, _ in b.members:
+                sp.lag[p] = sp.lag.get(p, 0) + 1
+            return
+        hyper = GroupHyper.of(self.setup.param_groups[sp.group_index])
+        # Every member of a bucket has the same step count (see FlatSpace.lag).
+        step = sp.step_of(b.members[0][0]) + 1
+        sc = StepScalars.for_group(hyper, step, 1.0 / self.group.world, sp.group_index)
+        for s, e, piece in pieces:
+            run = Run(
+                param=sp.flat.narrow(0, s, e - s),
+                grad=piece,
+                moments=sp.moments.narrow(s - sp.lo, e - s),
+                master=sp.master.narrow(s - sp.lo, e - s),
+                index_base=s,
+            )
+            fused_update(run, sc, self.setup.backend)
 
     def _updated_ranges(self, sp: FlatSpace) -> list[tuple[int, int]]:
         """The ranges [a, b) of the shard that this step updates, in shard coordinates.
@@ -522,7 +576,7 @@ class FlatEngine(Engine):
             full_master = Master.of(sp.master_kind, mt)
             for p, slot in zip(sp.params, sp.layout.slots):
                 out[p] = entry_of(
-                    sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
+                    sp.step_of(p), full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
                 )
         return out
 
@@ -546,7 +600,7 @@ class FlatEngine(Engine):
                 else:
                     start = a - slot.start
                 out[p] = piece_entry(
-                    sp.step, sp.moments.narrow(a - sp.lo, b - a), sp.master.narrow(a - sp.lo, b - a), start, start + b - a
+                    sp.step_of(p), sp.moments.narrow(a - sp.lo, b - a), sp.master.narrow(a - sp.lo, b - a), start, start + b - a
                 )
         return out
 
@@ -605,3 +659,4 @@ class FlatEngine(Engine):
             for k, t in sp.master.tensors().items():
                 t.copy_(shard_master.tensors()[k])
             sp.step = step
+            sp.lag.clear()

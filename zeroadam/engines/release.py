@@ -1,8 +1,8 @@
 """``release_grads=True``: the bookkeeping of updates made inside backward, shared by the engines that make them.
 
 [Note: released gradients]
-With ``release_grads=True`` an engine updates a part of its state (a stage-3 unit) as soon as that part's gradient
-of the last micro-batch is reduced to its owner, and frees the gradient; ``step()`` only finishes what backward
+With ``release_grads=True`` an engine updates a part of its state (a stage-3 unit, a stage-2 bucket, a stage-0
+parameter) as soon as that part's gradient of the last micro-batch is reduced to its owner, and frees the gradient; ``step()`` only finishes what backward
 started. What the usual step decides from every gradient at once cannot hold:
 
 * global-norm clipping needs every gradient before the first update: ``max_grad_norm`` and ``clip_grad_norm_``
@@ -11,8 +11,8 @@ started. What the usual step decides from every gradient at once cannot hold:
   inf: refused at the step that follows (the parameters already took that backward's scaled update, so the run
   must restart without the scaler);
 * a non-finite gradient found once some parts were updated cannot skip the whole step: the affected part is
-  skipped (its state and parameters untouched, its step count not advanced), counted in ``skipped_units`` and
-  warned about once. Every rank decides alike: a part's "finite" flag is summed over the ranks (one scalar
+  skipped (its state and parameters untouched, its step count not advanced: stage 2 keeps the lag per parameter in
+  ``FlatSpace.lag``), counted in ``skipped_units`` and warned about once. Every rank decides alike: a part's "finite" flag is summed over the ranks (one scalar
   all-reduce per part), so no rank updates a part another skipped.
 
 Gradient accumulation: every backward outside ``no_sync()`` updates, so the micro-batches before the last run
