@@ -183,6 +183,9 @@ class Variant:
     """On the ``--mesh`` (replicate, shard) DeviceMesh (hybrid sharding)."""
     quantized_weights: bool = False
     quantized_gradients: bool = False
+    bf16_params: bool = False  # the model cast to bf16 (compact master weights)
+    grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    release_grads: bool = False
 
     @property
     def theory_factor(self) -> int:
@@ -194,6 +197,13 @@ BASELINE = "ddp-adamw"
 VARIANTS: tuple[Variant, ...] = (
     Variant(name=BASELINE, stage=None),
     *(Variant(name=f"s{s}-{f}", stage=s, state_dtype=f) for s in (1, 2, 3) for f in ("fp32", "int8")),  # type: ignore[arg-type]
+    # Gradient memory (README "Gradient memory"): bf16 parameters and int8 moments, then bf16 gradient shards,
+    # then release_grads. Not run by default (--variants names them).
+    Variant(name="s2-bf16p-g16", stage=2, state_dtype="int8", bf16_params=True, grad_dtype="bf16"),
+    Variant(name="s3-bf16p", stage=3, state_dtype="int8", bf16_params=True),
+    Variant(name="s3-bf16p-g16", stage=3, state_dtype="int8", bf16_params=True, grad_dtype="bf16"),
+    Variant(name="s3-bf16p-release", stage=3, state_dtype="int8", bf16_params=True, grad_dtype="bf16",
+            release_grads=True),
 )
 MESH_VARIANTS: tuple[Variant, ...] = (
     Variant(name=BASELINE, stage=None),
@@ -204,6 +214,7 @@ MESH_VARIANTS: tuple[Variant, ...] = (
         for s in (2, 3) for qw, qg in ((False, False), (False, True), (True, False), (True, True))
     ),
 )
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.bf16_params)
 
 
 # ---------------------------------------------------------------------------------------------- memory probes
@@ -282,11 +293,15 @@ def _build(v: Variant, a: RunArgs) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = nn.parallel.DistributedDataParallel(model)
         return model, torch.optim.AdamW(model.parameters(), **HYPER, fused=True)
     mesh = _mesh(a.mesh_shape) if v.mesh else None
+    if v.bf16_params:
+        model = model.to(torch.bfloat16)
     if v.stage == 3:
         model = shard_model(model, mesh=mesh)
     extra: dict[str, Any] = {} if a.bucket_size is None else {"bucket_size": a.bucket_size}
     if v.mesh:
         extra.update(mesh=mesh, quantized_weights=v.quantized_weights, quantized_gradients=v.quantized_gradients)
+    if v.grad_dtype != "fp32" or v.release_grads:
+        extra.update(grad_dtype=v.grad_dtype, release_grads=v.release_grads)
     opt = ZeroAdam(model.parameters(), **HYPER, state_dtype=v.state_dtype, stage=v.stage, **extra)
     return model, opt
 
@@ -680,7 +695,7 @@ def _merge_write(key: str, setting: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def _select(spec: Optional[str]) -> tuple[Variant, ...]:
     if spec is None:
-        return VARIANTS
+        return DEFAULT_VARIANTS
     names = {v.name: v for v in VARIANTS}
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in names]

@@ -383,6 +383,23 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
                   "stage3_gather_fp16_weights_on_model_save")
     )
 
+    data_types = cfg.get("data_types") or {}
+    accum = data_types.get("grad_accum_dtype")
+    if stage >= 1 and accum is not None:
+        # ZeroAdam keeps the gradient shards at stages 1-3; at stage 0 DeepSpeed accumulates and honours the key.
+        grad = keys.GRAD_ACCUM_DTYPE.get(str(accum).lower())
+        if grad is None:
+            raise _bad(
+                "data_types.grad_accum_dtype", accum, "is not supported; expected 'fp32' or 'bf16' (ZeroAdam's "
+                "grad_dtype: a loss-scaled fp16 gradient shard loses its small gradients when unscaled)"
+            )
+        zo["grad_dtype"] = grad
+        rest = {k: v for k, v in data_types.items() if k != "grad_accum_dtype"}
+        if rest:
+            cfg["data_types"] = rest
+        else:
+            cfg.pop("data_types")
+
     # DeepSpeed clips by default (1.0): the key's absence means that, here too.
     clip = float(cfg.get("gradient_clipping", 1.0) or 0.0)
     if clip > 0:

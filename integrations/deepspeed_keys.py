@@ -23,7 +23,9 @@ from typing import Any, Literal, Optional
 
 import torch
 
-__all__ = ["Key", "ZERO", "OFFLOAD_OPTIMIZER", "BF16", "TOP_LEVEL", "AUTO", "is_auto", "hidden_size"]
+__all__ = [
+    "Key", "ZERO", "OFFLOAD_OPTIMIZER", "BF16", "TOP_LEVEL", "GRAD_ACCUM_DTYPE", "AUTO", "is_auto", "hidden_size"
+]
 
 Kind = Literal["honoured", "tuning", "refused"]
 
@@ -171,7 +173,17 @@ TOP_LEVEL: dict[str, Key] = {
         accepted=(None, "fp32", "float32"),
     ),
     "amp": _refused("(NVIDIA apex amp) wraps the optimizer; use bf16 or fp16", accepted=(None, False)),
+    "data_types": Key(
+        "honoured", "stages 1-3: grad_accum_dtype is ZeroAdam's grad_dtype ('fp32' or 'bf16'); the other keys go to "
+        "DeepSpeed"
+    ),
 }
+
+GRAD_ACCUM_DTYPE: dict[str, str] = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16"
+}
+"""DeepSpeed's ``data_types.grad_accum_dtype`` spellings and the ``grad_dtype`` each becomes; fp16 is refused (a
+loss-scaled fp16 gradient shard flushes small gradients to zero when unscaled: [Note: 16-bit gradient shards])."""
 
 # ---------------------------------------------------------------------------------------------- "auto"
 # [Note: HF "auto" values]

@@ -15,6 +15,7 @@ import torch
 
 from zeroadam.engines import Engine, EngineSetup, build
 from zeroadam.engines.state_view import publish
+from zeroadam.engines.release import CLIP_REFUSED, SCALER_REFUSED
 from zeroadam.formats.policy import FormatPolicy
 from zeroadam.options import ZeroOptions, check_hyper
 from zeroadam.state_dict.api import apply_state_dict, build_state_dict, consolidate_state_dict
@@ -68,6 +69,11 @@ class ZeroAdam(torch.optim.Optimizer):
         offload: None or "cpu" (state and update on the host).
         gradient_sync: stages 1-2: "optimizer" (ZeroAdam averages the gradients), "wrapper" (the model is wrapped in
             DistributedDataParallel, which already did) or "auto" ("wrapper" when Accelerate wraps models in DDP).
+        grad_dtype: stages 1-3 and offload: "fp32", "bf16" or "auto" (bf16 for bf16 parameters): the dtype of the
+            gradient shard and of the buckets / reduce-scatters that fill it.
+        release_grads: stage 3 (and stage 0 on one device): update each unit inside backward as soon as its
+            gradient is reduced, and keep no gradient shard; refuses clipping and fp16 GradScaler (see
+            [Note: released gradients] in zeroadam/engines/release.py).
     """
 
     engine: Engine
@@ -100,6 +106,8 @@ class ZeroAdam(torch.optim.Optimizer):
         gradient_sync: str = "auto",
         quantized_weights: bool = False,
         quantized_gradients: bool = False,
+        grad_dtype: str = "fp32",
+        release_grads: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -125,6 +133,8 @@ class ZeroAdam(torch.optim.Optimizer):
             gradient_sync=gradient_sync,  # type: ignore[arg-type]
             quantized_weights=quantized_weights,
             quantized_gradients=quantized_gradients,
+            grad_dtype=grad_dtype,  # type: ignore[arg-type]
+            release_grads=release_grads,
         )
         if backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")
@@ -233,6 +243,8 @@ class ZeroAdam(torch.optim.Optimizer):
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid norm_type={norm_type!r}; only 2.0 is supported")
         if not isinstance(max_norm, (int, float)) or max_norm <= 0:
             raise ValueError(f"ZeroAdam.clip_grad_norm_: invalid max_norm={max_norm!r}; expected a number > 0")
+        if self.options.release_grads:
+            raise RuntimeError(f"ZeroAdam.clip_grad_norm_ with release_grads=True: {CLIP_REFUSED}")
         norm = self._global_norm(1.0, phase=1)
         self._pending_clip = float(max_norm)
         self._pending_norm = norm
@@ -247,6 +259,8 @@ class ZeroAdam(torch.optim.Optimizer):
     def _amp_unscale(self, inv_scale: float) -> bool:
         """For zeroadam.GradScaler: multiply the (sharded) gradients by inv_scale; True when any is non-finite
         on any rank (collective)."""
+        if self.options.release_grads:
+            raise RuntimeError(SCALER_REFUSED)
         nonfinite = not torch.isfinite(torch.tensor(self._global_norm(1.0, phase=2))).item()
         if inv_scale != 1.0:
             self.engine.scale_grads(inv_scale)
@@ -308,6 +322,13 @@ class ZeroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.engine.before_step()
+        if self.options.release_grads:
+            # Backward made the updates ([Note: released gradients]); the step finishes them.
+            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+                raise RuntimeError(SCALER_REFUSED)
+            self.overflow = False
+            self.engine.step(1.0)
+            return loss
         scale = self._step_scale()
         self.overflow = scale is None
         if scale is None:
@@ -319,6 +340,12 @@ class ZeroAdam(torch.optim.Optimizer):
             publish(self.engine, self.state)
             self._state_views_stale = False
         return loss
+
+    @property
+    def skipped_units(self) -> int:
+        """release_grads=True: units skipped for non-finite gradients (see [Note: released gradients])."""
+        release = getattr(self.engine, "release", None)
+        return 0 if release is None else release.skipped_units
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

@@ -16,7 +16,9 @@ __all__ = [
     "MasterWeights",
     "Offload",
     "GradientSync",
+    "GradDtype",
     "ZeroOptions",
+    "grad_dtype_for",
     "GroupHyper",
     "check_hyper",
     "BLOCK_SIZE",
@@ -27,6 +29,7 @@ StateDtype = Literal["int8", "bf16", "fp32"]
 MasterWeights = Literal["auto", "fp32", "compact", "none"]
 Offload = Literal["cpu"]
 GradientSync = Literal["auto", "optimizer", "wrapper"]
+GradDtype = Literal["fp32", "bf16", "auto"]
 
 # Quantization block along a parameter's flattened (global) index. Shard boundaries fall on block boundaries,
 # so the int8 state never depends on how a parameter is later split across ranks.
@@ -121,8 +124,27 @@ class ZeroOptions:
     DistributedDataParallel forward ran over these parameters, or Accelerate wraps models in DDP); see [Note:
     gradients averaged by a wrapper] in grad_sync.py."""
 
+    grad_dtype: GradDtype = "fp32"
+    """Stages 1-3 and offload: the dtype of the reduced gradient shard and of the buckets / reduce-scatters that
+    fill it. "bf16" halves the gradient memory and traffic; "auto" is bf16 for bf16 parameters and fp32 otherwise
+    (see [Note: 16-bit gradient shards] in zeroadam/options.py)."""
+    release_grads: bool = False
+    """Update each unit (stage 3), bucket (stage 2) or parameter (stage 0) as soon as its gradient of the last
+    micro-batch is final, inside backward, and free the gradient; no rank holds a whole gradient shard. Refuses
+    global-norm clipping and an fp16 GradScaler (both need every gradient before the first update)."""
+
     def __post_init__(self) -> None:
         _check_choice("state_dtype", self.state_dtype, StateDtype)
+        _check_choice("grad_dtype", self.grad_dtype, GradDtype)
+        if not isinstance(self.release_grads, bool):
+            raise _bad("release_grads", self.release_grads, "expected True or False")
+        if self.release_grads and self.max_grad_norm is not None:
+            # The reason lives in [Note: released gradients] (zeroadam/engines/release.py).
+            raise _bad(
+                "max_grad_norm", self.max_grad_norm, "with release_grads=True: global-norm clipping needs every "
+                "gradient before the first update, and release_grads updates each unit during backward; use "
+                "max_grad_norm=None, or release_grads=False to clip"
+            )
         _check_choice("master_weights", self.master_weights, MasterWeights)
         _check_choice("gradient_sync", self.gradient_sync, GradientSync)
         if self.offload is not None:
@@ -144,3 +166,19 @@ class ZeroOptions:
                 )
         if not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise _bad("bucket_size", self.bucket_size, "expected a positive number of elements (default 5_000_000)")
+
+
+# [Note: 16-bit gradient shards]
+# A bf16 gradient shard (and the bf16 buckets / reduce-scatters that fill it) halves the gradient bytes held and
+# sent. The update reads it as fp32 (every backend widens the gradient on load). "auto" does not give fp16
+# parameters an fp16 shard: a loss-scaled fp16 gradient unscaled in place (GradScaler.unscale_) flushes the small
+# gradients to zero (fp16's smallest subnormal is 6e-8), while bf16 has fp32's range; fp16 parameters keep fp32
+# shards unless "bf16" is asked for. Micro-batches accumulated outside no_sync() add into the 16-bit shard: the
+# cost measured on char-GPT is in README.md (benchmarks/grad_dtype.py).
+
+
+def grad_dtype_for(option: GradDtype, param_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the gradient shard of parameters of ``param_dtype`` under ``grad_dtype=option``."""
+    if option == "bf16" or (option == "auto" and param_dtype == torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32

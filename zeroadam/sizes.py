@@ -54,7 +54,8 @@ MomentFormat = Literal["int8", "bf16", "fp32"]
 MasterKind = Literal["param", "fp32", "compact", "none"]
 
 GRAD_BYTES = 4
-"""Gradients the optimizer reads are fp32 whatever the parameters: shards, buckets, staging and stage-3 buffers."""
+"""Bytes of a gradient element the optimizer reads by default (``grad_dtype="fp32"``) whatever the parameters:
+shards, buckets, staging and stage-3 buffers; ``grad_dtype="bf16"`` makes every one of them 2."""
 BUCKETS_IN_FLIGHT = 2
 """Consecutive stage-2 buckets alive at once: the one being reduced and the one filling."""
 DEFAULT_PREFETCH = 1
@@ -97,9 +98,10 @@ def master_bytes(kind: MasterKind, numel: int) -> int:
     return MASTER_BYTES[kind] * numel
 
 
-def grad_shard_bytes(shard: int) -> int:
-    """The fp32 gradient shard of ``shard`` elements that the update reads (stages 1-3)."""
-    return GRAD_BYTES * shard
+def grad_shard_bytes(shard: int, grad_bytes: int = GRAD_BYTES) -> int:
+    """The gradient shard of ``shard`` elements that the update reads (stages 1-3): fp32, or 2 bytes with
+    ``grad_dtype="bf16"``."""
+    return grad_bytes * shard
 
 
 def stage1_chunk(bucket_size: int, world: int, shard: int) -> int:
@@ -151,15 +153,16 @@ def stage2_peak_bucket_numel(spaces: Sequence[Sequence[int]], bucket_size: int) 
 
 
 def stage3_peak_buffer_bytes(
-    root_total: int, unit_total: int, units: int, param_bytes: int, prefetch: int = DEFAULT_PREFETCH
+    root_total: int, unit_total: int, units: int, param_bytes: int, grad_bytes: int = GRAD_BYTES,
+    prefetch: int = DEFAULT_PREFETCH,
 ) -> int:
     """Most bytes of gathered parameters and fp32 gradient buffers at once at stage 3, during backward (see [Note:
     communication buffers]); ``root_total`` and ``unit_total`` are flat-buffer lengths (``world * shard``) of the
     root and of one of ``units`` identical blocks. Not counted: the fp32 shard each reduce-scatter receives
     (1 / world of one gradient buffer, for the length of the collective)."""
     gathered = min(units, 1 + prefetch)
-    root = (param_bytes + GRAD_BYTES) * root_total
-    blocks = gathered * param_bytes * unit_total + (GRAD_BYTES * unit_total if units else 0)
+    root = (param_bytes + grad_bytes) * root_total
+    blocks = gathered * param_bytes * unit_total + (grad_bytes * unit_total if units else 0)
     return root + blocks
 
 

@@ -26,6 +26,13 @@ def build(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] 
             "ZeroAdam: mesh= was given with stage=0, which shards nothing; use stage=1, 2 or 3 to shard over the "
             "mesh's 'shard' dim, or leave mesh unset (a DDP wrapper then averages the gradients)"
         )
+    _check_release_grads(setup)
+    if mesh is not None and o.release_grads and mesh.ndim == 2:
+        raise ValueError(
+            "ZeroAdam: release_grads=True with a 2-D mesh is not supported: an update inside backward would need each "
+            "unit's reduced gradients averaged over the mesh's 'replicate' dim first (one all-reduce per unit during "
+            "backward), which is not built; use release_grads=False with the mesh, or a 1-D mesh / process_group"
+        )
     if any(_compat.is_dtensor(p) for p in setup.params()):
         if mesh is not None:
             raise ValueError(
@@ -53,6 +60,28 @@ def build(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] 
             from zeroadam.engines.flat import FlatEngine
 
             return FlatEngine(setup, topo)
+    if o.release_grads:
+        from zeroadam.engines.local_release import ReleasedLocalEngine
+
+        return ReleasedLocalEngine(setup)
     from zeroadam.engines.local import LocalEngine
 
     return LocalEngine(setup)
+
+
+RELEASE_GRADS_STAGES: tuple[int, ...] = (0, 2, 3)
+"""Stages whose engines update inside backward (``release_grads=True``)."""
+
+
+def _check_release_grads(setup: EngineSetup) -> None:
+    o = setup.options
+    if not o.release_grads:
+        return
+    dtensor = any(_compat.is_dtensor(p) for p in setup.params())
+    if o.stage not in RELEASE_GRADS_STAGES or o.offload is not None or dtensor:
+        where = f"stage={o.stage}" + (f", offload={o.offload!r}" if o.offload else "")
+        raise ValueError(
+            f"ZeroAdam: release_grads=True is not supported with {where}"
+            + ("" if not RELEASE_GRADS_STAGES else f" (supported: stage in {RELEASE_GRADS_STAGES}, without offload)")
+            + "; use release_grads=False"
+        )

@@ -88,7 +88,8 @@ class EngineSetup:
         """What every rank of a sharded optimizer must agree on (see [Note: fingerprints] in comm/agreement.py):
         every option that changes the collectives a rank makes or the values it computes — the stage, offload,
         the stage-2 bucket size, who averages gradients (a rank on "wrapper" skips the reductions a rank on "auto"
-        makes), the state format (it splits the flat buffers), the master kind, clipping — each group's
+        makes), the state format (it splits the flat buffers), the master kind, clipping, the gradient dtype (it sets
+        the collectives' dtype), releasing gradients (updates move into backward) — each group's
         hyperparameters, and each parameter's shape, dtype, device type and whether it takes a gradient."""
         o = self.options
         items: list[tuple[str, Any]] = [
@@ -101,6 +102,8 @@ class EngineSetup:
             ("max_grad_norm", o.max_grad_norm),
             ("quantized_weights", o.quantized_weights),
             ("quantized_gradients", o.quantized_gradients),
+            ("grad_dtype", o.grad_dtype),
+            ("release_grads", o.release_grads),
         ]
         for gi, pg in enumerate(self.param_groups):
             hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")

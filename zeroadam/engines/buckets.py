@@ -1,10 +1,10 @@
 """Stage-2 gradient buckets, fed by post-accumulate-grad hooks.
 
-As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (an fp32
-buffer covering a contiguous range of the flat layout) and frees ``p.grad``. A complete bucket is reduced, piece
-by piece, to the ranks that own each piece, asynchronously, while backward goes on; when the next bucket is
-launched the previous one is awaited, added into the owners' fp32 gradient shards, and its buffer freed, so at
-most about two buckets of full gradients exist at a time.
+As backward produces a parameter's gradient, its hook copies the gradient into the parameter's bucket (a buffer of
+the gradient dtype, fp32 or bf16, covering a contiguous range of the flat layout) and frees ``p.grad``. A complete
+bucket is reduced, piece by piece, to the ranks that own each piece, asynchronously, while backward goes on; when
+the next bucket is launched the previous one is awaited, added into the owners' gradient shards, and its buffer
+freed, so at most about two buckets of full gradients exist at a time.
 
 [Note: collective order]
 Buckets are launched strictly in their index order, and at the end of every backward pass the ones still
@@ -23,7 +23,6 @@ from zeroadam.comm.collectives import CommStats, Group, reduce_to
 from zeroadam.comm.quantized import quantized_reduce_scatter
 from zeroadam.engines.base import refuse_sparse_grad
 from zeroadam.layout import Slot
-from zeroadam.sizes import GRAD_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.engines.flat import FlatSpace
@@ -37,9 +36,10 @@ class Bucket:
     lo: int  # flat range [lo, hi) of the space's layout
     hi: int
     members: list[tuple[torch.Tensor, Slot]]
-    buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] fp32, alive while filling or in flight
+    buffer: Optional[torch.Tensor] = None  # 1D [hi - lo] space.grad_dtype, alive while filling or in flight
     filled: int = 0
     handles: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (work, rank, start, end)
+    updated: bool = False  # release_grads: updated by a backward since the last step
 
     @property
     def numel(self) -> int:
@@ -47,7 +47,7 @@ class Bucket:
 
     def ensure_buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.space.flat.device)
+            self.buffer = torch.zeros(self.numel, dtype=self.space.grad_dtype, device=self.space.flat.device)
         return self.buffer
 
 
@@ -66,6 +66,9 @@ class GradBuckets:
         self.stats = stats
         self.sync = True
         self.takes_grads: Callable[[], bool] = lambda: True  # False: a DDP wrapper averages p.grad (grad_sync.py)
+        # release_grads: called with a reduced bucket and this rank's summed pieces (start, end, values) instead of
+        # adding them into the gradient shard (see FlatEngine._update_bucket).
+        self.on_reduced: Optional[Callable[["Bucket", list[tuple[int, int, torch.Tensor]]], None]] = None
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
         # Backward visits parameters roughly in reverse order of definition: fill each space's buckets from the
@@ -103,7 +106,7 @@ class GradBuckets:
             h.remove()
 
     def live_bytes(self) -> int:
-        return sum(b.buffer.numel() * GRAD_BYTES for b in self.buckets if b.buffer is not None)
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets if b.buffer is not None)
 
     # ---------------------------------------------------------------- backward
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -149,7 +152,9 @@ class GradBuckets:
         a, e = ranges[self.group.rank]
         out = torch.empty(e - a, dtype=torch.float32, device=b.buffer.device)  # type: ignore[union-attr]
         quantized_reduce_scatter(self.group, out, b.buffer, ranges, self.stats)  # type: ignore[arg-type]
-        if e > a:
+        if self.on_reduced is not None:  # release_grads: the engine updates from the summed piece
+            self.on_reduced(b, [(b.lo + a, b.lo + e, out)] if e > a else [])
+        elif e > a:
             lo, _ = b.space.layout.shard_range(self.group.rank)
             b.space.sink.add(b.lo + a - lo, out, 1.0 / self.group.world)
         b.buffer = None
@@ -160,11 +165,17 @@ class GradBuckets:
         if b.buffer is None:
             return
         lo, _ = b.space.layout.shard_range(self.group.rank)
+        mine = []
         for work, r, s, e in b.handles:
             work.wait()
             if r == self.group.rank:
                 piece = b.buffer.narrow(0, s - b.lo, e - s)
-                b.space.sink.add(s - lo, piece, 1.0 / self.group.world)
+                if self.on_reduced is None:
+                    b.space.sink.add(s - lo, piece, 1.0 / self.group.world)
+                else:
+                    mine.append((s, e, piece))
+        if self.on_reduced is not None:
+            self.on_reduced(b, mine)
         b.handles.clear()
         b.buffer = None
         b.filled = 0

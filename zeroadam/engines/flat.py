@@ -21,7 +21,8 @@ import torch.distributed as dist
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_meta_params, refuse_sparse_grad
-from zeroadam.engines.buckets import GradBuckets
+from zeroadam.engines.buckets import Bucket, GradBuckets
+from zeroadam.engines.release import SECOND_BACKWARD, Release
 from zeroadam.comm.collectives import (
     CommStats,
     Group,
@@ -45,9 +46,9 @@ from zeroadam.engines.grad_sync import (
 from zeroadam.layout import FlatLayout, group_spaces
 from zeroadam.engines.offload import HostGradSink, HostParamCopies, host_buffer
 from zeroadam.engines.state_view import LocalState
-from zeroadam.options import BLOCK_SIZE, GroupHyper
+from zeroadam.options import BLOCK_SIZE, GroupHyper, grad_dtype_for
 from zeroadam.formats.state import Master, MasterKind, Moments
-from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes, stage1_chunk, stage1_staging_numel
+from zeroadam.sizes import grad_shard_bytes, stage1_chunk, stage1_staging_numel
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["FlatSpace", "FlatEngine"]
@@ -63,7 +64,7 @@ class FlatSpace:
     flat: torch.Tensor  # 1D [layout.total], parameter dtype; the parameters are views into it
     lo: int  # this rank's shard [lo, hi) in flat coordinates
     hi: int
-    grad_shard: torch.Tensor  # 1D [shard] fp32, on the state device
+    grad_shard: torch.Tensor  # 1D [shard] grad_dtype, on the state device
     moments: Moments  # [shard], on the state device
     master: Master  # [shard], on the state device
     param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
@@ -71,6 +72,10 @@ class FlatSpace:
     # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
     # in-place load (DCP) sets the step with the moments.
     step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+    grad_dtype: torch.dtype = torch.float32  # the shard's, buckets' and reductions' dtype (ZeroOptions.grad_dtype)
+    # release_grads: steps each parameter missed because its bucket was skipped for a non-finite gradient; its
+    # own step count is step - lag (every member of a bucket misses the same steps).
+    lag: dict[torch.Tensor, int] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -79,6 +84,9 @@ class FlatSpace:
     @step.setter
     def step(self, value: int) -> None:
         self.step_tensor.fill_(float(value))
+
+    def step_of(self, p: torch.Tensor) -> int:
+        return self.step - self.lag.get(p, 0)
 
     def param_shard(self) -> torch.Tensor:
         return self.flat.narrow(0, self.lo, self.hi - self.lo)
@@ -119,7 +127,7 @@ class FlatEngine(Engine):
         self.replicate_stats = CommStats(self.replicas.world)
         self._last_stats: dict[str, Any] = self.stats.snapshot()
         self._reduced = False
-        self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps
+        self._stage1_buffer: Optional[torch.Tensor] = None  # stage-1 reduce-scatter staging, kept between steps (bytes)
         # Who averages gradients; "auto" is decided at the first backward or step (see grad_sync.py).
         sync = setup.options.gradient_sync
         self._grad_sync: Optional[ResolvedSync] = None if sync == "auto" else sync  # type: ignore[assignment]
@@ -128,6 +136,8 @@ class FlatEngine(Engine):
             self._ddp_watch = DDPWatch(p for g in setup.param_groups for p in g["params"])
         self._warned_not_replicated = False
         self._check_fingerprint()
+        # release_grads (stage 2): each bucket's owner pieces are updated as soon as they are reduced.
+        self.release: Optional[Release] = Release(group, self.stats) if setup.options.release_grads else None
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
         # no gradient is copied at all (see _step_direct).
         self._direct = self.everyone.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
@@ -142,6 +152,8 @@ class FlatEngine(Engine):
                 self.spaces, group, setup.options.bucket_size, self.stats, position, setup.options.quantized_gradients
             )
             self.buckets.takes_grads = lambda: not self.grads_from_wrapper()
+            if self.release is not None:
+                self.buckets.on_reduced = self._update_bucket
         # Backward passes since the last step, told to the other ranks with the norm (see backward_passes).
         self._passes = 0
         self._in_pass = False
@@ -188,12 +200,13 @@ class FlatEngine(Engine):
         shard = flat.narrow(0, lo, hi - lo)
         param_host = offload.param_copies(self.offload, hi - lo, flat.dtype, dev)
         kind = setup.policy.master_kind(params[0])
-        if self._direct:
-            grad_shard = torch.zeros(0, dtype=torch.float32)  # unused: the update reads p.grad
+        grad_dtype = grad_dtype_for(setup.options.grad_dtype, params[0].dtype)
+        if self._direct or self.release is not None:
+            grad_shard = torch.zeros(0, dtype=grad_dtype)  # unused: the update reads p.grad / the bucket
         elif pin:
-            grad_shard = host_buffer(hi - lo, torch.float32, pin=True)
+            grad_shard = host_buffer(hi - lo, grad_dtype, pin=True)
         else:
-            grad_shard = torch.zeros(hi - lo, dtype=torch.float32, device=state_dev)
+            grad_shard = torch.zeros(hi - lo, dtype=grad_dtype, device=state_dev)
         return FlatSpace(
             group_index=gi,
             fmt=fmt,
@@ -208,6 +221,7 @@ class FlatEngine(Engine):
             master=Master.create(kind, shard, device=state_dev, pin=pin),
             param_host=param_host,
             sink=HostGradSink(grad_shard, dev),
+            grad_dtype=grad_dtype,
         )
 
     # ---------------------------------------------------------------- gradients
@@ -238,7 +252,8 @@ class FlatEngine(Engine):
                 continue
             shard = sp.hi - sp.lo
             c = stage1_chunk(self.setup.options.bucket_size, world, shard)
-            buf = self._staging(stage1_staging_numel(self.setup.options.bucket_size, world, shard), sp.flat.device)
+            numel = stage1_staging_numel(self.setup.options.bucket_size, world, shard)
+            buf = self._staging(numel, sp.grad_dtype, sp.flat.device)
             out = buf.narrow(0, world * c, c)  # the received chunk, after the world chunks sent
             for k in range(0, shard, c):
                 n = min(c, shard - k)
@@ -255,13 +270,15 @@ class FlatEngine(Engine):
                 sp.sink.add(k, out.narrow(0, 0, n), 1.0)
             sp.sink.drain()
 
-    def _staging(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A reusable fp32 buffer of at least ``numel`` elements (allocating ~100 MB each step costs more than
-        the reduction on a CPU: fresh pages are zeroed by the kernel)."""
+    def _staging(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reusable buffer of at least ``numel`` elements of ``dtype`` (allocating ~100 MB each step costs more
+        than the reduction on a CPU: fresh pages are zeroed by the kernel). Kept as bytes, so that spaces with
+        fp32 and bf16 gradient shards (grad_dtype="auto") share it."""
+        nbytes = numel * dtype.itemsize
         buf = self._stage1_buffer
-        if buf is None or buf.numel() < numel or buf.device != device:
-            buf = self._stage1_buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        return buf
+        if buf is None or buf.numel() < nbytes or buf.device != device:
+            buf = self._stage1_buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf.narrow(0, 0, nbytes).view(dtype)
 
     def grads_from_wrapper(self) -> bool:
         """Whether a DDP wrapper averages the gradients (see [Note: gradients averaged by a wrapper])."""
@@ -390,6 +407,12 @@ class FlatEngine(Engine):
 
     # ---------------------------------------------------------------- step
     def before_step(self) -> None:
+        if self.release is not None and self.grads_from_wrapper():
+            raise RuntimeError(
+                "ZeroAdam(stage=2, release_grads=True) updates each bucket as ZeroAdam reduces it during backward, "
+                "but a DistributedDataParallel wrapper averages these gradients: unwrap the model (ZeroAdam averages "
+                "them itself; with Accelerate use ZeroAccelerator), or use release_grads=False"
+            )
         self.ensure_reduced()
 
     def _clear_grads(self) -> None:
@@ -410,6 +433,17 @@ class FlatEngine(Engine):
     def step(self, scale: float) -> None:
         setup = self.setup
         handles = []
+        if self.release is not None:  # backward updated the shards; count the step and gather the parameters
+            assert self.buckets is not None
+            for b in self.buckets.buckets:
+                b.updated = False
+            for sp in self.spaces:
+                sp.step += 1
+                handles.append(all_gather_into(self.group, sp.flat, sp.param_shard(), self.stats))
+            for h in handles:
+                h.wait()
+            self._end_step()
+            return
         for sp in self.spaces:
             hyper = GroupHyper.of(setup.param_groups[sp.group_index])
             sp.step += 1
@@ -443,6 +477,32 @@ class FlatEngine(Engine):
         for h in handles:
             h.wait()
         self._end_step()
+
+    def _update_bucket(self, b: Bucket, pieces: list[tuple[int, int, torch.Tensor]]) -> None:
+        """release_grads: update this rank's reduced pieces [s, e) (flat coordinates, summed over the ranks) of a
+        bucket during backward; the bucket's buffer is freed after. Collective (the finite check)."""
+        assert self.release is not None
+        sp = b.space
+        if b.updated:
+            raise RuntimeError(SECOND_BACKWARD)
+        b.updated = True
+        if not self.release.all_finite([piece for _, _, piece in pieces]):
+            for p, _ in b.members:
+                sp.lag[p] = sp.lag.get(p, 0) + 1
+            return
+        hyper = GroupHyper.of(self.setup.param_groups[sp.group_index])
+        # Every member of a bucket has the same step count (see FlatSpace.lag).
+        step = sp.step_of(b.members[0][0]) + 1
+        sc = StepScalars.for_group(hyper, step, 1.0 / self.group.world, sp.group_index)
+        for s, e, piece in pieces:
+            run = Run(
+                param=sp.flat.narrow(0, s, e - s),
+                grad=piece,
+                moments=sp.moments.narrow(s - sp.lo, e - s),
+                master=sp.master.narrow(s - sp.lo, e - s),
+                index_base=s,
+            )
+            fused_update(run, sc, self.setup.backend)
 
     def _updated_ranges(self, sp: FlatSpace) -> list[tuple[int, int]]:
         """The ranges [a, b) of the shard that this step updates, in shard coordinates.
@@ -504,7 +564,7 @@ class FlatEngine(Engine):
         return stats_by_dim(self.stats.snapshot(), self.replicate_stats.snapshot() if self.topology else None)
 
     def memory_stats(self) -> dict[str, int]:
-        grads = sum(grad_shard_bytes(sp.grad_shard.numel()) for sp in self.spaces)
+        grads = sum(grad_shard_bytes(sp.grad_shard.numel(), sp.grad_dtype.itemsize) for sp in self.spaces)
         grads += sum(p.grad.numel() * p.grad.element_size() for sp in self.spaces for p in sp.params if p.grad is not None)
         if self.buckets is not None:
             grads += self.buckets.live_bytes()
@@ -515,8 +575,10 @@ class FlatEngine(Engine):
             "master_bytes": sum(sp.master.nbytes() for sp in self.spaces),
             # [Note: communication buffers] in sizes.py: the stage-1 staging buffer (kept between steps) and the
             # most bytes of stage-2 buckets alive at once so far.
-            "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel() * GRAD_BYTES)
+            "buffer_bytes": (0 if self._stage1_buffer is None else self._stage1_buffer.numel())
             + (0 if self.buckets is None else self.buckets.peak_live_bytes),
+            # The gradient shards and p.grad held now, plus the most bucket bytes alive at once so far.
+            "peak_grad_bytes": grads + (0 if self.buckets is None else self.buckets.peak_live_bytes),
         }
 
     # ---------------------------------------------------------------- state dicts
@@ -560,7 +622,7 @@ class FlatEngine(Engine):
             full_master = Master.of(sp.master_kind, mt)
             for p, slot in zip(sp.params, sp.layout.slots):
                 out[p] = entry_of(
-                    sp.step, full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
+                    sp.step_of(p), full_m.narrow(slot.start, slot.numel), full_master.narrow(slot.start, slot.numel), p.shape
                 )
                 if self.group.world == 1:
                     out[p]["step"] = sp.step_tensor  # live, as the moments are
@@ -586,7 +648,7 @@ class FlatEngine(Engine):
                 else:
                     start = a - slot.start
                 out[p] = piece_entry(
-                    sp.step, sp.moments.narrow(a - sp.lo, b - a), sp.master.narrow(a - sp.lo, b - a), start, start + b - a
+                    sp.step_of(p), sp.moments.narrow(a - sp.lo, b - a), sp.master.narrow(a - sp.lo, b - a), start, start + b - a
                 )
         return out
 
@@ -655,3 +717,4 @@ class FlatEngine(Engine):
             for k, t in sp.master.tensors().items():
                 t.copy_(shard_master.tensors()[k])
             sp.step = step
+            sp.lag.clear()

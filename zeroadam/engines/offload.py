@@ -57,12 +57,12 @@ class HostGradSink:
     """Accumulates device gradient pieces into a host fp32 shard with asynchronous device-to-host copies."""
 
     def __init__(self, shard: torch.Tensor, device: torch.device) -> None:
-        self.shard = shard  # 1D [n] fp32 on the host: the gradient shard the update reads
+        self.shard = shard  # 1D [n] fp32 or bf16 (grad_dtype) on the host: the gradient shard the update reads
         self.device = device
         self._staging: Optional[torch.Tensor] = None
         self._stream = None
         if device.type == "cuda":
-            self._staging = host_buffer(shard.numel(), torch.float32, pin=True)
+            self._staging = host_buffer(shard.numel(), shard.dtype, pin=True)
             self._stream = torch.cuda.Stream(device)
         self._pending: list[tuple[int, int, float]] = []
 

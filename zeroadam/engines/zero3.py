@@ -1,10 +1,12 @@
 """The optimizer side of ZeRO stage 3: state for the pieces of parameters that this rank's unit shards hold.
 
-``shard_model`` (``sharded_model.py``) owns the parameter shards and fills an fp32 gradient shard per unit flat
-during backward. Here each parameter's local piece — its intersection with this rank's shard, block-aligned —
+``shard_model`` (``sharded_model.py``) owns the parameter shards and fills a gradient shard per unit flat (fp32,
+or bf16 with ``grad_dtype``) during backward. Here each parameter's local piece — its intersection with this rank's shard, block-aligned —
 gets moments and master storage in the parameter's own format, and is updated in place in the shard with the
 fused kernel. No all-gather follows the step: the next forward gathers the updated shards. Communication per
-step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a reduce-scatter of gradients.
+step is the ZeRO paper's 3Ψ: all-gather in forward, again in backward, and a reduce-scatter of gradients. With
+``release_grads`` each unit's pieces are updated as soon as its reduce-scatter lands, during backward, and its
+gradient shard freed ([Note: released gradients] in ``release.py``).
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from zeroadam.engines.offload import HostParamCopies
 from zeroadam.engines.state_view import LocalState
 from zeroadam.update.contract import Run, StepScalars
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
-from zeroadam.options import GroupHyper
-from zeroadam.sharding.model import ShardedModel, UnitFlat
+from zeroadam.options import GroupHyper, grad_dtype_for
+from zeroadam.engines.release import SECOND_BACKWARD, Release
+from zeroadam.sharding.model import ShardedModel, Unit, UnitFlat
 from zeroadam.formats.state import Master, Moments
-from zeroadam.sizes import GRAD_BYTES, grad_shard_bytes
+from zeroadam.sizes import grad_shard_bytes
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_of, entry_piece, piece_entry
 
 __all__ = ["Zero3Engine", "Piece"]
@@ -83,6 +86,10 @@ class Zero3Engine(Engine):
         self.pieces: list[Piece] = []
         self.step_count = 0  # steps taken (or loaded); every piece steps together
         self.flats: list[UnitFlat] = [f for u in sharded.units for f in u.flats]
+        for f in self.flats:  # before the first backward allocates a gradient buffer
+            f.grad_dtype = grad_dtype_for(setup.options.grad_dtype, f.shard.dtype)
+            if f.grad_shard is not None:
+                f.grad_shard = f.grad_shard.to(f.grad_dtype)
         for gi, group in enumerate(setup.param_groups):
             offsets = setup.policy.layout_offsets(group["params"])
             for p in group["params"]:
@@ -110,6 +117,17 @@ class Zero3Engine(Engine):
                         param_host=None if f.offloaded else offload.param_copies(self.offload, b - a, view.dtype, view.device),
                     )
                 )
+
+        # release_grads: each unit is updated as soon as its gradients are reduced ([Note: released gradients]).
+        self.release: Optional[Release] = None
+        self._pieces_of: dict[UnitFlat, list[Piece]] = {}
+        self._updated: set[int] = set()  # units updated by backward since the last step
+        for pc in self.pieces:
+            self._pieces_of.setdefault(pc.flat, []).append(pc)
+        sharded.on_reduced = None
+        if setup.options.release_grads:
+            self.release = Release(sharded.grad_group, sharded.stats)
+            sharded.on_reduced = self._update_unit
 
     @staticmethod
     def create(setup: EngineSetup, process_group: Optional[Any], mesh: Optional[Any] = None) -> "Zero3Engine":
@@ -172,7 +190,7 @@ class Zero3Engine(Engine):
     def _grad_of(self, piece: Piece) -> torch.Tensor:
         g = piece.flat.grad_shard
         if g is None:
-            return torch.zeros(piece.numel, dtype=torch.float32, device=piece.flat.shard.device)
+            return torch.zeros(piece.numel, dtype=piece.flat.grad_dtype, device=piece.flat.shard.device)
         return g.narrow(0, piece.offset, piece.numel)
 
     def before_step(self) -> None:
@@ -222,17 +240,42 @@ class Zero3Engine(Engine):
         return all_reduce_sum(self.group, t, self.sharded.stats)
 
     # ---------------------------------------------------------------- step
-    def step(self, scale: float) -> None:
+    def _update_unit(self, u: Unit) -> None:
+        """release_grads: update this rank's pieces of a unit whose gradients were just reduced, then free them."""
+        flats = [f for f in u.flats if f.grad_shard is not None]
+        if not flats:
+            return
+        if u.index in self._updated:
+            raise RuntimeError(SECOND_BACKWARD)
+        self._updated.add(u.index)
+        assert self.release is not None
+        if self.release.all_finite([f.grad_shard for f in flats]):
+            for f in flats:
+                for piece in self._pieces_of.get(f, []):
+                    self._update_piece(piece, 1.0)
+        for f in flats:
+            f.grad_shard = None  # no rank keeps a gradient shard ([Note: released gradients])
+
+    def _update_piece(self, piece: Piece, scale: float) -> None:
         setup = self.setup
+        hyper = GroupHyper.of(setup.param_groups[piece.group_index])
+        piece.step += 1
+        sc = StepScalars.for_group(hyper, piece.step, scale, piece.group_index)
+        view = piece.param_view()
+        if piece.param_host is None:
+            fused_update(self._chunk_run(piece, 0, view), sc, setup.backend)
+        else:  # the same chunked device-host pipeline as stages 1-2 (zeroadam/engines/offload.py)
+            piece.param_host.update(view, lambda a, chunk: fused_update(self._chunk_run(piece, a, chunk), sc, setup.backend))
+
+    def step(self, scale: float) -> None:
+        if self.release is not None:  # backward made the updates; finish the step
+            self._updated.clear()
+            self.sharded.release_all()
+            self.step_count += 1
+            self._end_step()
+            return
         for piece in self.pieces:
-            hyper = GroupHyper.of(setup.param_groups[piece.group_index])
-            piece.step += 1
-            sc = StepScalars.for_group(hyper, piece.step, scale, piece.group_index)
-            view = piece.param_view()
-            if piece.param_host is None:
-                fused_update(self._chunk_run(piece, 0, view), sc, setup.backend)
-            else:  # the same chunked device-host pipeline as stages 1-2 (zeroadam/engines/offload.py)
-                piece.param_host.update(view, lambda a, chunk: fused_update(self._chunk_run(piece, a, chunk), sc, setup.backend))
+            self._update_piece(piece, scale)
         self.sharded.release_all()  # a unit still gathered holds the old values: [Note: stale full buffers]
         self.step_count += 1
         self._end_step()
@@ -265,6 +308,8 @@ class Zero3Engine(Engine):
         self.sharded.stats.reset()
         self.replicate_stats.reset()
         self._replicas_averaged = False
+        self._peak_grad_bytes = self.sharded.peak_grad_bytes
+        self.sharded.peak_grad_bytes = 0
 
     def after_skip(self) -> None:
         self._end_step()
@@ -287,10 +332,10 @@ class Zero3Engine(Engine):
         for f in self.flats:
             shard_bytes[f.offloaded] += f.shard.numel() * f.shard.element_size()
             if f.grad_shard is not None:
-                grad_shards[f.offloaded] += grad_shard_bytes(f.grad_shard.numel())
+                grad_shards[f.offloaded] += grad_shard_bytes(f.grad_shard.numel(), f.grad_dtype.itemsize)
             if f.grad_sink is not None:
                 staging += f.grad_sink.staging_bytes()
-        grad_device = sum(f.grad_full.numel() * GRAD_BYTES for f in self.flats if f.grad_full is not None)
+        grad_device = sum(f.grad_full.numel() * f.grad_full.element_size() for f in self.flats if f.grad_full is not None)
         grad_device += sum(p.grad.numel() * p.grad.element_size() for p in st.unit_of if p.grad is not None)
         state = sum(pc.moments.nbytes() for pc in self.pieces)
         master = sum(pc.master.nbytes() for pc in self.pieces)
@@ -307,6 +352,8 @@ class Zero3Engine(Engine):
             "device_bytes": shard_bytes[False] + st.live_bytes + grad_shards[False] + grad_device
             + (0 if on_host else state + master),
             "host_bytes": shard_bytes[True] + grad_shards[True] + copies + staging + (state + master if on_host else 0),
+            # The most bytes of gradient buffers and shards at once during the last step (backward to step()).
+            "peak_grad_bytes": max(st.peak_grad_bytes, getattr(self, "_peak_grad_bytes", 0)),
         }
 
     # ---------------------------------------------------------------- state dicts

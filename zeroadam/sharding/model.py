@@ -64,7 +64,7 @@ from zeroadam.comm.quantized import quantized_all_gather, quantized_reduce_scatt
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.engines.offload import HostGradSink, host_buffer
 from zeroadam.layout import FlatLayout
-from zeroadam.sizes import DEFAULT_PREFETCH, GRAD_BYTES
+from zeroadam.sizes import DEFAULT_PREFETCH
 
 __all__ = ["shard_model", "full_state_dict", "ShardedModel", "Unit", "UnitFlat", "DEFAULT_UNIT_CLASS_NAMES"]
 
@@ -110,8 +110,8 @@ class UnitFlat:
     layout: FlatLayout
     shard: torch.Tensor  # 1D [layout.shard], parameter dtype: what this rank stores between uses
     full: torch.Tensor  # 1D [layout.total]; storage resized to 0 bytes while released; parameters view it
-    grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] fp32 while backward collects gradients
-    grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] fp32: averaged gradients for the optimizer
+    grad_full: Optional[torch.Tensor] = None  # 1D [layout.total] grad_dtype while backward collects gradients
+    grad_shard: Optional[torch.Tensor] = None  # 1D [layout.shard] grad_dtype: averaged gradients for the optimizer
     filled: int = 0
     offloaded: bool = False  # shard and grad_shard live on the host: see [Note: parameter offload]
     grad_sink: Optional[HostGradSink] = None  # moves reduced gradient shards to the host (offloaded only)
@@ -120,6 +120,7 @@ class UnitFlat:
     def device(self) -> torch.device:
         """Where the unit computes (and the full buffer lives), whatever holds the shard."""
         return self.full.device
+    grad_dtype: torch.dtype = torch.float32  # set by the optimizer (ZeroOptions.grad_dtype)
 
     @property
     def full_bytes(self) -> int:
@@ -190,7 +191,10 @@ class ShardedModel:
         self._rs_next = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
-        self.grad_live_bytes = 0  # fp32 gradient buffers (grad_full) alive
+        self.grad_live_bytes = 0  # gradient buffers (grad_full) alive
+        self.peak_grad_bytes = 0  # most bytes of gradient buffers and shards at once since reset (memory_stats)
+        # Called with each unit once its gradients are reduced into the shards (ZeroAdam(release_grads=True)).
+        self.on_reduced: Optional[Callable[[Unit], None]] = None
         self.peak_buffer_bytes = 0  # most bytes of gathered units and gradient buffers at once
         self.unit_of: dict[nn.Parameter, tuple[Unit, UnitFlat, int]] = {}
         for u in units:
@@ -389,10 +393,11 @@ class ShardedModel:
         self._launch_ready()
 
     def _grad_buffer(self, f: UnitFlat) -> torch.Tensor:
-        """The flat's fp32 gradient buffer, allocated (and counted) at its first use in a backward pass."""
+        """The flat's gradient buffer, allocated (and counted) at its first use in a backward pass."""
         if f.grad_full is None:
-            f.grad_full = torch.zeros(f.layout.total, dtype=torch.float32, device=f.device)
-            self.grad_live_bytes += f.layout.total * GRAD_BYTES
+            f.grad_full = torch.zeros(f.layout.total, dtype=f.grad_dtype, device=f.device)
+            self.grad_live_bytes += f.layout.total * f.grad_dtype.itemsize
+            self._note_grad_bytes()
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
         return f.grad_full
 
@@ -413,34 +418,50 @@ class ShardedModel:
             if not any(p.requires_grad for p in f.params):
                 continue  # frozen: nothing to reduce (see [Note: stage-3 schedule])
             self._grad_buffer(f)
-            if f.grad_shard is None:
-                if f.offloaded:  # see [Note: parameter offload]
-                    f.grad_shard = host_buffer(f.layout.shard, torch.float32, pin=f.device.type == "cuda")
+            # The first reduction of a step lands in the shard itself; later ones (accumulation) go through a
+            # buffer added into it. With release_grads every reduction is a first one: one shard, no buffer. An
+            # offloaded shard lives on the host: reductions go through a device buffer and the sink
+            # ([Note: parameter offload]).
+            fresh = f.grad_shard is None
+            if fresh:
+                if f.offloaded:
+                    f.grad_shard = host_buffer(f.layout.shard, f.grad_dtype, pin=f.device.type == "cuda")
+                    f.grad_shard.zero_()
                     f.grad_sink = HostGradSink(f.grad_shard, f.device)
                 else:
-                    f.grad_shard = torch.zeros(f.layout.shard, dtype=torch.float32, device=f.device)
+                    f.grad_shard = torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.device)
+            direct = fresh and f.grad_sink is None  # the reduction can write the shard itself
+            out = f.grad_shard if direct else torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.device)
             if self.group.world > 1 and self.quantized_gradients:
-                out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.device)
                 n = f.layout.shard
                 ranges = [(r * n, (r + 1) * n) for r in range(self.group.world)]
                 quantized_reduce_scatter(self.grad_group, out, f.grad_full, ranges, self.stats)
-                reduced, alpha = out, 1.0 / self.group.world
             elif self.group.world > 1:
-                out = torch.empty(f.layout.shard, dtype=torch.float32, device=f.device)
                 reduce_scatter_sum(self.grad_group, out, f.grad_full, self.stats)
-                reduced, alpha = out, 1.0 / self.group.world
             else:
-                reduced, alpha = f.grad_full, 1.0
-            if f.grad_sink is not None:
-                f.grad_sink.add(0, reduced, alpha)
+                out.copy_(f.grad_full)
+            alpha = 1.0 / self.group.world
+            if direct:
+                if alpha != 1.0:
+                    out.mul_(alpha)
+            elif f.grad_sink is not None:
+                f.grad_sink.add(0, out, alpha)
             else:
-                f.grad_shard.add_(reduced, alpha=alpha)
+                f.grad_shard.add_(out, alpha=alpha)
+            self._note_grad_bytes(0 if direct else out.numel() * out.element_size())
             f.grad_full = None
-            self.grad_live_bytes -= f.layout.total * GRAD_BYTES
+            self.grad_live_bytes -= f.layout.total * f.grad_dtype.itemsize
             f.filled = 0
         u.reduced = True
+        if self.on_reduced is not None:
+            self.on_reduced(u)
         if u is not self.root:
             self.release(u)
+
+    def _note_grad_bytes(self, extra: int = 0) -> None:
+        shards = sum(f.grad_shard.numel() * f.grad_shard.element_size() for u in self.units for f in u.flats
+                     if f.grad_shard is not None)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_live_bytes + shards + extra)
 
     def _end_backward(self) -> None:
         if self.sync:

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Sequence, get_args
 
 from zeroadam import sizes
-from zeroadam.options import BLOCK_SIZE, MIN_QUANT_NUMEL, MasterWeights, Offload, StateDtype, ZeroOptions
+from zeroadam.options import BLOCK_SIZE, MIN_QUANT_NUMEL, GradDtype, MasterWeights, Offload, StateDtype, ZeroOptions
 from zeroadam.sizes import padded
 
 __all__ = [
@@ -90,6 +90,8 @@ __all__ = [
     "zeroadam_memory",
     "ddp_adamw_memory",
     "deepspeed_memory",
+    "fsdp2_memory",
+    "grad_bytes_per_param",
     "parse_count",
     "ModelTensors",
     "config_tensors",
@@ -146,6 +148,10 @@ class Setup:
     """int8 parameter all-gathers (ZeRO++ qwZ): changes the bytes sent, not the memory."""
     quantized_gradients: bool = False
     """int8 gradient reductions (ZeRO++ qgZ): changes the bytes sent, not the memory."""
+    grad_dtype: GradDtype = "fp32"
+    """The gradient shard's, buckets' and reductions' dtype (ZeroAdam's grad_dtype)."""
+    release_grads: bool = False
+    """ZeroAdam's release_grads: no gradient shard is kept (only the unit or bucket being reduced)."""
 
     def __post_init__(self) -> None:
         # The optimizer's own validation, so both accept and reject the same values with the same messages.
@@ -157,6 +163,8 @@ class Setup:
             bucket_size=self.bucket_size,
             quantized_weights=self.quantized_weights,
             quantized_gradients=self.quantized_gradients,
+            grad_dtype=self.grad_dtype,
+            release_grads=self.release_grads,
         )
         if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or self.nodes < 1:
             raise _bad("nodes", self.nodes, "expected a whole number >= 1")
@@ -196,6 +204,11 @@ class Placement:
 # ---------------------------------------------------------------------------------------------- formulas
 def param_bytes_per_param(param_dtype: ParamDtype) -> int:
     return 4 if param_dtype == "fp32" else 2
+
+
+def grad_bytes_per_param(grad_dtype: GradDtype, param_dtype: ParamDtype) -> int:
+    """Bytes of one element of the gradient shards, buckets and reductions (``zeroadam.options.grad_dtype_for``)."""
+    return 2 if grad_dtype == "bf16" or (grad_dtype == "auto" and param_dtype == "bf16") else sizes.GRAD_BYTES
 
 
 def moment_bytes_per_param(state_dtype: StateDtype) -> float:
@@ -252,6 +265,7 @@ def _cap(bucket: int, num_params: float) -> float:
 def _buffers(psi: float, p: int, stage: int, n: int, setup: Setup, model: Optional[ModelTensors]) -> float:
     """Communication buffers of one rank; see [Note: communication buffers] in zeroadam/sizes.py."""
     b = _cap(setup.bucket_size, psi)
+    g = grad_bytes_per_param(setup.grad_dtype, setup.param_dtype)
     if stage == 0:
         return p * psi if n > 1 else 0.0  # DDP's bucket copy of the gradients
     if stage == 1:
@@ -260,28 +274,33 @@ def _buffers(psi: float, p: int, stage: int, n: int, setup: Setup, model: Option
         else:
             shards = [_shard(ns, n) for ns in _spaces(model.numels, setup.state_dtype).values()]
         # One buffer serves every flat buffer, grown to the largest.
-        return float(sizes.GRAD_BYTES * max(sizes.stage1_staging_numel(setup.bucket_size, n, s) for s in shards))
+        return float(g * max(sizes.stage1_staging_numel(setup.bucket_size, n, s) for s in shards))
     if stage == 2:
         if model is None:
-            return sizes.GRAD_BYTES * sizes.BUCKETS_IN_FLIGHT * b
+            return g * sizes.BUCKETS_IN_FLIGHT * b
         spaces = list(_spaces(model.numels, setup.state_dtype).values())
-        return float(sizes.GRAD_BYTES * sizes.stage2_peak_bucket_numel(spaces, setup.bucket_size))
+        return float(g * sizes.stage2_peak_bucket_numel(spaces, setup.bucket_size))
     if model is None:
-        return float(sizes.stage3_peak_buffer_bytes(int(b), int(b), 1 + sizes.DEFAULT_PREFETCH, p))
+        return float(sizes.stage3_peak_buffer_bytes(int(b), int(b), 1 + sizes.DEFAULT_PREFETCH, p, g))
     # Unit flat buffers hold whole blocks per rank (one flat per dtype and unit, whatever the moment format).
     root_total = n * _shard(model.root, n) if model.root else 0
     block_total = n * _shard(model.block, n) if model.block else 0
-    return float(sizes.stage3_peak_buffer_bytes(root_total, block_total, model.layers, p))
+    return float(sizes.stage3_peak_buffer_bytes(root_total, block_total, model.layers, p, g))
 
 
 def _grad_shards(psi: float, n: int, stage: int, setup: Setup, model: Optional[ModelTensors]) -> float:
-    """The fp32 gradient shards the update reads: 4 / N bytes per parameter, in whole blocks with a model."""
+    """The gradient shards the update reads: 4 / N bytes per parameter (2 / N in bf16), in whole blocks with a
+    model. With ``release_grads`` none is kept: each unit's (bucket's) shard lives only until its update, inside
+    the communication buffers counted with them."""
+    g = grad_bytes_per_param(setup.grad_dtype, setup.param_dtype)
+    if setup.release_grads and stage >= 2:
+        return 0.0
     if model is None:
-        return sizes.GRAD_BYTES * psi / n
+        return g * psi / n
     if stage <= 2:
-        return float(sum(sizes.grad_shard_bytes(_shard(ns, n)) for ns in _spaces(model.numels, setup.state_dtype).values()))
-    root = sizes.grad_shard_bytes(_shard(model.root, n)) if model.root else 0
-    block = sizes.grad_shard_bytes(_shard(model.block, n)) if model.block else 0
+        return float(sum(sizes.grad_shard_bytes(_shard(ns, n), g) for ns in _spaces(model.numels, setup.state_dtype).values()))
+    root = sizes.grad_shard_bytes(_shard(model.root, n), g) if model.root else 0
+    block = sizes.grad_shard_bytes(_shard(model.block, n), g) if model.block else 0
     return float(root + model.layers * block)
 
 
@@ -331,9 +350,10 @@ def zeroadam_memory(num_params: float, setup: Setup, *, model: Optional[ModelTen
         notes.append("offload_params: parameters reach the GPU only while their unit is gathered (in buffers)")
         return Placement(gpu, host, tuple(notes))
     gpu = {"params": params, "grads": full_grads, "moments": 0.0, "master": 0.0, "buffers": buffers}
-    # A host copy of the parameter shard (the CPU update writes it) and a pinned fp32 staging shard (gradients).
-    host_buffers = p * psi / shard + 4 * psi / shard
-    host = {"params": 0.0, "grads": 4 * psi / shard, "moments": moments, "master": master, "buffers": host_buffers}
+    # A host copy of the parameter shard (the CPU update writes it) and a pinned staging shard (gradients).
+    g = grad_bytes_per_param(setup.grad_dtype, setup.param_dtype)
+    host_buffers = p * psi / shard + g * psi / shard
+    host = {"params": 0.0, "grads": g * psi / shard, "moments": moments, "master": master, "buffers": host_buffers}
     if setup.stage == 0 and n > 1:
         notes.append("offload at stage 0 keeps the whole state on every rank's host; stage 1 partitions it")
     return Placement(gpu, host, tuple(notes))
@@ -353,7 +373,8 @@ def cross_node_bytes(num_params: float, setup: Setup, gpus_per_node: int, grad_b
     if n <= gpus_per_node:
         return 0.0
     psi, p = float(num_params), param_bytes_per_param(setup.param_dtype)
-    grad_b = QUANTIZED_BYTES if setup.quantized_gradients else (grad_bytes or 4.0)
+    sixteen = setup.grad_dtype == "bf16" or (setup.grad_dtype == "auto" and setup.param_dtype == "bf16")
+    grad_b = QUANTIZED_BYTES if setup.quantized_gradients else (grad_bytes or (2.0 if sixteen else 4.0))
     weight_b = QUANTIZED_BYTES if setup.quantized_weights else float(p)
     if setup.nodes > 1:
         shards, replicas = n // setup.nodes, setup.nodes
@@ -392,6 +413,17 @@ def deepspeed_memory(num_params: float, setup: Setup) -> Placement:
     if setup.offload_params:  # offload_param: the 16-bit partitions live on the host between uses
         gpu["params"], host["params"] = 0.0, params
     return Placement(gpu, host)
+
+
+def fsdp2_memory(num_params: float, setup: Setup) -> Placement:
+    """FSDP2 (``fully_shard``) with bf16 mixed precision (``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)``), fp32 sharded parameters as the master and fp32 torch AdamW: 4 + 4 + 8 = 16 B / N, plus
+    one unit gathered in bf16 with its bf16 gradient and one prefetched (a unit taken as ``bucket_size``)."""
+    psi, n = float(num_params), setup.world_size
+    unit = _cap(setup.bucket_size, psi)
+    gpu = {"params": 4 * psi / n, "grads": 4 * psi / n, "moments": 8 * psi / n, "master": 0.0,
+           "buffers": 2 * 2 * unit + 2 * unit}
+    return Placement(gpu, notes=("FSDP2 units taken as --bucket-size elements",))
 
 
 # ---------------------------------------------------------------------------------------------- model sizes
@@ -504,6 +536,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantized-weights", action="store_true", help="int8 parameter all-gathers (ZeRO++ qwZ)")
     parser.add_argument("--quantized-gradients", action="store_true", help="int8 gradient reductions (ZeRO++ qgZ)")
     parser.add_argument("--bucket-size", type=int, default=5_000_000, help="elements per gradient bucket")
+    parser.add_argument("--grad-dtype", default="fp32", choices=get_args(GradDtype),
+                        help="gradient shards, buckets and reductions (default fp32)")
+    parser.add_argument("--release-grads", action="store_true",
+                        help="update inside backward and keep no gradient shard (ZeroAdam(release_grads=True))")
     parser.add_argument("--gpus-per-host", type=int, default=None, help="default min(world size, 8)")
     parser.add_argument(
         "--gpu-memory-gib", type=float, nargs="+", default=[], help="more card sizes to check, in GiB"
@@ -628,6 +664,8 @@ def _estimate(args: argparse.Namespace) -> int:
         offload_params=args.offload_params,
         quantized_weights=args.quantized_weights,
         quantized_gradients=args.quantized_gradients,
+        grad_dtype=args.grad_dtype,
+        release_grads=args.release_grads,
     )
     if args.nodes != 1:
         Setup(**{**asdict(setup), "nodes": args.nodes})  # the same checks as the column below, before any output
@@ -640,9 +678,11 @@ def _estimate(args: argparse.Namespace) -> int:
         "DDP + AdamW": ddp_adamw_memory(num_params, setup.world_size),
         f"DeepSpeed ZeRO-{setup.stage}": deepspeed_memory(num_params, setup),
     }
+    if setup.stage == 3:
+        columns["FSDP2 bf16 mixed"] = fsdp2_memory(num_params, setup)
     plain = Setup(world_size=setup.world_size, stage=setup.stage, param_dtype=setup.param_dtype)  # no ZeRO++
     setups = {zero_name: setup, "DDP + AdamW": Setup(world_size=setup.world_size, stage=0, param_dtype=setup.param_dtype),
-              f"DeepSpeed ZeRO-{setup.stage}": plain}
+              f"DeepSpeed ZeRO-{setup.stage}": plain, "FSDP2 bf16 mixed": plain}
     if args.nodes > 1:
         hybrid = Setup(**{**asdict(setup), "nodes": args.nodes})
         name = f"ZeroAdam HSDP {args.nodes}x{setup.world_size // args.nodes}"
@@ -651,7 +691,7 @@ def _estimate(args: argparse.Namespace) -> int:
     per_node = setup.world_size // args.nodes
     cross = {
         name: cross_node_bytes(num_params, setups[name], per_node, float(param_bytes_per_param(setup.param_dtype))
-                               if name.startswith("DeepSpeed") else None)
+                               if name.startswith(("DeepSpeed", "FSDP2")) else None)
         for name in columns
     }
     cards = list(CARDS) + [(f"custom-{g:g}", g) for g in args.gpu_memory_gib]
@@ -683,6 +723,7 @@ def _estimate(args: argparse.Namespace) -> int:
         f"{setup.param_dtype} parameters, {setup.state_dtype} moments, master {setup.master_weights}"
         + (f", offload {setup.offload}" if setup.offload else "")
         + (", parameters offloaded" if setup.offload_params else "")
+        + f", {setup.grad_dtype} gradients" + (", release_grads" if setup.release_grads else "")
     )
     print(_report(title, columns, gpus_per_host, cards, args.usable_fraction))
     if args.nodes > 1:
