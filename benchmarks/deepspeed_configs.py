@@ -57,7 +57,9 @@ TRAINER = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, 
 BF16_FROM_COMMAND = {"alpaca_zero3_offload"}
 # Keys the installed DeepSpeed (0.19) refuses as written (pydantic extra_forbidden), as zds does: the config is
 # trained without them, and both refusals of the config as written are recorded.
-REFUSED_AS_WRITTEN = {"dse_cifar": ("bf16", ("loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale", "initial_scale_power"))}
+REFUSED_AS_WRITTEN = {
+    "dse_cifar": ("bf16", ("loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale", "initial_scale_power")),
+}
 # gpt-neox puts its top-level weight_decay into the optimizer's param groups.
 EXTRA_WEIGHT_DECAY = {"gptneox_125m": 0.1}
 
@@ -129,8 +131,8 @@ def adapt(raw: dict, stem: str, path: Path_, bf16_for_fp16: bool, as_written: bo
     if path == "zds":
         cfg["optimizer"] = {"type": "ZeroAdam", "params": {**hyper, "state_dtype": "fp32"}}
     else:
-        cfg["optimizer"] = {"type": kind, "params": {**hyper, "torch_adam": True,
-                                                      **({"adam_w_mode": params["adam_w_mode"]} if "adam_w_mode" in params else {})}}
+        mode = {"adam_w_mode": params["adam_w_mode"]} if "adam_w_mode" in params else {}
+        cfg["optimizer"] = {"type": kind, "params": {**hyper, "torch_adam": True, **mode}}
 
     sched = (cfg.get("scheduler") or {}).get("params")
     if sched is not None:
@@ -158,8 +160,9 @@ def adapt(raw: dict, stem: str, path: Path_, bf16_for_fp16: bool, as_written: bo
             cfg["gradient_clipping"] = TRAINER["max_grad_norm"]
         zero = cfg.get("zero_optimization", {})
         hidden = 64
-        for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                           ("stage3_param_persistence_threshold", 10 * hidden)):
+        filled = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                  "stage3_param_persistence_threshold": 10 * hidden}
+        for key, value in filled.items():
             if is_auto(zero.get(key)):
                 zero[key] = value  # what the Trainer computes from model.config.hidden_size
     if bf16_for_fp16 and is_fp16(cfg):
@@ -265,7 +268,8 @@ def rank_main(rank: int, world: int, selected: list[str], ckpt_dir: str) -> dict
         if stem in REFUSED_AS_WRITTEN:
             from zeroadam.integrations import deepspeed as zds
 
-            res["zds_as_written"] = attempt(lambda c: (zds.translate(c), {})[1], adapt(raw, stem, "zds", fp16, as_written=True)[0])
+            written = adapt(raw, stem, "zds", fp16, as_written=True)[0]
+            res["zds_as_written"] = attempt(lambda c: (zds.translate(c), {})[1], written)
             res["ds_as_written"] = attempt(run_ds, adapt(raw, stem, "ds", fp16, as_written=True)[0], rank)
         res["zds"] = attempt(run_zds, zcfg, rank, os.path.join(ckpt_dir, stem))
         res["ds"] = attempt(run_ds, dcfg, rank)
@@ -294,7 +298,8 @@ def row(stem: str, res: dict, sources: dict) -> list[Any]:
         notes.append(f"DeepSpeed: {d['error']}")
     if "zds_fp16" in res:
         zf = res["zds_fp16"]
-        notes.append(f"fp16 as written: zds {'%.4f' % zf['losses'][-1] if 'losses' in zf else 'refused: ' + zf['error'][:160]}"
+        fp16_zds = f"{zf['losses'][-1]:.4f}" if "losses" in zf else "refused: " + zf["error"][:160]
+        notes.append(f"fp16 as written: zds {fp16_zds}"
                      f"{', resumed equal' if zf.get('resumed_equal') else ''}")
         df = res["ds_fp16"]
         notes.append("DeepSpeed " + ("%.4f" % df["losses"][-1] if "losses" in df else "refused: " + df["error"][:120]))

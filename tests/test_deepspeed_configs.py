@@ -41,7 +41,8 @@ def test_fp16_at_stage_0_is_refused_on_a_cpu_naming_what_to_use() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     files = ["fastchat_zero2.json", "alpaca_zero3_offload.json"]
-    return run_ranks(bench.rank_main, bench.WORLD, files, str(tmp_path_factory.mktemp("ckpt")), timeout=900, pg_timeout=300)[0]
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    return run_ranks(bench.rank_main, bench.WORLD, files, ckpt, timeout=900, pg_timeout=300)[0]
 
 
 @pytest.mark.parametrize("stem", ["fastchat_zero2", "alpaca_zero3_offload"])
