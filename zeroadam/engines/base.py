@@ -30,7 +30,7 @@ from zeroadam.options import ZeroOptions
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.engines.state_view import LocalState
 
-__all__ = ["Engine", "EngineSetup", "Entries", "CheckedEntry", "refuse_sparse_grad", "refuse_meta_params", "SPARSE_GRAD_FIX"]
+__all__ = ["Engine", "EngineSetup", "TensorStep", "Entries", "CheckedEntry", "refuse_sparse_grad", "refuse_meta_params", "SPARSE_GRAD_FIX"]
 
 Entries = dict[torch.Tensor, dict[str, Any]]
 """Per-parameter state-dict entries (see [Note: full state and shards] in zeroadam/state_dict/api.py)."""
@@ -114,6 +114,21 @@ class EngineSetup:
                     (f"param_groups[{gi}]['params'][{i}]", (tuple(p.shape), str(p.dtype), p.device.type, p.requires_grad))
                 )
         return items
+
+
+class TensorStep:
+    """A step count kept in ``step_tensor``, a CPU float tensor as torch.optim.AdamW's ``step``: a state dict on one
+    rank hands out this very tensor, so that an in-place load (DCP) restores the step with the moments."""
+
+    step_tensor: torch.Tensor
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(float(value))
 
 
 class Engine(abc.ABC):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.engines import offload
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_meta_params, refuse_sparse_grad
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, TensorStep, refuse_meta_params, refuse_sparse_grad
 from zeroadam.engines.buckets import Bucket, GradBuckets
 from zeroadam.engines.release import SECOND_BACKWARD, Release
 from zeroadam.comm.collectives import (
@@ -55,7 +55,7 @@ __all__ = ["FlatSpace", "FlatEngine"]
 
 
 @dataclass(eq=False)
-class FlatSpace:
+class FlatSpace(TensorStep):
     group_index: int
     fmt: str
     master_kind: MasterKind
@@ -69,21 +69,11 @@ class FlatSpace:
     master: Master  # [shard], on the state device
     param_host: Optional[HostParamCopies]  # the shard's host copy when offloading from a GPU, else None
     sink: HostGradSink  # adds reduced gradient pieces into grad_shard (device-to-host when offloading)
-    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
-    # in-place load (DCP) sets the step with the moments.
-    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))  # see TensorStep
     grad_dtype: torch.dtype = torch.float32  # the shard's, buckets' and reductions' dtype (ZeroOptions.grad_dtype)
     # release_grads: steps each parameter missed because its bucket was skipped for a non-finite gradient; its
     # own step count is step - lag (every member of a bucket misses the same steps).
     lag: dict[torch.Tensor, int] = field(default_factory=dict)
-
-    @property
-    def step(self) -> int:
-        return int(self.step_tensor.item())
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.step_tensor.fill_(float(value))
 
     def step_of(self, p: torch.Tensor) -> int:
         return self.step - self.lag.get(p, 0)

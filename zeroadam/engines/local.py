@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from zeroadam.comm.collectives import Group
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, refuse_sparse_grad
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, TensorStep, refuse_sparse_grad
 from zeroadam.formats.state import Master, Moments
 from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
 from zeroadam.options import GroupHyper
@@ -22,7 +22,7 @@ from zeroadam.update.dispatch import fused_updates, grads_sq_sum
 __all__ = ["LocalEngine", "ParamState"]
 
 
-class ParamState(MutableMapping):
+class ParamState(TensorStep, MutableMapping):
     """Stage-0 state of one parameter (its whole flattened range).
 
     It reads and writes like ``torch.optim.AdamW``'s ``state[p]``: a mapping of ``step`` (a float tensor) and the
@@ -39,14 +39,6 @@ class ParamState(MutableMapping):
         self.master = master
         self.index_base = index_base  # the parameter's start in its space's layout: the rounding hash index
         self.shape = shape
-
-    @property
-    def step(self) -> int:
-        return int(self.step_tensor.item())
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.step_tensor.fill_(float(value))
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {**self.moments.tensors(), **self.master.tensors()}

@@ -21,7 +21,7 @@ from zeroadam.comm.collectives import CommStats, Group, all_gather_objects, all_
 from zeroadam.comm.mesh import resolve_topology, stats_by_dim
 from zeroadam.comm.quantized import quantized_all_reduce
 from zeroadam.engines import offload
-from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, refuse_sparse_grad
+from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, TensorStep, refuse_sparse_grad
 from zeroadam.engines.offload import HostParamCopies
 from zeroadam.engines.state_view import LocalState
 from zeroadam.update.contract import Run, StepScalars
@@ -37,7 +37,7 @@ __all__ = ["Zero3Engine", "Piece"]
 
 
 @dataclass(eq=False)
-class Piece:
+class Piece(TensorStep):
     """This rank's part of one parameter: elements [start, start + numel) of its flattened value."""
 
     param: torch.nn.Parameter
@@ -50,17 +50,7 @@ class Piece:
     moments: Moments
     master: Master
     param_host: Optional[HostParamCopies] = None  # the piece's host copy when offloading from a GPU
-    # A CPU float tensor, as AdamW's step: with one rank state_dict() hands out this very tensor, so that an
-    # in-place load (DCP) sets the step with the moments.
-    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
-
-    @property
-    def step(self) -> int:
-        return int(self.step_tensor.item())
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.step_tensor.fill_(float(value))
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))  # see TensorStep
 
     def param_view(self) -> torch.Tensor:
         return self.flat.shard.narrow(0, self.offset, self.numel)
