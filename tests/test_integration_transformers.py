@@ -99,6 +99,12 @@ def suite(rank: int, world: int, out_dir: str) -> dict:
     t.train(resume_from_checkpoint=os.path.join(run, f"checkpoint-{SAVE_STEPS}"))
     out["resumed"] = _params(t)
 
+    # 16-bit gradient shards (grad_dtype="bf16"): the Trainer's DDP averages p.grad, ZeroAdam keeps its shard in bf16.
+    t = _trainer(os.path.join(out_dir, "bf16_grads"), ZeroAdam, {**zero_kwargs, "grad_dtype": "bf16"}, [ZeroAdamCallback()])
+    t.train()
+    out["bf16_grads"] = _params(t)
+    out["bf16_grad_bytes"] = t.optimizer.optimizer.memory_stats()["grad_bytes"]
+
     # Last: without the callback rank 0 saves alone and must fail clearly; the run is broken after it.
     t = _trainer(os.path.join(out_dir, "nocallback"), ZeroAdam, zero_kwargs, [], save_steps=1)
     try:
@@ -140,3 +146,9 @@ def test_resume_from_checkpoint_continues_exactly(ranks: list[dict]) -> None:
 def test_without_the_callback_saving_fails_naming_the_fix(ranks: list[dict]) -> None:
     msg = ranks[0]["no_callback"]
     assert msg is not None and "ZeroAdamCallback" in msg
+
+
+def test_bf16_gradient_shards_train_in_the_trainer(ranks: list[dict]) -> None:
+    for r in ranks:
+        # bf16 rounding of the gradient shard: the tolerance of tests/test_grad_dtype.py against AdamW.
+        assert max_rel_err(r["bf16_grads"], r["adamw"]) <= 3e-2
