@@ -363,6 +363,12 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
     if not isinstance(hpz, int) or isinstance(hpz, bool) or hpz < 1:
         raise _bad("zero_optimization.zero_hpz_partition_size", hpz, "expected a number of ranks >= 1")
     out.hpz = hpz
+    if "reduce_bucket_size" in zero:
+        size = zero["reduce_bucket_size"]
+        # DeepSpeed's own check (its ZeRO config refuses 0); here at every stage, ignored at 3 or not.
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size >= 1:
+            raise _bad("zero_optimization.reduce_bucket_size", size, "expected a number of elements >= 1 (DeepSpeed "
+                       "refuses 0 as well); leave it out for ZeroAdam's default")
     if stage in (1, 2) and "reduce_bucket_size" in zero:
         zo["bucket_size"] = int(zero["reduce_bucket_size"])
     elif "reduce_bucket_size" in zero:

@@ -959,3 +959,9 @@ def test_zero_plus_plus_keys_map_to_eight_bit_collectives_and_the_mesh() -> None
     with pytest.raises(ValueError, match=r"zero_hpz_partition_size=2 needs a hybrid-sharding mesh .* got no mesh.*mesh_dim_names"):
         zds._check_hpz(2, None)
     zds._check_hpz(1, None)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_reduce_bucket_size_zero_is_refused_at_every_stage(stage: int) -> None:
+    """An older HF ds_config_zero3.json has reduce_bucket_size 0, which DeepSpeed refuses ("must be > 0")."""
+    assert "zero_optimization.reduce_bucket_size=0" in _refusal({"zero_optimization": {"stage": stage, "reduce_bucket_size": 0}})
