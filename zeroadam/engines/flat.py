@@ -159,7 +159,7 @@ class FlatEngine(Engine):
         after the agreement, so that every rank raises the same error."""
         check_same_on_every_rank(
             self.everyone,
-            self.setup.fingerprint() + [("mesh (replicate, shard)", (self.replicas.world, self.group.world))],
+            [("mesh (replicate, shard)", (self.replicas.world, self.group.world))] + self.setup.fingerprint(),
             "ZeroAdam",
             "their parameters and options",
             "every rank must build the same model, param groups and ZeroAdam options",

@@ -661,7 +661,7 @@ def shard_model(
     else:
         mine = _model_fingerprint(model, assigned, reshard_after_forward, prefetch, device, offload_params)
     check_same_on_every_rank(
-        everyone, mine + [("mesh (replicate, shard)", topology.shape)], "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
+        everyone, [("mesh (replicate, shard)", topology.shape)] + mine, "zeroadam.shard_model", "the model", "every rank must build the same model and call shard_model alike"
     )
     if error is not None:
         raise error
