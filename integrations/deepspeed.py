@@ -163,19 +163,23 @@ def _check_keys(section: dict[str, Any], table: dict[str, keys.Key], prefix: str
             raise _bad(where, value, entry.why)
 
 
+def _legacy_offload(zero: dict[str, Any], old: str, new: str, out: Translation, *, stacklevel: int) -> None:
+    """DeepSpeed's deprecated boolean spelling ``old`` (true = ``new: {device: cpu}``, false = nothing), with
+    DeepSpeed's own deprecation warning (DeepSpeedConfigModel), as it still accepts it."""
+    if old not in zero:
+        return
+    legacy = zero.pop(old)
+    warnings.warn(f"Config parameter {old} is deprecated use {new} instead", FutureWarning, stacklevel)
+    if legacy:
+        if new in zero:
+            raise _bad(f"zero_optimization.{old}", legacy, f"and zero_optimization.{new} are both set; keep {new}")
+        zero[new] = {"device": "cpu"}
+        out.resolved.append(f"zero_optimization.{old}: true -> {new}: {{'device': 'cpu'}}")
+
+
 def _offload_param(zero: dict[str, Any], stage: int, zo: dict[str, Any], out: Translation) -> bool:
     """Whether the config offloads the parameters (``offload_param``, or the deprecated ``cpu_offload_param``)."""
-    if "cpu_offload_param" in zero:
-        legacy = zero.pop("cpu_offload_param")
-        warnings.warn("Config parameter cpu_offload_param is deprecated use offload_param instead", FutureWarning, 4)
-        if legacy:
-            if "offload_param" in zero:
-                raise _bad(
-                    "zero_optimization.cpu_offload_param", legacy, "and zero_optimization.offload_param are both set; "
-                    "keep offload_param"
-                )
-            zero["offload_param"] = {"device": "cpu"}
-            out.resolved.append("zero_optimization.cpu_offload_param: true -> offload_param: {'device': 'cpu'}")
+    _legacy_offload(zero, "cpu_offload_param", "offload_param", out, stacklevel=5)
     section = zero.get("offload_param") or {}
     _check_keys(section, keys.OFFLOAD_PARAM, "zero_optimization.offload_param", out)
     device = section.get("device", "none")
@@ -341,18 +345,7 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
         raise _bad("zero_optimization.stage", stage, "is not a ZeRO stage (0, 1, 2, 3)")
     zo["stage"] = stage
     _check_keys(zero, keys.ZERO, "zero_optimization", out)
-    if "cpu_offload" in zero:
-        legacy = zero.pop("cpu_offload")
-        # DeepSpeed's own warning (DeepSpeedConfigModel), as it still accepts the old spelling.
-        warnings.warn("Config parameter cpu_offload is deprecated use offload_optimizer instead", FutureWarning, 3)
-        if legacy:
-            if "offload_optimizer" in zero:
-                raise _bad(
-                    "zero_optimization.cpu_offload", legacy, "and zero_optimization.offload_optimizer are both set; "
-                    "keep offload_optimizer"
-                )
-            zero["offload_optimizer"] = {"device": "cpu"}
-            out.resolved.append("zero_optimization.cpu_offload: true -> offload_optimizer: {'device': 'cpu'}")
+    _legacy_offload(zero, "cpu_offload", "offload_optimizer", out, stacklevel=4)
     for key, option in (("zero_quantized_weights", "quantized_weights"), ("zero_quantized_gradients", "quantized_gradients")):
         if zero.get(key, False):
             if stage == 0:
