@@ -426,7 +426,7 @@ def test_estimate_prints_cross_node_bytes(capsys: pytest.CaptureFixture) -> None
                  "--quantized-gradients", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     cross = out["cross_node_bytes_per_gpu_step"]
-    assert set(cross) == {"ZeroAdam HSDP 2x8", "ZeroAdam int8", "DDP + AdamW", "DeepSpeed ZeRO-3"}
+    assert set(cross) == {"ZeroAdam HSDP 2x8", "ZeroAdam int8", "DDP + AdamW", "DeepSpeed ZeRO-3", "FSDP2 bf16 mixed"}
     assert cross["ZeroAdam HSDP 2x8"] < cross["ZeroAdam int8"] / 10
     assert main(["estimate", "--params", "7B", "--world-size", "16", "--nodes", "2", "--stage", "3"]) == 0
     assert "cross-node bytes per GPU per step" in capsys.readouterr().out
