@@ -229,3 +229,50 @@ def test_deepspeed_config_with_hpz_trains_on_the_mesh() -> None:
         assert max_rel_err(r[False]["params"], ref) <= 1e-5
         assert max_rel_err(r[True]["params"], ref) <= 0.05
         assert max_rel_err(r[True]["params"], got[0][True]["params"]) == 0.0
+
+
+def disagreeing_quantization(rank: int, world: int) -> str:
+    """Rank 1 asks for 8-bit gradients, rank 0 does not: refused on every rank at construction, no collective hangs."""
+    import zeroadam
+    from helpers import make_model
+
+    try:
+        zeroadam.ZeroAdam(make_model().parameters(), stage=2, quantized_gradients=rank == 1)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_disagree_on_quantization_are_refused() -> None:
+    for msg in run_ranks(disagreeing_quantization, 2, timeout=60, pg_timeout=20):
+        assert "quantized_gradients" in msg
+
+
+def skipping_replica(rank: int, world: int) -> str:
+    """On a 2x2 mesh, rank 3 (replica 1) skips the second step(): the others must fail in bounded time, not hang."""
+    import os
+
+    os.environ["ZEROADAM_COLLECTIVE_TIMEOUT"] = "5"
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import zeroadam
+    from helpers import batch, make_model
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    opt = zeroadam.ZeroAdam(model.parameters(), stage=2, state_dtype="fp32", mesh=mesh)
+    try:
+        for step in range(3):
+            x, y = batch(step)
+            torch.nn.functional.mse_loss(model(x[rank::world]), y[rank::world]).backward()
+            if not (rank == 3 and step == 1):
+                opt.step()
+            opt.zero_grad()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_replica_that_skips_a_step_fails_in_bounded_time() -> None:
+    results = run_ranks(skipping_replica, 4, timeout=120, pg_timeout=30)
+    assert all(r != "no error" for r in results[:3]), results
