@@ -22,6 +22,7 @@ from zeroadam.comm.agreement import check_same_on_every_rank
 from zeroadam.engines import offload
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, TensorStep, refuse_meta_params, refuse_sparse_grad
 from zeroadam.engines.buckets import Bucket, GradBuckets
+from zeroadam.engines.grad_norm import shards_sq_sum
 from zeroadam.engines.release import SECOND_BACKWARD, Release
 from zeroadam.comm.collectives import (
     CommStats,
@@ -390,7 +391,10 @@ class FlatEngine(Engine):
         self.ensure_reduced()
         if self._direct:
             return grads_sq_sum([p.grad for sp in self.spaces for p in sp.params if p.grad is not None])
-        return grads_sq_sum([sp.grad_shard for sp in self.spaces])
+        # Taken as the reduced gradients landed; a pass over a shard written otherwise since (GradScaler's unscale,
+        # a mesh's replica average, a DDP wrapper's gradients): [Note: the norm where gradients land].
+        total = shards_sq_sum([(sp.grad_shard, sp.sink.norm) for sp in self.spaces])
+        return grads_sq_sum([]) if total is None else total
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.stats)
@@ -408,6 +412,7 @@ class FlatEngine(Engine):
     def _clear_grads(self) -> None:
         for sp in self.spaces:
             sp.grad_shard.zero_()
+            sp.sink.norm.reset()
         self._reduced = False
 
     def _end_step(self) -> None:

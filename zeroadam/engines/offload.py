@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from zeroadam import _compat
+from zeroadam.engines.grad_norm import ShardNorm
 from zeroadam.options import BLOCK_SIZE
 
 __all__ = ["HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "param_copies", "state_placement", "HOST_CHUNK"]
@@ -54,14 +55,17 @@ def host_buffer(numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
 
 
 class HostGradSink:
-    """Accumulates device gradient pieces into a host fp32 shard with asynchronous device-to-host copies."""
+    """Accumulates reduced gradient pieces into a gradient shard, keeping its squared norm (``norm``; [Note: the
+    norm where gradients land]); a shard on the host of device pieces gets them by asynchronous device-to-host
+    copies."""
 
     def __init__(self, shard: torch.Tensor, device: torch.device) -> None:
-        self.shard = shard  # 1D [n] fp32 or bf16 (grad_dtype) on the host: the gradient shard the update reads
+        self.shard = shard  # 1D [n] fp32 or bf16 (grad_dtype): the gradient shard the update reads
         self.device = device
+        self.norm = ShardNorm(shard)
         self._staging: Optional[torch.Tensor] = None
         self._stream = None
-        if device.type == "cuda":
+        if device.type == "cuda" and shard.device.type == "cpu":
             self._staging = host_buffer(shard.numel(), shard.dtype, pin=True)
             self._stream = torch.cuda.Stream(device)
         self._pending: list[tuple[int, int, float]] = []
@@ -70,7 +74,7 @@ class HostGradSink:
         """shard[start : start + len(piece)] += alpha * piece, possibly after the copy lands."""
         n = piece.numel()
         if self._stream is None:
-            self.shard.narrow(0, start, n).add_(piece.to(self.shard.device), alpha=alpha)
+            self.norm.land(start, piece, alpha)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
@@ -88,7 +92,7 @@ class HostGradSink:
             return
         self._stream.synchronize()
         for start, n, alpha in self._pending:
-            self.shard.narrow(0, start, n).add_(self._staging.narrow(0, start, n), alpha=alpha)
+            self.norm.land(start, self._staging.narrow(0, start, n), alpha)
         self._pending.clear()
 
 

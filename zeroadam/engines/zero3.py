@@ -25,6 +25,7 @@ from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, TensorStep,
 from zeroadam.engines.offload import HostParamCopies
 from zeroadam.engines.state_view import LocalState
 from zeroadam.update.contract import Run, StepScalars
+from zeroadam.engines.grad_norm import shards_sq_sum
 from zeroadam.update.dispatch import fused_update, grads_sq_sum
 from zeroadam.options import GroupHyper, grad_dtype_for
 from zeroadam.engines.release import SECOND_BACKWARD, Release
@@ -221,10 +222,12 @@ class Zero3Engine(Engine):
 
     def local_grad_sq_sum(self) -> torch.Tensor:
         self._average_replicas()
-        grads = [f.grad_shard for f in self.flats if f.grad_shard is not None]
-        if not grads:
+        # Taken as each unit's reduction landed; a pass over a shard written otherwise since (GradScaler's
+        # unscale, a mesh's replica average): [Note: the norm where gradients land].
+        total = shards_sq_sum([(f.grad_shard, f.grad_norm()) for f in self.flats if f.grad_shard is not None])
+        if total is None:
             return torch.zeros((), dtype=torch.float32, device=self.flats[0].shard.device)
-        return grads_sq_sum(grads)
+        return total
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.sharded.stats)
@@ -289,6 +292,7 @@ class Zero3Engine(Engine):
         for f in self.flats:
             if f.grad_shard is not None:
                 f.grad_shard.zero_()
+                f.grad_norm().reset()  # type: ignore[union-attr]
 
     def _end_step(self) -> None:
         self._clear_grads()

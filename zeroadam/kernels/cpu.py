@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -39,7 +40,7 @@ from zeroadam.formats.table import expected
 from zeroadam.kernels import build
 from zeroadam.update.contract import Run, StepScalars, coefficients, update_torch
 
-__all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled"]
+__all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled", "add_sq_sum_compiled"]
 
 # The enums Dtype, MomentsFormat and MasterKind of adamw.cpp.
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -88,6 +89,9 @@ class Kernel(NamedTuple):
     """(run, coefficients) -> 0, or 1 for a combination of formats it has no code for."""
     sq_sum: Callable[[int, int, int, int], float]
     """(data pointer, numel, dtype code, threads) -> the sum of squares in fp64; inf or nan if any value is."""
+    add_sq_sum: Callable[[int, int, Optional[int], int, float, int, int], float]
+    """(dst, dst dtype, src or None, src dtype, alpha, numel, threads) -> dst += alpha * src (dst *= alpha without
+    src), then the sum of squares of dst in fp64."""
 
 
 _STRUCTS = {"ZaRun": _RunArgs, "ZaCoefficients": _Coefficients}
@@ -107,9 +111,14 @@ def _build() -> Kernel:
     sq_sum = lib.zeroadam_sq_sum
     sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     sq_sum.restype = ctypes.c_double
+    add_sq_sum = lib.zeroadam_add_sq_sum
+    add_sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_double,
+                           ctypes.c_int64, ctypes.c_int32]
+    add_sq_sum.restype = ctypes.c_double
     return Kernel(
         step=lambda run, coefficients: step(ctypes.byref(run), ctypes.byref(coefficients)),
         sq_sum=sq_sum,
+        add_sq_sum=add_sq_sum,
     )
 
 
@@ -219,6 +228,40 @@ def sq_sum_compiled(t: torch.Tensor) -> Optional[float]:
     if t.numel() == 0:
         return 0.0
     return kernel.sq_sum(t.data_ptr(), t.numel(), _DTYPE_CODE[t.dtype], torch.get_num_threads())
+
+
+def add_sq_sum_compiled(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: float) -> Optional[float]:
+    """``dst.add_(src, alpha=alpha)`` (``dst.mul_(alpha)`` when src is None) and the sum of squares of the result in
+    fp64, in one pass over memory (see [Note: landing a gradient with its norm] in adamw.cpp); None, with dst
+    untouched, when the kernel cannot take these tensors (the caller uses torch). dst: a dense fp32 or bf16 CPU
+    tensor; src: a dense CPU tensor of the same length, fp32, bf16 or fp16. Bumps dst's version counter like an
+    in-place torch op."""
+    kernel = compiled_kernel()
+    if (
+        kernel is None
+        or dst.device.type != "cpu"
+        or dst.dtype not in (torch.float32, torch.bfloat16)
+        or not dst.is_contiguous()
+        or (src is not None and (src.device.type != "cpu" or src.dtype not in _DTYPE_CODE or not src.is_contiguous()
+                                 or src.numel() != dst.numel()))
+        # bf16 into bf16: torch's arithmetic for an alpha that is not a power of two is not fp32's (it differs in the
+        # last bf16 bit for ~1% of elements at alpha = 1/3); those take torch's add_ and a pass of their own.
+        or (src is not None and src.dtype == dst.dtype == torch.bfloat16 and math.frexp(alpha)[0] != 0.5)
+    ):
+        return None
+    if dst.numel() == 0:
+        return 0.0
+    total = kernel.add_sq_sum(
+        dst.data_ptr(),
+        _DTYPE_CODE[dst.dtype],
+        None if src is None else src.data_ptr(),
+        0 if src is None else _DTYPE_CODE[src.dtype],
+        float(alpha),
+        dst.numel(),
+        torch.get_num_threads(),
+    )
+    torch.autograd.graph.increment_version(dst)
+    return total
 
 
 def update_fused_fp32(run: Run, sc: StepScalars) -> None:

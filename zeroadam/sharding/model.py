@@ -62,6 +62,7 @@ from zeroadam.comm.collectives import CommStats, Group, all_gather_into, broadca
 from zeroadam.comm.mesh import Topology, resolve_topology
 from zeroadam.comm.quantized import quantized_all_gather, quantized_reduce_scatter
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
+from zeroadam.engines.grad_norm import ShardNorm
 from zeroadam.engines.offload import HostGradSink, host_buffer
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH
@@ -115,6 +116,19 @@ class UnitFlat:
     filled: int = 0
     offloaded: bool = False  # shard and grad_shard live on the host: see [Note: parameter offload]
     grad_sink: Optional[HostGradSink] = None  # moves reduced gradient shards to the host (offloaded only)
+    # grad_shard's squared norm, taken as its reductions land ([Note: the norm where gradients land]); the sink's
+    # when offloaded.
+    _grad_norm: Optional[ShardNorm] = None
+
+    def grad_norm(self) -> Optional[ShardNorm]:
+        """The norm tracker of the current ``grad_shard`` (None without one)."""
+        if self.grad_sink is not None:
+            return self.grad_sink.norm
+        if self.grad_shard is None:
+            return None
+        if self._grad_norm is None or self._grad_norm.shard is not self.grad_shard:
+            self._grad_norm = ShardNorm(self.grad_shard, exact=False)  # a shard it has not seen land
+        return self._grad_norm
 
     @property
     def device(self) -> torch.device:
@@ -441,13 +455,10 @@ class ShardedModel:
             else:
                 out.copy_(f.grad_full)
             alpha = 1.0 / self.group.world
-            if direct:
-                if alpha != 1.0:
-                    out.mul_(alpha)
-            elif f.grad_sink is not None:
+            if f.grad_sink is not None:
                 f.grad_sink.add(0, out, alpha)
-            else:
-                f.grad_shard.add_(out, alpha=alpha)
+            else:  # the average lands in the shard with its squared norm (whole-shard landings: always exact)
+                f.grad_norm().land(0, None if direct else out, alpha)  # type: ignore[union-attr]
             self._note_grad_bytes(0 if direct else out.numel() * out.element_size())
             f.grad_full = None
             self.grad_live_bytes -= f.layout.total * f.grad_dtype.itemsize

@@ -15,7 +15,9 @@ import torch
 from zeroadam import _compat
 from zeroadam.update.contract import Backend, Run, StepScalars, update_torch
 
-__all__ = ["fused_update", "fused_updates", "backend_for", "grad_sq_sum", "foreach_sq_sum", "grads_sq_sum"]
+__all__ = [
+    "fused_update", "fused_updates", "backend_for", "grad_sq_sum", "foreach_sq_sum", "grads_sq_sum", "land_sq_sum"
+]
 
 
 def backend_for(run: Run, prefer: Optional[str] = None) -> tuple[str, Backend]:
@@ -109,3 +111,21 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     for gs in by_device.values():
         total += foreach_sq_sum(gs).to(device=dev, dtype=total.dtype)
     return total + host
+
+
+def land_sq_sum(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: float) -> "float | torch.Tensor":
+    """``dst.add_(src, alpha=alpha)`` (``dst.mul_(alpha)`` when src is None), then the sum of squares of ``dst``: a
+    reduced gradient landing in its shard (see [Note: the norm where gradients land] in ``engines/grad_norm.py``).
+    A CPU ``dst`` is written and summed in one pass by the compiled kernel (a float, fp64); otherwise torch adds
+    and ``grads_sq_sum`` reduces (a tensor on ``dst``'s device; on an accelerator no host sync)."""
+    if dst.device.type == "cpu":
+        from zeroadam.kernels.cpu import add_sq_sum_compiled
+
+        s = add_sq_sum_compiled(dst, src if src is None else src.to(dst.device), alpha)
+        if s is not None:
+            return s
+    if src is not None:
+        dst.add_(src.to(dst.device), alpha=alpha)
+    elif alpha != 1.0:
+        dst.mul_(alpha)
+    return grads_sq_sum([dst])
