@@ -282,3 +282,24 @@ def test_offload_state_mapping_stays_on_the_host_when_moved_to_the_gpu() -> None
             assert v.device.type == "cpu" and (k == "step" or v.is_pinned())
     opt.step()
     assert all(float(st["step"]) == 2 for st in opt.state.values())
+
+
+def test_gradient_norm_on_cuda_is_the_fp64_sum_in_two_launches() -> None:
+    """grads_sq_sum on CUDA gradients takes the multi-tensor Triton kernel (fp64, one launch per dtype plus one
+    sum) and equals the per-tensor fp64 sum; non-finite values reach it; values whose fp32 squares overflow do not
+    make it inf."""
+    from zeroadam.update.dispatch import grads_sq_sum
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(17 + 999 * i, generator=gen).cuda() for i in range(200)]
+    want = sum(float(g.double().square().sum()) for g in grads)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = grads_sq_sum(grads)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name]
+    assert len(kernels) <= 2, [e.name for e in kernels]
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(want, rel=1e-12)
+    assert float(grads_sq_sum([torch.full((300,), 3.0e38, device="cuda")])) == pytest.approx(300 * 9e76, rel=1e-6)
+    grads[150][7] = float("inf")
+    assert not torch.isfinite(grads_sq_sum(grads))

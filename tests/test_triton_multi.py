@@ -28,7 +28,7 @@ from zeroadam.engines import local  # noqa: E402
 from zeroadam.formats.state import Master, Moments  # noqa: E402
 from zeroadam.options import GroupHyper  # noqa: E402
 from zeroadam.update.contract import Run, StepScalars  # noqa: E402
-from zeroadam.update.dispatch import foreach_sq_sum  # noqa: E402
+from zeroadam.update.dispatch import accelerator_sq_sum, foreach_sq_sum  # noqa: E402
 from zeroadam.triton_kernels import adamw, adamw_multi  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -201,3 +201,32 @@ def test_norm_prepass_in_a_constant_number_of_ops() -> None:
     assert torch.isinf(foreach_sq_sum(grads))
     grads[50][0] = float("nan")
     assert torch.isnan(foreach_sq_sum(grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_prepass_in_two_launches(dtype: torch.dtype, launches: list[int]) -> None:
+    """The CUDA pre-pass (sq_sum_triton): 200 gradients of one dtype in one kernel launch plus one torch.sum over
+    its per-program partials, fp64, the same bits every call; the per-tensor sum of squares; non-finite values and
+    values whose fp32 squares overflow."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [(torch.randn(17 + 40 * i, generator=gen) * 10.0 ** (i % 5 - 2)).to(dtype) for i in range(200)]
+    grads.insert(7, torch.zeros(0, dtype=dtype))
+    with _CountOps() as mode:
+        got = accelerator_sq_sum(grads, prefer="triton")
+    assert launches[0] == 1, launches[0]
+    # torch ops besides the interpreter's own buffer handling (empty / set_ / copies): the one sum
+    compute = [op for op in mode.ops if any(k in op for k in ("sum", "norm", "dot", "mul", "pow", "add", "stack", "cat"))]
+    assert compute == ["aten.sum.default"], compute
+    want = sum(float(g.double().square().sum()) for g in grads)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(want, rel=1e-12)
+    assert torch.equal(accelerator_sq_sum(grads, prefer="triton"), got)
+    mixed = grads[:50] + [g.float() for g in grads[50:]]
+    assert float(accelerator_sq_sum(mixed, prefer="triton")) == pytest.approx(
+        sum(float(g.double().square().sum()) for g in mixed), rel=1e-12)
+    if dtype == torch.float32:
+        big = [torch.full((300,), 3.0e38)]
+        assert float(accelerator_sq_sum(big, prefer="triton")) == pytest.approx(300 * 9e76, rel=1e-6)
+    grads[100][3] = float("nan")
+    assert not torch.isfinite(accelerator_sq_sum(grads, prefer="triton"))
+    grads[100][3] = float("inf")
+    assert not torch.isfinite(accelerator_sq_sum(grads, prefer="triton"))

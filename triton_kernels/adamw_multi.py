@@ -30,7 +30,7 @@ tl = _compat.require("triton.language", "the Triton AdamW kernels")
 from . import _launch  # noqa: E402
 from .adamw import _NO_SPECIALIZE, _bf16_tile, _fp32_tile, _int8_tile, check_run  # noqa: E402
 
-__all__ = ["update_triton_runs"]
+__all__ = ["update_triton_runs", "sq_sum_triton"]
 
 # [Note: the run table] columns.
 _COLUMNS = (
@@ -44,8 +44,9 @@ _NO_SPECIALIZE_MULTI = ["runs", *_NO_SPECIALIZE]
 
 # ---------------------------------------------------------------------------------------------- table lookups
 @triton.jit
-def _find_run(table, runs, SEARCH_STEPS: tl.constexpr):
-    """(row pointer, program's tile number within its run): the last run whose first program is <= this one."""
+def _find_run(table, runs, SEARCH_STEPS: tl.constexpr, STRIDE: tl.constexpr):
+    """(row pointer, program's tile number within its run): the last run whose first program is <= this one, in
+    a table of int64 rows of STRIDE columns whose first column is the run's first program."""
     pid = tl.program_id(0)
     lo = pid * 0
     hi = lo + runs
@@ -53,10 +54,10 @@ def _find_run(table, runs, SEARCH_STEPS: tl.constexpr):
     # log2(runs) halvings leave hi == lo + 1; further steps change nothing.
     for _ in tl.static_range(SEARCH_STEPS):
         mid = (lo + hi) // 2
-        go = tl.load(table + mid.to(tl.int64) * _STRIDE) <= pid
+        go = tl.load(table + mid.to(tl.int64) * STRIDE) <= pid
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid)
-    row = table + lo.to(tl.int64) * _STRIDE
+    row = table + lo.to(tl.int64) * STRIDE
     return row, pid - tl.load(row)
 
 
@@ -85,7 +86,7 @@ def _multi_fp32_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):  # fmt: skip
-    row, tile = _find_run(table, runs, SEARCH_STEPS)
+    row, tile = _find_run(table, runs, SEARCH_STEPS, _STRIDE)
     n = tl.load(row + 1)
     param_ptr = _ptr(row, 3, P_DTYPE)
     offs = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
@@ -103,7 +104,7 @@ def _multi_bf16_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):  # fmt: skip
-    row, tile = _find_run(table, runs, SEARCH_STEPS)
+    row, tile = _find_run(table, runs, SEARCH_STEPS, _STRIDE)
     n = tl.load(row + 1)
     param_ptr = _ptr(row, 3, P_DTYPE)
     offs = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
@@ -121,7 +122,7 @@ def _multi_int8_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):  # fmt: skip
-    row, tile = _find_run(table, runs, SEARCH_STEPS)
+    row, tile = _find_run(table, runs, SEARCH_STEPS, _STRIDE)
     param_ptr = _ptr(row, 3, P_DTYPE)
     _int8_tile(
         param_ptr, _ptr(row, 4, G_DTYPE), _master_ptr(row, param_ptr, MASTER), _ptr(row, 6, tl.int8),
@@ -131,7 +132,56 @@ def _multi_int8_kernel(
     )  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["runs"])
+def _multi_sq_sum_kernel(table, runs, partials, G_DTYPE: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """partials[program] = the fp64 sum of squares of the program's tile of its tensor (rows: first program,
+    numel, address)."""
+    row, tile = _find_run(table, runs, SEARCH_STEPS, 3)
+    offs = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+    g = tl.load(_ptr(row, 2, G_DTYPE) + offs, mask=offs < tl.load(row + 1), other=0.0).to(tl.float64)
+    tl.store(partials + tl.program_id(0), tl.sum(g * g, axis=0))
+
+
 # ---------------------------------------------------------------------------------------------- launcher
+def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    # Pinned and non-blocking: no host sync; the caching host allocator keeps the buffer until the copy is done.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def sq_sum_triton(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of dense tensors on one device, in fp64 (no finite square overflows: fp32 squares of
+    values over 1.8e19 would), as a 0-dim tensor there: one launch per gradient dtype writes a partial sum per
+    program (a fixed order: the same bits every call, unlike atomics), and one ``torch.sum`` adds them. 200 tensors
+    of one dtype: 2 launches, where a norm per tensor costs 200 and their sum as many more."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        if g.numel():
+            by_dtype.setdefault(g.dtype, []).append(g)
+    device = grads[0].device
+    if not by_dtype:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    parts = []
+    for dtype, gs in by_dtype.items():
+        tile = _launch.elementwise_tile(max(g.numel() for g in gs))
+        values: list[int] = []
+        first = 0
+        for g in gs:
+            values += [first, g.numel(), g.data_ptr()]
+            first += triton.cdiv(g.numel(), tile.size)
+        partials = torch.empty(first, dtype=torch.float64, device=device)  # no launch: every entry is written
+        with torch.cuda.device_of(gs[0]):
+            _multi_sq_sum_kernel[(first,)](
+                _device_table(values, device), len(gs), partials,
+                G_DTYPE=_TL_DTYPE[dtype], TILE=tile.size, SEARCH_STEPS=len(gs).bit_length(),
+                **_launch.launch_options(tile),
+            )  # fmt: skip
+        parts.append(partials)
+    return torch.sum(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
 def _address(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -148,12 +198,7 @@ def _table(runs: Sequence[tuple[Run, Optional[torch.Tensor]]], programs: Sequenc
             _address(mom.exp_avg_sq_scale),
         ]  # fmt: skip
         first += count
-    host = torch.tensor(values, dtype=torch.int64)
-    device = runs[0][0].param.device
-    if device.type == "cpu":
-        return host, first
-    # Pinned and non-blocking: no host sync; the caching host allocator keeps the buffer until the copy is done.
-    return host.pin_memory().to(device, non_blocking=True), first
+    return _device_table(values, runs[0][0].param.device), first
 
 
 def _launch_group(members: list[tuple[Run, Optional[torch.Tensor]]], sc: StepScalars) -> None:

@@ -16,7 +16,8 @@ from zeroadam import _compat
 from zeroadam.update.contract import Backend, Run, StepScalars, update_torch
 
 __all__ = [
-    "fused_update", "fused_updates", "backend_for", "grad_sq_sum", "foreach_sq_sum", "grads_sq_sum", "land_sq_sum"
+    "fused_update", "fused_updates", "backend_for", "grad_sq_sum", "foreach_sq_sum", "accelerator_sq_sum",
+    "grads_sq_sum", "land_sq_sum",
 ]
 
 
@@ -83,6 +84,19 @@ def foreach_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.dot(norms, norms)
 
 
+def accelerator_sq_sum(grads: Sequence[torch.Tensor], prefer: Optional[str] = None) -> torch.Tensor:
+    """Sum of squares of gradients on one device: on CUDA with Triton (or ``prefer="triton"`` under
+    TRITON_INTERPRET, as the tests run it) the multi-tensor kernel, fp64, two launches for one gradient dtype
+    (``zeroadam.triton_kernels.adamw_multi.sq_sum_triton``); otherwise ``foreach_sq_sum``, fp32, three ops."""
+    dev = grads[0].device
+    triton_here = (dev.type == "cuda" and prefer in (None, "triton")) or (prefer == "triton" and _compat.triton_interpret())
+    if triton_here and _compat.has_triton() and all(g.is_contiguous() for g in grads):
+        from zeroadam.triton_kernels.adamw_multi import sq_sum_triton
+
+        return sq_sum_triton(grads)
+    return foreach_sq_sum(grads)
+
+
 def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of squares of every gradient, on the first one's device: the pre-pass that finds non-finite
     gradients (and the norm to clip by) before anything is written.
@@ -95,11 +109,13 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
     dev = grads[0].device
     if dev.type != "cpu" and all(g.device == dev for g in grads):
-        return foreach_sq_sum(grads)  # the usual accelerator case: nothing else to launch
+        return accelerator_sq_sum(grads)  # the usual accelerator case: nothing else to launch
     total = torch.zeros((), dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
     host = 0.0
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for g in grads:
+    # Last to first, each read back to front by the kernel: the update that follows starts with the first
+    # gradient's first elements, the last ones read here, still in cache.
+    for g in reversed(grads):
         if g.device.type != "cpu":
             by_device.setdefault(g.device, []).append(g)
             continue
@@ -109,7 +125,7 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         else:
             host += s
     for gs in by_device.values():
-        total += foreach_sq_sum(gs).to(device=dev, dtype=total.dtype)
+        total += accelerator_sq_sum(gs).to(device=dev, dtype=total.dtype)
     return total + host
 
 
