@@ -150,6 +150,25 @@ class Pending:
             ) from e
 
 
+class _Works:
+    """Several async works, waited as one."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def wait(self, timeout: Optional[datetime.timedelta] = None) -> None:
+        for w in self.works:
+            if timeout is None:
+                w.wait()
+            else:
+                w.wait(timeout)
+
+
+def _gloo_host(group: Group, t: torch.Tensor) -> bool:
+    """Whether gloo moves this host tensor (a "cpu:gloo,cuda:nccl" group's CPU tensors too)."""
+    return t.device.type == "cpu" and "gloo" in str(dist.get_backend(group.pg))
+
+
 def reduce_scatter_avg(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
     """out = mean over ranks of this rank's chunk of ``full`` (synchronous)."""
     reduce_scatter_sum(group, out, full, stats)
@@ -157,8 +176,23 @@ def reduce_scatter_avg(group: Group, out: torch.Tensor, full: torch.Tensor, stat
 
 
 def reduce_scatter_sum(group: Group, out: torch.Tensor, full: torch.Tensor, stats: CommStats) -> None:
-    """out = sum over ranks of this rank's chunk of ``full`` (synchronous)."""
+    """out = sum over ranks of this rank's chunk of ``full`` (synchronous). ``full`` is scratch: on gloo its
+    contents are undefined afterwards.
+
+    On gloo, one reduce per rank to the owner of each chunk, in place, then the own chunk copied out: gloo's
+    reduce-scatter allocates fresh buffers of the full size (80 MB on 2 ranks: 192-210 ms and 19.5K page faults,
+    against 128-182 ms and none; the same pattern as ``all_gather_into``)."""
     stats.add("reduce_scatter", full)
+    if group.world > 1 and _gloo_host(group, full):
+        n = out.numel()
+        works = [
+            dist.reduce(full.narrow(0, k * n, n), dst=group.global_rank(k), op=dist.ReduceOp.SUM, group=group.pg,
+                        async_op=True)
+            for k in range(group.world)
+        ]  # fmt: skip
+        Pending(_Works(works), group, "gradient reduce-scatter").wait()
+        out.copy_(full.narrow(0, group.rank * n, n))
+        return
     work = reduce_scatter_single(out, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
     Pending(work, group, "gradient reduce-scatter").wait()
 
@@ -172,9 +206,23 @@ def reduce_to(group: Group, piece: torch.Tensor, dst: int, stats: CommStats) -> 
 
 def all_gather_into(group: Group, full: torch.Tensor, shard: torch.Tensor, stats: Optional[CommStats]) -> Pending:
     """Async all-gather of equal shards into ``full``. ``stats`` None: not counted (a gather outside the step, for a
-    state dict)."""
+    state dict).
+
+    On gloo, one broadcast per rank from its part of ``full``, in place: gloo's all-gather into a tensor allocates
+    a fresh flat output of the full size and copies out of it, and on a CPU those fresh pages are zeroed by the
+    kernel at first touch: 80 MB (20M fp32) on 2 ranks, 114 ms and 19.5K page faults against 34 ms and none."""
     if stats is not None:
         stats.add("all_gather", full)
+    if group.world > 1 and _gloo_host(group, full):
+        n = shard.numel()
+        mine = full.narrow(0, group.rank * n, n)
+        if mine.data_ptr() != shard.data_ptr():
+            mine.copy_(shard)
+        works = [
+            dist.broadcast(full.narrow(0, k * n, n), src=group.global_rank(k), group=group.pg, async_op=True)
+            for k in range(group.world)
+        ]
+        return Pending(_Works(works), group, "parameter all-gather")
     return Pending(all_gather_single(full, shard, group=group.pg, async_op=True), group, "parameter all-gather")
 
 

@@ -27,7 +27,7 @@ from zeroadam.layout import Slot
 if TYPE_CHECKING:  # pragma: no cover
     from zeroadam.engines.flat import FlatSpace
 
-__all__ = ["Bucket", "GradBuckets"]
+__all__ = ["Bucket", "GradBuckets", "HostBuffers"]
 
 
 @dataclass(eq=False)
@@ -40,15 +40,71 @@ class Bucket:
     filled: int = 0
     handles: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (work, rank, start, end)
     updated: bool = False  # release_grads: updated by a backward since the last step
+    taken: set[int] = field(default_factory=set)  # indices of the members whose gradient is in the buffer
+    raw: Optional[torch.Tensor] = None  # the pooled bytes behind a CPU buffer (see HostBuffers)
 
     @property
     def numel(self) -> int:
         return self.hi - self.lo
 
-    def ensure_buffer(self) -> torch.Tensor:
+    def gaps(self) -> list[tuple[int, int]]:
+        """Buffer ranges that no member's gradient covers (padding between tensors)."""
+        out, at = [], 0
+        for _, slot in sorted(self.members, key=lambda m: m[1].start):
+            if slot.start - self.lo > at:
+                out.append((at, slot.start - self.lo))
+            at = max(at, slot.end - self.lo)
+        if at < self.numel:
+            out.append((at, self.numel))
+        return out
+
+    def ensure_buffer(self, pool: "HostBuffers") -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.zeros(self.numel, dtype=self.space.grad_dtype, device=self.space.flat.device)
+            if self.space.flat.device.type == "cpu":
+                self.raw = pool.take(self.numel * self.space.grad_dtype.itemsize)
+                self.buffer = self.raw.view(self.space.grad_dtype)
+                for a, b in self.gaps():
+                    self.buffer.narrow(0, a, b - a).zero_()
+            else:  # the caching allocator pools device memory, and knows the streams that still read a buffer
+                self.buffer = torch.zeros(self.numel, dtype=self.space.grad_dtype, device=self.space.flat.device)
         return self.buffer
+
+    def zero_missing(self) -> None:
+        """Zeros in the slots of members that got no gradient (an incomplete bucket launched at the end of a pass)."""
+        for i, (_, slot) in enumerate(self.members):
+            if i not in self.taken:
+                self.buffer.narrow(0, slot.start - self.lo, slot.numel).zero_()  # type: ignore[union-attr]
+
+    def free(self, pool: "HostBuffers") -> None:
+        if self.raw is not None:
+            pool.give(self.raw)
+        self.buffer = self.raw = None
+        self.filled = 0
+        self.taken.clear()
+
+
+class HostBuffers:
+    """Bytes for the buckets of CPU gradients, kept from one bucket to the next and between steps. A fresh CPU
+    allocation of a bucket's size is backed by pages the kernel zeroes at first touch: on 2 gloo ranks, a 20M-
+    parameter GPT at stage 2 spent 212 ms of system time per iteration against DDP's 87 (DDP keeps its buckets).
+    At most as many buffers as buckets were alive at once (about two) are kept."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []  # 1D uint8
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+        if not fits:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        best = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        return best.narrow(0, 0, nbytes)
+
+    def give(self, raw: torch.Tensor) -> None:
+        base = raw._base if raw._base is not None else raw
+        self.free.append(base)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.free)
 
 
 class GradBuckets:
@@ -71,6 +127,7 @@ class GradBuckets:
         self.on_reduced: Optional[Callable[["Bucket", list[tuple[int, int, torch.Tensor]]], None]] = None
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
+        self._member_index: dict[torch.Tensor, int] = {}  # a parameter's index in its bucket's members
         # Backward visits parameters roughly in reverse order of definition: fill each space's buckets from the
         # end, then launch them in the order they are expected to complete, judged by the earliest-defined member
         # (its relative position in its param group), so that a space of small tensors spread over the whole
@@ -89,6 +146,7 @@ class GradBuckets:
                 self._add(space, current)
         self.buckets.sort(key=lambda b: -min(position[p] for p, _ in b.members))
         self.peak_live_bytes = 0  # most bytes of bucket buffers alive at once (full gradients held)
+        self.pool = HostBuffers()
         self._next = 0  # index of the next bucket to launch in this pass
         self._in_pass = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.bucket_of]
@@ -98,8 +156,9 @@ class GradBuckets:
         hi = max(s.end for _, s in members)
         b = Bucket(space, lo, hi, members)
         self.buckets.append(b)
-        for p, s in members:
+        for i, (p, s) in enumerate(members):
             self.bucket_of[p] = (b, s)
+            self._member_index[p] = i
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -122,18 +181,21 @@ class GradBuckets:
         refuse_sparse_grad(p)
         self._in_pass = True
         b, slot = self.bucket_of[p]
-        buf = b.ensure_buffer()
+        buf = b.ensure_buffer(self.pool)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes())
         buf.narrow(0, slot.start - b.lo, slot.numel).copy_(p.grad.detach().reshape(-1))
         p.grad = None
         b.filled += 1
+        b.taken.add(self._member_index[p])
         while self._next < len(self.buckets) and self.buckets[self._next].filled == len(self.buckets[self._next].members):
             self._launch(self._next)
 
     def _launch(self, i: int) -> None:
         b = self.buckets[i]
-        buf = b.ensure_buffer()
+        buf = b.ensure_buffer(self.pool)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes())  # end of a pass: zeros for the missing
+        if b.filled < len(b.members):
+            b.zero_missing()
         if self.quantized:
             self._reduce_quantized(b)
             self._next = i + 1
@@ -157,8 +219,7 @@ class GradBuckets:
         elif e > a:
             lo, _ = b.space.layout.shard_range(self.group.rank)
             b.space.sink.add(b.lo + a - lo, out, 1.0 / self.group.world)
-        b.buffer = None
-        b.filled = 0
+        b.free(self.pool)
 
     def _complete(self, b: Bucket) -> None:
         """Wait for a launched bucket, add this rank's pieces into its gradient shard, free the buffer."""
@@ -177,8 +238,7 @@ class GradBuckets:
         if self.on_reduced is not None:
             self.on_reduced(b, mine)
         b.handles.clear()
-        b.buffer = None
-        b.filled = 0
+        b.free(self.pool)
 
     def finish_pass(self) -> None:
         """End of a backward pass: launch what is left (zeros for missing gradients), in order, and drain."""
