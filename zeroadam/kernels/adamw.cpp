@@ -506,15 +506,13 @@ inline V4f load4<BF16>(const uint16_t* p) {
 }
 
 
-// Sum of squares of x[0, n) in fp64; ``ahead`` is the prefetch distance in elements (negative when the caller walks
-// memory backwards, span by span).
 template <class F>
-double span_sq_sum(const typename F::T* __restrict__ x, int64_t n, int64_t ahead = 4096) {
-  constexpr int64_t kStep = 16;
+double span_sq_sum(const typename F::T* __restrict__ x, int64_t n) {
+  constexpr int64_t kAhead = 4096, kStep = 16;
   V4d acc[4] = {};
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
-    __builtin_prefetch(x + i + ahead, 0, 0);
+    __builtin_prefetch(x + i + kAhead, 0, 0);
     for (int k = 0; k < 4; ++k) {
       const V4d d = __builtin_convertvector(load4<F>(x + i + 4 * k), V4d);
       acc[k] += d * d;
@@ -533,11 +531,12 @@ double span_sq_sum(const typename F::T* __restrict__ x, int64_t n, int64_t ahead
 // was slower (20M fp16 on one Zen 4 core: 12-15 ms against 6.4-7.5 ms with -march=native or x86-64-v3, with or
 // without F16C's vcvtph2ps; about equal with SSE2).
 template <>
-double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n, int64_t ahead) {
+double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n) {
+  constexpr int64_t kAhead = 4096;
   double acc[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __builtin_prefetch(x + i + ahead, 0, 0);
+    __builtin_prefetch(x + i + kAhead, 0, 0);
     for (int j = 0; j < 16; ++j) {
       const double d = FP16::load(x[i + j]);
       acc[j] += d * d;
@@ -553,23 +552,6 @@ double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n, int64_t ahea
   return total;
 }
 
-// A thread's part read from its end back to its start, in spans of kBackSpan elements: the update that follows
-// reads each part from its start (zeroadam_update's static schedule gives thread t the same part), so the last
-// spans read here — the first it needs — are still in cache. 20M fp32 on 2 Zen 4 cores (32 MiB L3): pre-pass +
-// update 11.1 ms front to back, see benchmarks/step_speed.py for the figure back to front.
-constexpr int64_t kBackSpan = 16 * 1024;
-
-template <class F>
-double span_sq_sum_backward(const typename F::T* x, int64_t n) {
-  double total = 0;
-  for (int64_t hi = n; hi > 0; hi -= kBackSpan) {
-    const int64_t lo = std::max<int64_t>(hi - kBackSpan, 0);
-    // Prefetch the same offset one span down (x + lo - kBackSpan + i): the next span this loop reads.
-    total += span_sq_sum<F>(x + lo, hi - lo, -kBackSpan);
-  }
-  return total;
-}
-
 // Threads take contiguous parts and add their partials in thread order: the same sum on every call.
 template <class F>
 double sq_sum(const void* data, int64_t n, int32_t threads) {
@@ -580,7 +562,7 @@ double sq_sum(const void* data, int64_t n, int32_t threads) {
   #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
   for (int32_t t = 0; t < parts; ++t) {
     const int64_t lo = nblocks * t / parts * kBlock, hi = std::min(nblocks * (t + 1) / parts * kBlock, n);
-    partial[t] = span_sq_sum_backward<F>(x + lo, hi - lo);
+    partial[t] = span_sq_sum<F>(x + lo, hi - lo);
   }
   double total = 0;
   for (int32_t t = 0; t < parts; ++t) total += partial[t];
@@ -603,41 +585,46 @@ inline float axpy(float alpha, float s, float d) {
 }
 
 template <class D>
-inline float store_rounded(typename D::T* p, float v);
+inline void store_as(typename D::T* p, float v);
 template <>
-inline float store_rounded<F32>(float* p, float v) { *p = v; return v; }
+inline void store_as<F32>(float* p, float v) { *p = v; }
 template <>
-inline float store_rounded<BF16>(uint16_t* p, float v) {
-  const uint32_t b = BF16::round(v);
-  *p = uint16_t(b);
-  return BF16::load(b);
+inline void store_as<BF16>(uint16_t* p, float v) { *p = uint16_t(BF16::round(v)); }
+
+enum LandMode : int { kAdd = 0, kAxpy = 1, kScale = 2 };
+
+// One elementwise loop per mode, without a reduction in it, so that it vectorizes; the sum of squares is then read
+// back from the chunk just written (in L1) by span_sq_sum's explicit vector lanes: a double sum in the same loop
+// would be a serial chain the compiler may not reorder (objdump: scalar vaddsd / vfmadd213ss only).
+template <class D, class S, int kMode>
+void land_span(typename D::T* __restrict__ dst, const typename S::T* __restrict__ src, float alpha, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = D::load(dst[i]);
+    float v;
+    if constexpr (kMode == kAdd) {
+      v = d + S::load(src[i]);
+    } else if constexpr (kMode == kAxpy) {
+      v = axpy(alpha, S::load(src[i]), d);
+    } else {
+      v = d * alpha;
+    }
+    store_as<D>(dst + i, v);
+  }
 }
 
-template <class D, class S, bool kScaleOnly>
-double span_add_sq_sum(typename D::T* __restrict__ dst, const typename S::T* __restrict__ src, float alpha, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float d = D::load(dst[i + j]);
-      const float v = kScaleOnly ? d * alpha : (alpha == 1.0f ? d + S::load(src[i + j]) : axpy(alpha, S::load(src[i + j]), d));
-      const double w = store_rounded<D>(dst + i + j, v);
-      acc[j] += w * w;
-    }
-  }
+template <class D, class S, int kMode>
+double span_add_sq_sum(typename D::T* dst, const typename S::T* src, float alpha, int64_t n) {
+  constexpr int64_t kChunk = 1024;  // 4 KiB of fp32: written, then summed from L1
   double total = 0;
-  for (; i < n; ++i) {
-    const float d = D::load(dst[i]);
-    const float v = kScaleOnly ? d * alpha : (alpha == 1.0f ? d + S::load(src[i]) : axpy(alpha, S::load(src[i]), d));
-    const double w = store_rounded<D>(dst + i, v);
-    total += w * w;
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t len = std::min(kChunk, n - i);
+    land_span<D, S, kMode>(dst + i, kMode == kScale ? src : src + i, alpha, len);
+    total += span_sq_sum<D>(dst + i, len);
   }
-  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
   return total;
 }
 
-template <class D, class S, bool kScaleOnly>
+template <class D, class S, int kMode>
 double add_sq_sum(void* dst_data, const void* src_data, float alpha, int64_t n, int32_t threads) {
   auto* dst = static_cast<typename D::T*>(dst_data);
   const auto* src = static_cast<const typename S::T*>(src_data);
@@ -647,20 +634,26 @@ double add_sq_sum(void* dst_data, const void* src_data, float alpha, int64_t n, 
   #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
   for (int32_t t = 0; t < parts; ++t) {
     const int64_t lo = nblocks * t / parts * kBlock, hi = std::min(nblocks * (t + 1) / parts * kBlock, n);
-    partial[t] = span_add_sq_sum<D, S, kScaleOnly>(dst + lo, kScaleOnly ? src : src + lo, alpha, hi - lo);
+    partial[t] = span_add_sq_sum<D, S, kMode>(dst + lo, kMode == kScale ? src : src + lo, alpha, hi - lo);
   }
   double total = 0;
   for (int32_t t = 0; t < parts; ++t) total += partial[t];
   return total;
 }
 
+template <class D, class S>
+double add_sq_sum_mode(void* dst, const void* src, float alpha, int64_t n, int32_t threads) {
+  return alpha == 1.0f ? add_sq_sum<D, S, kAdd>(dst, src, alpha, n, threads)
+                       : add_sq_sum<D, S, kAxpy>(dst, src, alpha, n, threads);
+}
+
 template <class D>
 double add_sq_sum_from(void* dst, const void* src, int32_t src_dtype, float alpha, int64_t n, int32_t threads) {
-  if (src == nullptr) return add_sq_sum<D, D, true>(dst, src, alpha, n, threads);
+  if (src == nullptr) return add_sq_sum<D, D, kScale>(dst, src, alpha, n, threads);
   switch (src_dtype) {
-    case kF32: return add_sq_sum<D, F32, false>(dst, src, alpha, n, threads);
-    case kBF16: return add_sq_sum<D, BF16, false>(dst, src, alpha, n, threads);
-    case kF16: return add_sq_sum<D, FP16, false>(dst, src, alpha, n, threads);
+    case kF32: return add_sq_sum_mode<D, F32>(dst, src, alpha, n, threads);
+    case kBF16: return add_sq_sum_mode<D, BF16>(dst, src, alpha, n, threads);
+    case kF16: return add_sq_sum_mode<D, FP16>(dst, src, alpha, n, threads);
     default: return std::nan("");
   }
 }

@@ -113,9 +113,7 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
     host = 0.0
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    # Last to first, each read back to front by the kernel: the update that follows starts with the first
-    # gradient's first elements, the last ones read here, still in cache.
-    for g in reversed(grads):
+    for g in grads:
         if g.device.type != "cpu":
             by_device.setdefault(g.device, []).append(g)
             continue
