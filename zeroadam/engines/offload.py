@@ -19,7 +19,7 @@ from zeroadam import _compat
 from zeroadam.engines.grad_norm import ShardNorm
 from zeroadam.options import BLOCK_SIZE
 
-__all__ = ["HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "param_copies", "state_placement", "HOST_CHUNK"]
+__all__ = ["HostBuffers", "HostGradSink", "HostParamCopies", "host_buffer", "needs_host_copy", "param_copies", "state_placement", "HOST_CHUNK"]
 
 # Elements per parameter chunk moved between device and host around the CPU update: 32 MB of fp32, ~1.3 ms over
 # PCIe 4 x16, enough to amortize a copy's launch and small enough that the first chunk's update starts early. A
@@ -52,6 +52,36 @@ def needs_host_copy(device: torch.device) -> bool:
 def host_buffer(numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
     """A zeroed host buffer, pinned when asked and possible (pinning needs a CUDA runtime)."""
     return torch.zeros(numel, dtype=dtype, pin_memory=pin and _compat.pin_memory_available())
+
+
+class HostBuffers:
+    """Bytes for gradient buffers of CPU tensors (stage-2 buckets, stage-3 units' full gradients), kept from one
+    use to the next and between steps. A fresh CPU allocation of a bucket's size is backed by pages the kernel
+    zeroes at first touch: on 2 gloo ranks, a 20M-parameter GPT at stage 2 spent 212 ms of system time per
+    iteration against DDP's 87 (DDP keeps its buckets). At most as many buffers as were alive at once are kept
+    (about two). A device's caching allocator already does this, and knows the streams still reading a buffer."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []  # 1D uint8
+        self._lent: dict[int, torch.Tensor] = {}  # data pointer of a buffer given out -> its whole bytes
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """At least ``nbytes`` bytes (uninitialized) as a 1D uint8 tensor: the smallest free buffer that fits, or a
+        new one."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)  # nothing to keep (and no distinct data pointer to track)
+        fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+        base = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else torch.empty(nbytes, dtype=torch.uint8)
+        self._lent[base.data_ptr()] = base
+        return base.narrow(0, 0, nbytes)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return a buffer ``take`` gave (or any view of it that starts where it starts, a dtype view for one)."""
+        if buf.numel() > 0:
+            self.free.append(self._lent.pop(buf.data_ptr()))
+
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.free)
 
 
 class HostGradSink:

@@ -63,7 +63,7 @@ from zeroadam.comm.mesh import Topology, resolve_topology
 from zeroadam.comm.quantized import quantized_all_gather, quantized_reduce_scatter
 from zeroadam.engines.base import SPARSE_GRAD_FIX, refuse_sparse_grad
 from zeroadam.engines.grad_norm import ShardNorm
-from zeroadam.engines.offload import HostGradSink, host_buffer
+from zeroadam.engines.offload import HostBuffers, HostGradSink, host_buffer
 from zeroadam.layout import FlatLayout
 from zeroadam.sizes import DEFAULT_PREFETCH
 
@@ -206,6 +206,7 @@ class ShardedModel:
         self.live_bytes = 0
         self.peak_live_bytes = 0
         self.grad_live_bytes = 0  # gradient buffers (grad_full) alive
+        self._host_buffers = HostBuffers()  # kept bytes of the host gradient buffers
         self.peak_grad_bytes = 0  # most bytes of gradient buffers and shards at once since reset (memory_stats)
         # Called with each unit once its gradients are reduced into the shards (ZeroAdam(release_grads=True)).
         self.on_reduced: Optional[Callable[[Unit], None]] = None
@@ -406,10 +407,21 @@ class ShardedModel:
         f.filled += 1
         self._launch_ready()
 
+    def _scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized 1D buffer for one reduction: pooled bytes on the host (see ``HostBuffers``)."""
+        if device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=device)
+        return self._host_buffers.take(numel * dtype.itemsize).view(dtype)
+
+    def _give_back(self, t: torch.Tensor) -> None:
+        if t.device.type == "cpu":
+            self._host_buffers.give(t)
+
     def _grad_buffer(self, f: UnitFlat) -> torch.Tensor:
         """The flat's gradient buffer, allocated (and counted) at its first use in a backward pass."""
         if f.grad_full is None:
-            f.grad_full = torch.zeros(f.layout.total, dtype=f.grad_dtype, device=f.device)
+            f.grad_full = self._scratch(f.layout.total, f.grad_dtype, f.device)
+            f.grad_full.zero_()  # parameters without a gradient count as zeros
             self.grad_live_bytes += f.layout.total * f.grad_dtype.itemsize
             self._note_grad_bytes()
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_bytes + self.grad_live_bytes)
@@ -445,7 +457,7 @@ class ShardedModel:
                 else:
                     f.grad_shard = torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.device)
             direct = fresh and f.grad_sink is None  # the reduction can write the shard itself
-            out = f.grad_shard if direct else torch.empty(f.layout.shard, dtype=f.grad_dtype, device=f.device)
+            out = f.grad_shard if direct else self._scratch(f.layout.shard, f.grad_dtype, f.device)
             if self.group.world > 1 and self.quantized_gradients:
                 n = f.layout.shard
                 ranges = [(r * n, (r + 1) * n) for r in range(self.group.world)]
@@ -460,6 +472,9 @@ class ShardedModel:
             else:  # the average lands in the shard with its squared norm (whole-shard landings: always exact)
                 f.grad_norm().land(0, None if direct else out, alpha)  # type: ignore[union-attr]
             self._note_grad_bytes(0 if direct else out.numel() * out.element_size())
+            if not direct:
+                self._give_back(out)
+            self._give_back(f.grad_full)
             f.grad_full = None
             self.grad_live_bytes -= f.layout.total * f.grad_dtype.itemsize
             f.filled = 0
