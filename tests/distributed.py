@@ -75,6 +75,18 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
 
 
+_ONCE: dict[tuple[str, str, int], list[Any]] = {}
+
+
+def ranks_once(fn: Callable[..., Any], world: int, timeout: float = 600.0) -> list[Any]:
+    """``run_ranks(fn, world)`` once per (fn, world) in this pytest process: a module's tests read one launch's
+    results."""
+    key = (fn.__module__, fn.__qualname__, world)
+    if key not in _ONCE:
+        _ONCE[key] = run_ranks(fn, world, timeout=timeout)
+    return _ONCE[key]
+
+
 def run_two_nodes(script: str, args: list[str], nproc_per_node: int = 2, timeout: float = 240.0) -> None:
     """Launch ``script`` as two "machines" on loopback: two ``torchrun --nnodes 2 --node_rank 0|1`` processes with
     ``nproc_per_node`` ranks each (gloo; ranks 0..n-1 on node 0). The script writes its results to files; a

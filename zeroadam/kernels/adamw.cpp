@@ -552,21 +552,26 @@ double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n) {
   return total;
 }
 
-// Threads take contiguous parts and add their partials in thread order: the same sum on every call.
-template <class F>
-double sq_sum(const void* data, int64_t n, int32_t threads) {
-  const auto* x = static_cast<const typename F::T*>(data);
+// sum over threads of part(lo, hi): threads take contiguous, block-aligned parts of [0, n) and their partials are
+// added in thread order, so the sum is the same on every call.
+template <class Part>
+double sum_over_parts(int64_t n, int32_t threads, const Part& part) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const int32_t parts = nblocks >= kParallelBlocks ? std::min<int32_t>(std::max<int32_t>(threads, 1), 256) : 1;
   double partial[256] = {};
   #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
   for (int32_t t = 0; t < parts; ++t) {
-    const int64_t lo = nblocks * t / parts * kBlock, hi = std::min(nblocks * (t + 1) / parts * kBlock, n);
-    partial[t] = span_sq_sum<F>(x + lo, hi - lo);
+    partial[t] = part(nblocks * t / parts * kBlock, std::min(nblocks * (t + 1) / parts * kBlock, n));
   }
   double total = 0;
   for (int32_t t = 0; t < parts; ++t) total += partial[t];
   return total;
+}
+
+template <class F>
+double sq_sum(const void* data, int64_t n, int32_t threads) {
+  const auto* x = static_cast<const typename F::T*>(data);
+  return sum_over_parts(n, threads, [&](int64_t lo, int64_t hi) { return span_sq_sum<F>(x + lo, hi - lo); });
 }
 
 // [Note: landing a gradient with its norm]
@@ -628,17 +633,9 @@ template <class D, class S, int kMode>
 double add_sq_sum(void* dst_data, const void* src_data, float alpha, int64_t n, int32_t threads) {
   auto* dst = static_cast<typename D::T*>(dst_data);
   const auto* src = static_cast<const typename S::T*>(src_data);
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  const int32_t parts = nblocks >= kParallelBlocks ? std::min<int32_t>(std::max<int32_t>(threads, 1), 256) : 1;
-  double partial[256] = {};
-  #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-  for (int32_t t = 0; t < parts; ++t) {
-    const int64_t lo = nblocks * t / parts * kBlock, hi = std::min(nblocks * (t + 1) / parts * kBlock, n);
-    partial[t] = span_add_sq_sum<D, S, kMode>(dst + lo, kMode == kScale ? src : src + lo, alpha, hi - lo);
-  }
-  double total = 0;
-  for (int32_t t = 0; t < parts; ++t) total += partial[t];
-  return total;
+  return sum_over_parts(n, threads, [&](int64_t lo, int64_t hi) {
+    return span_add_sq_sum<D, S, kMode>(dst + lo, kMode == kScale ? src : src + lo, alpha, hi - lo);
+  });
 }
 
 template <class D, class S>
