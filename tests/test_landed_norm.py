@@ -228,3 +228,10 @@ def test_non_finite_on_one_rank_skips_the_step_everywhere(world: int, stage: int
         assert res["untouched"] and res["state_untouched"]  # ...and nothing was written
         assert res["skipped"] == [0, 1, 1]
         assert all(math.isfinite(x) for x in res["landed"][2:])  # the next step runs
+
+
+def test_sum_of_keeps_fp64() -> None:
+    """Squares of finite values over 1.8e19 overflow fp32: the landed sums add up in fp64."""
+    big = torch.tensor(1e77, dtype=torch.float64)
+    total = grad_norm.sum_of([1e77, big, torch.tensor(2.0, dtype=torch.float32)], torch.device("cpu"))
+    assert total.dtype == torch.float64 and math.isfinite(float(total)) and float(total) == pytest.approx(2e77)

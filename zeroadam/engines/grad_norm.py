@@ -76,8 +76,7 @@ class ShardNorm:
 
 
 def sum_of(sums: list[Sum], device: torch.device) -> torch.Tensor:
-    """The total of host floats and tensors, in order: fp64 on the host, fp32 on an accelerator (one launch for
-    the tensors there)."""
+    """The total of host floats and tensors, in order, in fp64 (one launch for the tensors on an accelerator)."""
     host = 0.0
     on_device = []
     for s in sums:
@@ -86,7 +85,7 @@ def sum_of(sums: list[Sum], device: torch.device) -> torch.Tensor:
         elif s.device.type == "cpu":
             host += float(s)
         else:
-            on_device.append(s.float())
+            on_device.append(s.to(torch.float64))
     if device.type == "cpu" or not on_device:
         return torch.tensor(host, dtype=torch.float64, device=device)
     return torch.stack(on_device).sum() + host
