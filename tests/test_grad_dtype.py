@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zeroadam
-from distributed import run_ranks
+from distributed import ranks_once, run_ranks
 from helpers import force_host_copies, max_rel_err
 from test_zero3 import BATCH, MICRO, data, groups, loss_of, make
 from zeroadam import ZeroAdam
@@ -71,13 +71,8 @@ def suite(rank: int, world: int) -> dict:
     return out
 
 
-_cache: dict[int, list[dict]] = {}
-
-
 def results(world: int) -> list[dict]:
-    if world not in _cache:
-        _cache[world] = run_ranks(suite, world, timeout=600)
-    return _cache[world]
+    return ranks_once(suite, world)
 
 
 # bf16 gradients carry 8 bits of mantissa. In AdamW's first steps the update of an element is about lr * sign(g), so

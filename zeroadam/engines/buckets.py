@@ -14,6 +14,7 @@ gradient instead of leaving a collective unmatched.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -48,8 +49,9 @@ class Bucket:
     def numel(self) -> int:
         return self.hi - self.lo
 
+    @functools.cached_property
     def gaps(self) -> list[tuple[int, int]]:
-        """Buffer ranges that no member's gradient covers (padding between tensors)."""
+        """Buffer ranges that no member's gradient covers (padding between tensors); fixed by the layout."""
         out, at = [], 0
         for _, slot in sorted(self.members, key=lambda m: m[1].start):
             if slot.start - self.lo > at:
@@ -64,7 +66,7 @@ class Bucket:
             if self.space.flat.device.type == "cpu":
                 self.raw = pool.take(self.numel * self.space.grad_dtype.itemsize)
                 self.buffer = self.raw.view(self.space.grad_dtype)
-                for a, b in self.gaps():
+                for a, b in self.gaps:
                     self.buffer.narrow(0, a, b - a).zero_()
             else:  # the caching allocator pools device memory, and knows the streams that still read a buffer
                 self.buffer = torch.zeros(self.numel, dtype=self.space.grad_dtype, device=self.space.flat.device)
