@@ -116,7 +116,7 @@ class LocalEngine(Engine):
         for p in self.setup.params():
             if p.grad is None:
                 continue
-            if p.device.type == "meta":
+            if p.is_meta:
                 # The norm's .item() would fail with torch's "cannot be called on meta tensors"; say what to do.
                 raise RuntimeError(
                     f"ZeroAdam: a parameter of shape {tuple(p.shape)} is on the meta device (it has no values); "

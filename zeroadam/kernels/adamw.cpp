@@ -33,7 +33,10 @@ struct ZaCoefficients {  // fp64 as Python computes them; cast to fp32 where tor
   double decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, grad_scale;
 };
 int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* coefficients);
+int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* coefficients, int32_t threads);
 double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads);
+double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int32_t* dtype, int32_t count,
+                        int32_t threads);
 double zeroadam_add_sq_sum(void* dst, int32_t dst_dtype, const void* src, int32_t src_dtype, double alpha, int64_t numel,
                            int32_t threads);
 const char* zeroadam_layout();
@@ -44,6 +47,32 @@ namespace {
 constexpr int64_t kBlock = 256;
 // Runs shorter than this stay on the calling thread: an OpenMP fork costs a few us, a block 0.3-1 us.
 constexpr int64_t kParallelBlocks = 64;
+
+// [Note: many runs in one call]
+// The blocks of several runs (or tensors) are numbered one after another: run i holds the blocks [first[i],
+// first[i + 1]). Thread t of `parts` takes the contiguous blocks [total * t / parts, total * (t + 1) / parts) across
+// run boundaries and calls piece(t, i, lo, hi) for each run's share, blocks lo..hi counted within run i, in run
+// order. One OpenMP region per call, whatever the number of runs: a model of 100 tensors of 1000 elements paid one
+// ctypes call, one argument check and one fork per tensor (34 us a tensor, against torch fused AdamW's 5), and its
+// small tensors ran on one thread. The partition depends on the block count and `parts` alone, so a reduction made
+// through it is the same bits on every call with the same thread count.
+template <class Piece>
+void over_blocks(const int64_t* first, int32_t count, int32_t threads, const Piece& piece) {
+  const int64_t total = first[count];
+  const int32_t parts = total >= kParallelBlocks ? std::min<int32_t>(std::max<int32_t>(threads, 1), 256) : 1;
+  #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+  for (int32_t t = 0; t < parts; ++t) {
+    const int64_t lo = total * t / parts, hi = total * (t + 1) / parts;
+    // The last run starting at or before lo (runs of zero blocks are passed over below).
+    int32_t i = int32_t(std::upper_bound(first, first + count + 1, lo) - first) - 1;
+    for (int64_t b = lo; b < hi; i++) {
+      if (first[i + 1] <= b) continue;
+      const int64_t end = std::min(hi, first[i + 1]);
+      piece(t, i, b - first[i], end - first[i]);
+      b = end;
+    }
+  }
+}
 
 enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum MomentsFormat : int32_t { kMomentsFp32 = 0, kMomentsBf16 = 1, kMomentsInt8 = 2 };
@@ -434,26 +463,54 @@ int compose(const ZaRun& r, Kernel& k) {
 
 }  // namespace
 
-int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
-  const ZaRun& r = *run;
-  Kernel k;
-  if (compose(r, k) != 0) return 1;
-  const float w = float(co->lerp_weight);
+namespace {
+
+Coef32 coef32(const ZaCoefficients& co) {
+  const float w = float(co.lerp_weight);
   const bool small = std::fabs(w) < 0.5f;
-  const Coef32 c{float(co->decay),     small ? w : w - 1.0f,  float(co->beta2),      float(co->one_minus_beta2),
-                 float(co->bc2_sqrt),  float(co->eps),        float(co->step_size),  float(co->grad_scale),
-                 small ? 0xFFFFFFFFu : 0u};
-  const int64_t n = r.numel, nblocks = (n + kBlock - 1) / kBlock;
-  #pragma omp parallel for schedule(static) num_threads(r.threads) if (nblocks >= kParallelBlocks)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    alignas(64) float scratch_g[kBlock], scratch_x[kBlock];
-    const Span s{b, b * kBlock, std::min(kBlock, n - b * kBlock)};
-    const float* g = k.load_grad(r, s, scratch_g);
-    float* x = k.read_master(r, s, scratch_x);
-    k.update_moments(r, s, g, x, c);
-    k.write_master(r, s, x);
+  return Coef32{float(co.decay),     small ? w : w - 1.0f,  float(co.beta2),      float(co.one_minus_beta2),
+                float(co.bc2_sqrt),  float(co.eps),         float(co.step_size),  float(co.grad_scale),
+                small ? 0xFFFFFFFFu : 0u};
+}
+
+}  // namespace
+
+// Every run with the same coefficients, in one pass over their blocks ([Note: many runs in one call]); a block is
+// updated the same way whichever thread takes it. 0, or 1 + the index of the first run whose combination of
+// formats has no kernel (nothing is written then).
+int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* co, int32_t threads) {
+  if (count <= 0) return 0;
+  Kernel* kernels = new Kernel[count];
+  int64_t* first = new int64_t[count + 1];
+  first[0] = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    if (compose(runs[i], kernels[i]) != 0) {
+      delete[] kernels;
+      delete[] first;
+      return 1 + i;
+    }
+    first[i + 1] = first[i] + (runs[i].numel + kBlock - 1) / kBlock;
   }
+  const Coef32 c = coef32(*co);
+  over_blocks(first, count, threads, [&](int32_t, int32_t i, int64_t lo, int64_t hi) {
+    const ZaRun& r = runs[i];
+    const Kernel& k = kernels[i];
+    for (int64_t b = lo; b < hi; ++b) {
+      alignas(64) float scratch_g[kBlock], scratch_x[kBlock];
+      const Span s{b, b * kBlock, std::min(kBlock, r.numel - b * kBlock)};
+      const float* g = k.load_grad(r, s, scratch_g);
+      float* x = k.read_master(r, s, scratch_x);
+      k.update_moments(r, s, g, x, c);
+      k.write_master(r, s, x);
+    }
+  });
+  delete[] kernels;
+  delete[] first;
   return 0;
+}
+
+int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
+  return zeroadam_adamw_steps(run, 1, co, run->threads);
 }
 
 namespace {
@@ -552,26 +609,18 @@ double span_sq_sum<FP16>(const uint16_t* __restrict__ x, int64_t n) {
   return total;
 }
 
-// sum over threads of part(lo, hi): threads take contiguous, block-aligned parts of [0, n) and their partials are
-// added in thread order, so the sum is the same on every call.
+// sum over threads of part(lo, hi): threads take contiguous, block-aligned parts of [0, n) (over_blocks) and their
+// partials are added in thread order, so the sum is the same on every call.
 template <class Part>
 double sum_over_parts(int64_t n, int32_t threads, const Part& part) {
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  const int32_t parts = nblocks >= kParallelBlocks ? std::min<int32_t>(std::max<int32_t>(threads, 1), 256) : 1;
+  const int64_t first[2] = {0, (n + kBlock - 1) / kBlock};
   double partial[256] = {};
-  #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-  for (int32_t t = 0; t < parts; ++t) {
-    partial[t] = part(nblocks * t / parts * kBlock, std::min(nblocks * (t + 1) / parts * kBlock, n));
-  }
+  over_blocks(first, 1, threads, [&](int32_t t, int32_t, int64_t lo, int64_t hi) {
+    partial[t] = part(lo * kBlock, std::min(hi * kBlock, n));
+  });
   double total = 0;
-  for (int32_t t = 0; t < parts; ++t) total += partial[t];
+  for (double p : partial) total += p;
   return total;
-}
-
-template <class F>
-double sq_sum(const void* data, int64_t n, int32_t threads) {
-  const auto* x = static_cast<const typename F::T*>(data);
-  return sum_over_parts(n, threads, [&](int64_t lo, int64_t hi) { return span_sq_sum<F>(x + lo, hi - lo); });
 }
 
 // [Note: landing a gradient with its norm]
@@ -666,13 +715,37 @@ double zeroadam_add_sq_sum(void* dst, int32_t dst_dtype, const void* src, int32_
   }
 }
 
-double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads) {
-  switch (dtype) {
-    case kF32: return sq_sum<F32>(data, numel, threads);
-    case kBF16: return sq_sum<BF16>(data, numel, threads);
-    case kF16: return sq_sum<FP16>(data, numel, threads);
-    default: return std::nan("");
+// The sum of squares of several tensors in fp64, in one pass over their blocks ([Note: many runs in one call]): each
+// thread sums its share in tensor order, the threads' partials are added in thread order. NaN for a dtype code it
+// does not know.
+double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int32_t* dtype, int32_t count,
+                        int32_t threads) {
+  if (count <= 0) return 0;
+  int64_t* first = new int64_t[count + 1];
+  first[0] = 0;
+  double unknown = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    if (dtype[i] != kF32 && dtype[i] != kBF16 && dtype[i] != kF16) unknown = std::nan("");
+    first[i + 1] = first[i] + (numel[i] + kBlock - 1) / kBlock;
   }
+  double partial[256] = {};
+  over_blocks(first, count, threads, [&](int32_t t, int32_t i, int64_t lo, int64_t hi) {
+    const int64_t begin = lo * kBlock, n = std::min(hi * kBlock, numel[i]) - begin;
+    switch (dtype[i]) {
+      case kF32: partial[t] += span_sq_sum<F32>(static_cast<const float*>(data[i]) + begin, n); break;
+      case kBF16: partial[t] += span_sq_sum<BF16>(static_cast<const uint16_t*>(data[i]) + begin, n); break;
+      case kF16: partial[t] += span_sq_sum<FP16>(static_cast<const uint16_t*>(data[i]) + begin, n); break;
+      default: break;
+    }
+  });
+  delete[] first;
+  double total = unknown;
+  for (double p : partial) total += p;
+  return total;
+}
+
+double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads) {
+  return zeroadam_sq_sums(&data, &numel, &dtype, 1, threads);
 }
 
 // ---- layout: "Struct size=N;field=offset+size;...", one line per struct, for cpu.py to compare with ctypes.

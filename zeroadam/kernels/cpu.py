@@ -31,16 +31,20 @@ import ctypes
 import functools
 import math
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from zeroadam import _compat
-from zeroadam.formats.table import expected
+from zeroadam.formats.quant import num_blocks
+from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS, StateTensor
 from zeroadam.kernels import build
 from zeroadam.update.contract import Run, StepScalars, coefficients, update_torch
 
-__all__ = ["update_cpu", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled", "add_sq_sum_compiled"]
+__all__ = [
+    "update_cpu", "update_cpu_runs", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled",
+    "sq_sums_compiled", "add_sq_sum_compiled",
+]
 
 # The enums Dtype, MomentsFormat and MasterKind of adamw.cpp.
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -87,8 +91,13 @@ class Kernel(NamedTuple):
 
     step: Callable[[_RunArgs, _Coefficients], int]
     """(run, coefficients) -> 0, or 1 for a combination of formats it has no code for."""
+    steps: Callable[[ctypes.Array, int, _Coefficients, int], int]
+    """(runs, count, coefficients, threads) -> 0, or 1 + the index of the first run whose combination of formats it
+    has no code for (then nothing is written): every run in one OpenMP region ([Note: many runs in one call])."""
     sq_sum: Callable[[int, int, int, int], float]
     """(data pointer, numel, dtype code, threads) -> the sum of squares in fp64; inf or nan if any value is."""
+    sq_sums: Callable[[ctypes.Array, ctypes.Array, ctypes.Array, int, int], float]
+    """(data pointers, numels, dtype codes, count, threads) -> the sum of squares of all in fp64, in one region."""
     add_sq_sum: Callable[[int, int, Optional[int], int, float, int, int], float]
     """(dst, dst dtype, src or None, src dtype, alpha, numel, threads) -> dst += alpha * src (dst *= alpha without
     src), then the sum of squares of dst in fp64."""
@@ -108,16 +117,25 @@ def _build() -> Kernel:
     step = lib.zeroadam_adamw_step
     step.argtypes = [ctypes.POINTER(_RunArgs), ctypes.POINTER(_Coefficients)]
     step.restype = ctypes.c_int
+    steps = lib.zeroadam_adamw_steps
+    steps.argtypes = [ctypes.POINTER(_RunArgs), ctypes.c_int32, ctypes.POINTER(_Coefficients), ctypes.c_int32]
+    steps.restype = ctypes.c_int
     sq_sum = lib.zeroadam_sq_sum
     sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     sq_sum.restype = ctypes.c_double
+    sq_sums = lib.zeroadam_sq_sums
+    sq_sums.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32),
+                        ctypes.c_int32, ctypes.c_int32]
+    sq_sums.restype = ctypes.c_double
     add_sq_sum = lib.zeroadam_add_sq_sum
     add_sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_double,
                            ctypes.c_int64, ctypes.c_int32]
     add_sq_sum.restype = ctypes.c_double
     return Kernel(
         step=lambda run, coefficients: step(ctypes.byref(run), ctypes.byref(coefficients)),
+        steps=lambda runs, count, coefficients, threads: steps(runs, count, ctypes.byref(coefficients), threads),
         sq_sum=sq_sum,
+        sq_sums=sq_sums,
         add_sq_sum=add_sq_sum,
     )
 
@@ -151,49 +169,58 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _check_lengths(run: Run) -> None:
+@functools.lru_cache(maxsize=None)
+def _storage(fmt: str, kind: str) -> tuple[tuple[bool, StateTensor], ...]:
+    """(in Moments rather than Master, spec) of every storage tensor of a run: the table read once per combination,
+    not once per run and step (building its dicts was a third of a small run's cost)."""
+    return tuple((True, t) for t in MOMENT_TENSORS[fmt]) + tuple((False, t) for t in MASTER_TENSORS[kind])
+
+
+def _check_lengths(run: Run, storage: list[torch.Tensor]) -> None:
     """The kernel trusts every length and dtype with raw pointers: a mismatch is a bug upstream, never clipped."""
-    mo, n = run.moments, run.param.numel()
-    expect: dict[str, tuple[int, Optional[torch.dtype]]] = {"grad": (n, None), **expected(mo.fmt, run.master.kind, n)}
-    for name, t in {"grad": run.grad, **mo.tensors(), **run.master.tensors()}.items():
-        numel, dtype = expect[name]
-        if t.numel() != numel or (dtype is not None and t.dtype != dtype):
-            raise RuntimeError(
-                f"zeroadam: a run's {name} holds {t.numel()} x {t.dtype}; expected {numel} x {dtype or 'a float'}"
-            )
+    n = run.param.numel()
+    if run.grad.numel() != n:
+        raise RuntimeError(f"zeroadam: a run's grad holds {run.grad.numel()} x {run.grad.dtype}; expected {n} x a float")
+    per_block = num_blocks(n)
+    for (_, spec), t in zip(_storage(run.moments.fmt, run.master.kind), storage):
+        want = per_block if spec.per_block else n
+        if t.numel() != want or t.dtype != spec.dtype:
+            raise RuntimeError(f"zeroadam: a run's {spec.key} holds {t.numel()} x {t.dtype}; expected {want} x {spec.dtype}")
     if (run.master.kind == "param") != (run.param.dtype == torch.float32):
         raise RuntimeError(f"zeroadam: master kind {run.master.kind!r} does not fit a {run.param.dtype} parameter")
 
 
-def _run_args(run: Run, sc: StepScalars) -> Optional[_RunArgs]:
-    """The kernel's view of a run, or None when the kernel does not take it (the caller falls back)."""
-    mo, ma = run.moments, run.master
-    tensors = [run.param, run.grad, *mo.tensors().values(), *ma.tensors().values()]
-    if not all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() for t in tensors):
+def _run_args(run: Run, seeds: tuple[int, int, int], threads: int) -> Optional[_RunArgs]:
+    """The kernel's view of a run, or None when the kernel does not take it (the caller falls back).
+
+    Called for every parameter at every stage-0 step, so it is written for few Python operations: 6 us a run, of a
+    step's ~17 us a parameter (200 parameters of 4096 elements, int8 moments, this project's 2-core EPYC VM)."""
+    mo, ma, param, grad = run.moments, run.master, run.param, run.grad
+    storage = [getattr(mo if in_moments else ma, spec.field) for in_moments, spec in _storage(mo.fmt, ma.kind)]
+    for t in (param, grad, *storage):
+        if not (t.is_cpu and t.dim() == 1 and t.is_contiguous()):  # is_cpu: a seventh of device.type's cost
+            return None
+    param_dtype, grad_dtype = _DTYPE_CODE.get(param.dtype), _DTYPE_CODE.get(grad.dtype)
+    if param_dtype is None or grad_dtype is None:
         return None
-    if run.param.dtype not in _DTYPE_CODE or run.grad.dtype not in _DTYPE_CODE:
-        return None
-    _check_lengths(run)
-    seed_m, seed_v, seed_p = sc.seeds()
+    _check_lengths(run, storage)
+    # Positional, in ZaRun's field order (keywords cost twice as much per run).
     return _RunArgs(
-        numel=run.param.numel(),
-        param=_ptr(run.param),
-        grad=_ptr(run.grad),
-        exp_avg=_ptr(mo.exp_avg),
-        exp_avg_sq=_ptr(mo.exp_avg_sq),
-        exp_avg_scale=_ptr(mo.exp_avg_scale),
-        exp_avg_sq_scale=_ptr(mo.exp_avg_sq_scale),
-        master=_ptr(ma.fp32),
-        residual=_ptr(ma.residual),
-        param_dtype=_DTYPE_CODE[run.param.dtype],
-        grad_dtype=_DTYPE_CODE[run.grad.dtype],
-        moments_format=_MOMENTS_CODE[mo.fmt],
-        master_kind=_MASTER_CODE[ma.kind],
-        index_base=run.index_base,
-        seed_exp_avg=seed_m,
-        seed_exp_avg_sq=seed_v,
-        seed_param=seed_p,
-        threads=torch.get_num_threads(),
+        param.numel(),
+        param.data_ptr(),
+        grad.data_ptr(),
+        *(t.data_ptr() for t in storage[:2]),  # exp_avg, exp_avg_sq: every format has both
+        _ptr(mo.exp_avg_scale),
+        _ptr(mo.exp_avg_sq_scale),
+        _ptr(ma.fp32),
+        _ptr(ma.residual),
+        param_dtype,
+        grad_dtype,
+        _MOMENTS_CODE[mo.fmt],
+        _MASTER_CODE[ma.kind],
+        run.index_base,
+        *seeds,
+        threads,
     )
 
 
@@ -204,30 +231,70 @@ def _coefficients(sc: StepScalars) -> _Coefficients:
 
 def update_compiled(run: Run, sc: StepScalars) -> bool:
     """The C++ kernel on one run, in place; False, with nothing done, when the kernel cannot take the run."""
+    return not update_compiled_runs([run], sc)
+
+
+def update_compiled_runs(runs: Sequence[Run], sc: StepScalars) -> list[Run]:
+    """The C++ kernel on every run it can take, all in one call (one OpenMP region: [Note: many runs in one call] in
+    adamw.cpp); returns the runs it did not take, untouched, for the caller's fallback."""
     kernel = compiled_kernel()
     if kernel is None:
-        return False
-    args = _run_args(run, sc)
-    if args is None:
-        return False
-    if args.numel > 0 and kernel.step(args, _coefficients(sc)) != 0:
-        raise RuntimeError(  # _run_args let through a combination that the kernel does not compose
-            f"zeroadam: no CPU kernel for param {run.param.dtype}, grad {run.grad.dtype}, "
-            f"moments {run.moments.fmt!r}, master {run.master.kind!r}"
-        )
-    return True
+        return list(runs)
+    seeds = sc.seeds()
+    threads = torch.get_num_threads()
+    taken: list[_RunArgs] = []
+    rest: list[Run] = []
+    for run in runs:
+        args = _run_args(run, seeds, threads)
+        if args is None:
+            rest.append(run)
+        elif args.numel > 0:
+            taken.append(args)
+    if taken:
+        bad = kernel.steps((_RunArgs * len(taken))(*taken), len(taken), _coefficients(sc), threads)
+        if bad != 0:
+            a = taken[bad - 1]  # _run_args let through a combination that the kernel does not compose
+            names = {code: dtype for dtype, code in _DTYPE_CODE.items()}
+            raise RuntimeError(
+                f"zeroadam: no CPU kernel for param {names.get(a.param_dtype)}, grad {names.get(a.grad_dtype)}, moments "
+                f"code {a.moments_format}, master code {a.master_kind}"
+            )
+    return rest
 
 
 def sq_sum_compiled(t: torch.Tensor) -> Optional[float]:
     """The sum of squares of a dense CPU tensor, accumulated in fp64 (no finite fp32 square overflows, and the sum
     does not lose the small terms of a long tensor); None when the kernel cannot take the tensor. As fast as a
     BLAS dot in fp32 (both read memory at full speed: ~3.5 ms for 20M fp32 elements on 2 cores)."""
+    total, rest = sq_sums_compiled([t])
+    return None if rest else total
+
+
+def sq_sums_compiled(tensors: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """(sum of squares in fp64 of every dense CPU tensor the kernel takes, the tensors it does not take): one call
+    and one OpenMP region for all of them ([Note: many runs in one call] in adamw.cpp)."""
     kernel = compiled_kernel()
-    if kernel is None or t.device.type != "cpu" or t.dtype not in _DTYPE_CODE or not t.is_contiguous():
-        return None
-    if t.numel() == 0:
-        return 0.0
-    return kernel.sq_sum(t.data_ptr(), t.numel(), _DTYPE_CODE[t.dtype], torch.get_num_threads())
+    if kernel is None:
+        return 0.0, list(tensors)
+    taken: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for t in tensors:
+        if t.is_cpu and t.dtype in _DTYPE_CODE and t.is_contiguous():
+            if t.numel() > 0:
+                taken.append(t)
+        else:
+            rest.append(t)
+    if not taken:
+        return 0.0, rest
+    k = len(taken)
+    total = kernel.sq_sums(
+        (ctypes.c_void_p * k)(*(t.data_ptr() for t in taken)),
+        (ctypes.c_int64 * k)(*(t.numel() for t in taken)),
+        (ctypes.c_int32 * k)(*(_DTYPE_CODE[t.dtype] for t in taken)),
+        k,
+        torch.get_num_threads(),
+    )
+    return total, rest
 
 
 def add_sq_sum_compiled(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: float) -> Optional[float]:
@@ -288,6 +355,12 @@ def update_fused_fp32(run: Run, sc: StepScalars) -> None:
     )
 
 
+def update_cpu_runs(runs: Sequence[Run], sc: StepScalars) -> None:
+    """``update_cpu`` on runs that share the step's scalars: the compiled kernel takes all it can in one call."""
+    for run in update_compiled_runs(runs, sc):
+        _update_without_kernel(run, sc)
+
+
 def update_cpu(run: Run, sc: StepScalars) -> None:
     """The compiled kernel; without it, torch's fused AdamW for plain fp32 and ``update_torch`` for the rest.
 
@@ -296,8 +369,11 @@ def update_cpu(run: Run, sc: StepScalars) -> None:
     12 steps, three runs on a shared 2-core EPYC VM: 29.8 / 34.8 / 36.4 ms vs 29.2 / 38.0 / 34.1 ms at
     grad_scale 1; 40.0 / 36.3 / 35.7 ms vs 167.8 / 142.1 / 138.7 ms at grad_scale 0.5.
     """
-    if update_compiled(run, sc):
-        return
+    if not update_compiled(run, sc):
+        _update_without_kernel(run, sc)
+
+
+def _update_without_kernel(run: Run, sc: StepScalars) -> None:
     if (
         run.moments.fmt == "fp32"
         and run.master.kind == "param"

@@ -53,18 +53,23 @@ def fused_update(run: Run, sc: StepScalars, prefer: Optional[str] = None) -> Non
 def fused_updates(runs: Sequence[Run], sc: StepScalars, prefer: Optional[str] = None) -> None:
     """Update many runs that share the step's scalars: the runs bound for Triton in one launch per storage
     combination (``zeroadam.triton_kernels.adamw_multi``: a launch per parameter costs a 7B model ~300 launches a
-    step), the others one by one."""
-    batch = []
+    step), those bound for the compiled CPU kernel in one call (``zeroadam.kernels.cpu.update_cpu_runs``), the
+    others one by one."""
+    batches: dict[str, list[Run]] = {"triton": [], "cpu": []}
     for run in runs:
         name, fn = backend_for(run, prefer)
-        if name == "triton":
-            batch.append(run)
+        if name in batches:
+            batches[name].append(run)
         else:
             fn(run, sc)
-    if batch:
+    if batches["cpu"]:
+        from zeroadam.kernels.cpu import update_cpu_runs
+
+        update_cpu_runs(batches["cpu"], sc)
+    if batches["triton"]:
         from zeroadam.triton_kernels.adamw_multi import update_triton_runs
 
-        update_triton_runs(batch, sc)
+        update_triton_runs(batches["triton"], sc)
 
 
 def grad_sq_sum(g: torch.Tensor) -> torch.Tensor:
@@ -105,23 +110,19 @@ def grads_sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     ``foreach_sq_sum`` in fp32, per device."""
     if not grads:
         return torch.zeros((), dtype=torch.float64)
-    from zeroadam.kernels.cpu import sq_sum_compiled
+    from zeroadam.kernels.cpu import sq_sums_compiled
 
     dev = grads[0].device
     if dev.type != "cpu" and all(g.device == dev for g in grads):
         return accelerator_sq_sum(grads)  # the usual accelerator case: nothing else to launch
     total = torch.zeros((), dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
-    host = 0.0
+    host, rest = sq_sums_compiled([g for g in grads if g.is_cpu])  # all in one call
+    for g in rest:
+        total += grad_sq_sum(g).to(device=dev, dtype=total.dtype)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
-        if g.device.type != "cpu":
+        if not g.is_cpu:
             by_device.setdefault(g.device, []).append(g)
-            continue
-        s = sq_sum_compiled(g)
-        if s is None:
-            total += grad_sq_sum(g).to(device=dev, dtype=total.dtype)
-        else:
-            host += s
     for gs in by_device.values():
         total += accelerator_sq_sum(gs).to(device=dev, dtype=total.dtype)
     return total + host
