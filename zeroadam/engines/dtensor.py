@@ -38,7 +38,7 @@ from zeroadam.comm.collectives import CommStats, Group, all_reduce_sum
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries
 from zeroadam.engines.state_view import LocalState, ShardState
 from zeroadam.update.contract import Run, StepScalars
-from zeroadam.update.dispatch import fused_update
+from zeroadam.update.dispatch import fused_updates, grads_sq_sum
 from zeroadam.options import BLOCK_SIZE, GroupHyper
 from zeroadam.reference import adamw_reference
 from zeroadam.formats.state import Master, Moments
@@ -222,17 +222,9 @@ class DTensorEngine(Engine):
         pass
 
     def local_grad_sq_sum(self) -> torch.Tensor:
-        total: Optional[torch.Tensor] = None
-        for g in self.setup.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                local = p.grad.to_local()
-                sq = torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
-                total = sq if total is None else total + sq.to(total.device)
-        if total is None:
-            return torch.zeros((), dtype=torch.float32)
-        return total
+        # Every local shard at once (grads_sq_sum: one kernel call on the CPU, two launches on CUDA), where a torch
+        # reduction per tensor cost a model of hundreds of parameters hundreds of launches and host round trips.
+        return grads_sq_sum([p.grad.to_local() for g in self.setup.param_groups for p in g["params"] if p.grad is not None])
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(self.group, t, self.stats)
@@ -250,6 +242,9 @@ class DTensorEngine(Engine):
         for gi, group in enumerate(setup.param_groups):
             hyper = GroupHyper.of(group)
             offsets = None
+            # Runs of one step count share the step's scalars: fused_updates takes them together (one Triton launch
+            # per storage combination on CUDA, one kernel call on the CPU) instead of one launch per local shard.
+            by_step: dict[int, list[Run]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue  # like torch.optim.AdamW
@@ -269,7 +264,7 @@ class DTensorEngine(Engine):
                         index_base=offsets[p] + pc.start,
                     )
                     if pc.straddle is None:
-                        fused_update(run, sc, setup.backend)
+                        by_step.setdefault(st.step, []).append(run)
                         continue
                     m, v = _update_fp32(run, sc)
                     if absmax is None:
@@ -277,6 +272,8 @@ class DTensorEngine(Engine):
                     absmax[2 * pc.straddle] = torch.maximum(absmax[2 * pc.straddle], m.abs().max())
                     absmax[2 * pc.straddle + 1] = torch.maximum(absmax[2 * pc.straddle + 1], v.max())
                     pending.append((pc, m, v))
+            for step, runs in by_step.items():
+                fused_updates(runs, StepScalars.for_group(hyper, step, scale, gi), setup.backend)
         if self.num_slots:
             # Every rank joins, with zeros when it holds no straddling piece that stepped (see the note).
             if absmax is None:
