@@ -14,6 +14,7 @@ from zeroadam.comm.collectives import Group
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, TensorStep, refuse_sparse_grad
 from zeroadam.formats.state import Master, Moments
 from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
+from zeroadam.engines.step_plan import StepPlan, build_plan
 from zeroadam.options import GroupHyper
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
 from zeroadam.update.contract import Run, StepScalars
@@ -80,7 +81,6 @@ class ParamState(TensorStep, MutableMapping):
     def __repr__(self) -> str:
         return f"ParamState(step={self.step}, format={self.moments.fmt!r}, master={self.master.kind!r})"
 
-
 class LocalEngine(Engine):
     """Stage 0 (see the module docstring); the state lives in ``optimizer.state[p]``."""
 
@@ -88,10 +88,35 @@ class LocalEngine(Engine):
     copyable = True
     state_class: type[ParamState] = ParamState
     """What a parameter's state is built as (DeepSpeed's integration uses a subclass that reads as a dict)."""
+    plan_steps: bool = True
+    """Keep a step plan on the CPU ([Note: the stage-0 step plan]); False sends every step down the general path."""
 
     def __init__(self, setup: EngineSetup) -> None:
         self.setup = setup
         self.group = Group(None, 0, 1)
+        self._plan: Optional[StepPlan] = None
+        self._plan_wait = 0  # steps until the next try after a plan could not be built
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy of the optimizer, pickling) drops the plan: its tables hold this engine's addresses.
+        return {**self.__dict__, "_plan": None, "_plan_wait": 0}
+
+    # ---------------------------------------------------------------- the step plan ([Note: the stage-0 step plan])
+    def _current_plan(self) -> Optional[StepPlan]:
+        """The plan, checked and refreshed; a new one when it no longer holds; None for the general path."""
+        setup = self.setup
+        if not self.plan_steps:
+            return None
+        if self._plan is not None and self._plan.refresh(setup.param_groups, setup.state):
+            return self._plan
+        self._plan = None
+        if self._plan_wait > 0:
+            self._plan_wait -= 1
+            return None
+        self._plan, lasting = build_plan(self.setup, ParamState)
+        if self._plan is None and lasting:
+            self._plan_wait = 16  # a model that cannot have one (another device, another backend) pays 1/16 of a try
+        return self._plan
 
     def amp_owns_gradients(self) -> bool:
         return False  # gradients stay in p.grad, where torch's GradScaler unscales them itself
@@ -127,6 +152,9 @@ class LocalEngine(Engine):
         return grads
 
     def local_grad_sq_sum(self) -> torch.Tensor:
+        plan = self._current_plan()
+        if plan is not None:
+            return torch.tensor(plan.sq_sum(), dtype=torch.float64)
         return grads_sq_sum(self._grads())
 
     def scale_grads(self, factor: float) -> None:
@@ -135,6 +163,10 @@ class LocalEngine(Engine):
 
     # ---------------------------------------------------------------- step
     def step(self, scale: float) -> None:
+        plan = self._current_plan()
+        if plan is not None:
+            plan.step(self.setup.param_groups, scale)
+            return
         state = self.setup.state
         for gi, group in enumerate(self.setup.param_groups):
             hyper = GroupHyper.of(group)

@@ -30,6 +30,7 @@ class ReleasedLocalEngine(LocalEngine):
 
     accepts_new_params = False  # the hooks are registered once, on the parameters given at construction
     copyable = False
+    plan_steps = False  # each parameter is updated in its own hook: there is no step to plan
 
     def __init__(self, setup: EngineSetup) -> None:
         super().__init__(setup)

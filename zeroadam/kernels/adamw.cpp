@@ -33,12 +33,14 @@ struct ZaCoefficients {  // fp64 as Python computes them; cast to fp32 where tor
   double decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, grad_scale;
 };
 int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* coefficients);
-int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* coefficients, int32_t threads);
+int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* coefficients, const uint32_t* seeds,
+                         int32_t threads);
 double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads);
 double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int32_t* dtype, int32_t count,
                         int32_t threads);
 double zeroadam_add_sq_sum(void* dst, int32_t dst_dtype, const void* src, int32_t src_dtype, double alpha, int64_t numel,
                            int32_t threads);
+void zeroadam_fill_f32(float* const* ptrs, int32_t count, float value);
 const char* zeroadam_layout();
 }
 
@@ -52,10 +54,9 @@ constexpr int64_t kParallelBlocks = 64;
 // The blocks of several runs (or tensors) are numbered one after another: run i holds the blocks [first[i],
 // first[i + 1]). Thread t of `parts` takes the contiguous blocks [total * t / parts, total * (t + 1) / parts) across
 // run boundaries and calls piece(t, i, lo, hi) for each run's share, blocks lo..hi counted within run i, in run
-// order. One OpenMP region per call, whatever the number of runs: a model of 100 tensors of 1000 elements paid one
-// ctypes call, one argument check and one fork per tensor (34 us a tensor, against torch fused AdamW's 5), and its
-// small tensors ran on one thread. The partition depends on the block count and `parts` alone, so a reduction made
-// through it is the same bits on every call with the same thread count.
+// order. One OpenMP region per call, whatever the number of runs: stage 0 made a ctypes call and an OpenMP fork per
+// parameter, and a tensor under 64 blocks ran on one thread. The partition depends on the block count and `parts`
+// alone, so a reduction made through it is the same bits on every call with the same thread count.
 template <class Piece>
 void over_blocks(const int64_t* first, int32_t count, int32_t threads, const Piece& piece) {
   const int64_t total = first[count];
@@ -476,9 +477,11 @@ Coef32 coef32(const ZaCoefficients& co) {
 }  // namespace
 
 // Every run with the same coefficients, in one pass over their blocks ([Note: many runs in one call]); a block is
-// updated the same way whichever thread takes it. 0, or 1 + the index of the first run whose combination of
-// formats has no kernel (nothing is written then).
-int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* co, int32_t threads) {
+// updated the same way whichever thread takes it. seeds: null, or the step's (exp_avg, exp_avg_sq, param) rounding
+// seeds for every run in place of the runs' own (a table of runs kept between steps then changes only its gradient
+// pointers). 0, or 1 + the index of the first run whose combination of formats has no kernel (nothing is written).
+int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* co, const uint32_t* seeds,
+                         int32_t threads) {
   if (count <= 0) return 0;
   Kernel* kernels = new Kernel[count];
   int64_t* first = new int64_t[count + 1];
@@ -493,7 +496,12 @@ int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients*
   }
   const Coef32 c = coef32(*co);
   over_blocks(first, count, threads, [&](int32_t, int32_t i, int64_t lo, int64_t hi) {
-    const ZaRun& r = runs[i];
+    ZaRun r = runs[i];
+    if (seeds != nullptr) {
+      r.seed_exp_avg = seeds[0];
+      r.seed_exp_avg_sq = seeds[1];
+      r.seed_param = seeds[2];
+    }
     const Kernel& k = kernels[i];
     for (int64_t b = lo; b < hi; ++b) {
       alignas(64) float scratch_g[kBlock], scratch_x[kBlock];
@@ -510,7 +518,7 @@ int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients*
 }
 
 int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
-  return zeroadam_adamw_steps(run, 1, co, run->threads);
+  return zeroadam_adamw_steps(run, 1, co, nullptr, run->threads);
 }
 
 namespace {
@@ -746,6 +754,12 @@ double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int
 
 double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads) {
   return zeroadam_sq_sums(&data, &numel, &dtype, 1, threads);
+}
+
+// One fp32 value into each of many one-element tensors: a group's step counts in one call, where torch's
+// _foreach_add_ on CPU scalars is a dispatched add_ per tensor (2.2 us each).
+void zeroadam_fill_f32(float* const* ptrs, int32_t count, float value) {
+  for (int32_t i = 0; i < count; ++i) *ptrs[i] = value;
 }
 
 // ---- layout: "Struct size=N;field=offset+size;...", one line per struct, for cpu.py to compare with ctypes.

@@ -43,11 +43,13 @@ from zeroadam.update.contract import Run, StepScalars, coefficients, update_torc
 
 __all__ = [
     "update_cpu", "update_cpu_runs", "update_compiled", "update_fused_fp32", "compiled_kernel", "sq_sum_compiled",
-    "sq_sums_compiled", "add_sq_sum_compiled",
+    "sq_sums_compiled", "add_sq_sum_compiled", "RunTable", "GradTable", "StepCounts", "DTYPE_CODES",
 ]
 
 # The enums Dtype, MomentsFormat and MasterKind of adamw.cpp.
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = _DTYPE_CODE
+"""The dtypes the kernel reads (gradients, parameters) -> its codes."""
 _MOMENTS_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
 _MASTER_CODE = {"param": 0, "fp32": 1, "compact": 2, "none": 3}
 
@@ -91,13 +93,16 @@ class Kernel(NamedTuple):
 
     step: Callable[[_RunArgs, _Coefficients], int]
     """(run, coefficients) -> 0, or 1 for a combination of formats it has no code for."""
-    steps: Callable[[ctypes.Array, int, _Coefficients, int], int]
-    """(runs, count, coefficients, threads) -> 0, or 1 + the index of the first run whose combination of formats it
-    has no code for (then nothing is written): every run in one OpenMP region ([Note: many runs in one call])."""
+    steps: Callable[[ctypes.Array, int, _Coefficients, Optional[ctypes.Array], int], int]
+    """(runs, count, coefficients, seeds or None, threads) -> 0, or 1 + the index of the first run whose combination
+    of formats it has no code for (then nothing is written): every run in one OpenMP region ([Note: many runs in one
+    call]); seeds, three uint32, replace every run's own."""
     sq_sum: Callable[[int, int, int, int], float]
     """(data pointer, numel, dtype code, threads) -> the sum of squares in fp64; inf or nan if any value is."""
     sq_sums: Callable[[ctypes.Array, ctypes.Array, ctypes.Array, int, int], float]
     """(data pointers, numels, dtype codes, count, threads) -> the sum of squares of all in fp64, in one region."""
+    fill_f32: Callable[[ctypes.Array, int, float], None]
+    """(pointers to fp32 values, count, value): writes value at each pointer."""
     add_sq_sum: Callable[[int, int, Optional[int], int, float, int, int], float]
     """(dst, dst dtype, src or None, src dtype, alpha, numel, threads) -> dst += alpha * src (dst *= alpha without
     src), then the sum of squares of dst in fp64."""
@@ -118,7 +123,8 @@ def _build() -> Kernel:
     step.argtypes = [ctypes.POINTER(_RunArgs), ctypes.POINTER(_Coefficients)]
     step.restype = ctypes.c_int
     steps = lib.zeroadam_adamw_steps
-    steps.argtypes = [ctypes.POINTER(_RunArgs), ctypes.c_int32, ctypes.POINTER(_Coefficients), ctypes.c_int32]
+    steps.argtypes = [ctypes.POINTER(_RunArgs), ctypes.c_int32, ctypes.POINTER(_Coefficients),
+                      ctypes.POINTER(ctypes.c_uint32), ctypes.c_int32]
     steps.restype = ctypes.c_int
     sq_sum = lib.zeroadam_sq_sum
     sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
@@ -127,15 +133,20 @@ def _build() -> Kernel:
     sq_sums.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32),
                         ctypes.c_int32, ctypes.c_int32]
     sq_sums.restype = ctypes.c_double
+    fill_f32 = lib.zeroadam_fill_f32
+    fill_f32.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.c_float]
+    fill_f32.restype = None
     add_sq_sum = lib.zeroadam_add_sq_sum
     add_sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_double,
                            ctypes.c_int64, ctypes.c_int32]
     add_sq_sum.restype = ctypes.c_double
     return Kernel(
         step=lambda run, coefficients: step(ctypes.byref(run), ctypes.byref(coefficients)),
-        steps=lambda runs, count, coefficients, threads: steps(runs, count, ctypes.byref(coefficients), threads),
+        steps=lambda runs, count, coefficients, seeds, threads: steps(runs, count, ctypes.byref(coefficients), seeds,
+                                                                     threads),
         sq_sum=sq_sum,
         sq_sums=sq_sums,
+        fill_f32=fill_f32,
         add_sq_sum=add_sq_sum,
     )
 
@@ -251,7 +262,7 @@ def update_compiled_runs(runs: Sequence[Run], sc: StepScalars) -> list[Run]:
         elif args.numel > 0:
             taken.append(args)
     if taken:
-        bad = kernel.steps((_RunArgs * len(taken))(*taken), len(taken), _coefficients(sc), threads)
+        bad = kernel.steps((_RunArgs * len(taken))(*taken), len(taken), _coefficients(sc), None, threads)
         if bad != 0:
             a = taken[bad - 1]  # _run_args let through a combination that the kernel does not compose
             names = {code: dtype for dtype, code in _DTYPE_CODE.items()}
@@ -329,6 +340,75 @@ def add_sq_sum_compiled(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: f
     )
     torch.autograd.graph.increment_version(dst)
     return total
+
+
+class RunTable:
+    """The kernel's arguments for a fixed list of runs, kept from one step to the next: a later step writes the
+    gradients' addresses (``set_grad``) and makes one call. The caller vouches that every other tensor of the runs
+    is still the one, at the same address and length, that the table was built from (see [Note: the stage-0 step
+    plan] in engines/local.py); ``of`` checks them once, as ``update_compiled_runs`` does at every call."""
+
+    def __init__(self, kernel: Kernel, args: list[_RunArgs]) -> None:
+        self.kernel = kernel
+        self.count = len(args)
+        self.args = (_RunArgs * self.count)(*args)
+
+    @staticmethod
+    def of(runs: Sequence[Run]) -> Optional["RunTable"]:
+        """The table of these runs, or None when the kernel does not take every one of them."""
+        kernel = compiled_kernel()
+        if kernel is None:
+            return None
+        args = []
+        for run in runs:
+            a = _run_args(run, (0, 0, 0), 0)  # seeds and threads come with each call
+            if a is None:
+                return None
+            args.append(a)
+        return RunTable(kernel, args)
+
+    def set_grad(self, i: int, ptr: int) -> None:
+        self.args[i].grad = ptr
+
+    def step(self, sc: StepScalars) -> None:
+        """Every run's update with this step's scalars, in one kernel call."""
+        if self.count:
+            seeds = (ctypes.c_uint32 * 3)(*sc.seeds())
+            bad = self.kernel.steps(self.args, self.count, _coefficients(sc), seeds, torch.get_num_threads())
+            if bad != 0:  # of() checked every combination
+                raise RuntimeError(f"zeroadam: the CPU kernel refused run {bad - 1} of a checked table")
+
+
+class GradTable:
+    """The addresses, lengths and dtypes of a fixed list of gradients, for ``sq_sums_compiled`` without rebuilding
+    its arrays at every step (the same kernel call, so the same bits)."""
+
+    def __init__(self, kernel: Kernel, grads: Sequence[torch.Tensor]) -> None:
+        self.kernel = kernel
+        self.count = len(grads)
+        self.ptrs = (ctypes.c_void_p * self.count)(*(g.data_ptr() for g in grads))
+        self.numels = (ctypes.c_int64 * self.count)(*(g.numel() for g in grads))
+        self.dtypes = (ctypes.c_int32 * self.count)(*(_DTYPE_CODE[g.dtype] for g in grads))
+
+    def sq_sum(self) -> float:
+        return self.kernel.sq_sums(self.ptrs, self.numels, self.dtypes, self.count, torch.get_num_threads())
+
+
+class StepCounts:
+    """A param group's step tensors (one-element fp32 CPU tensors, as torch.optim.AdamW's), set to a new count in one
+    call. The write does not bump their version counters: the caller watches those to see writes other than its own
+    (see [Note: the stage-0 step plan] in engines/local.py), and checks their addresses before each call."""
+
+    def __init__(self, kernel: Kernel, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            if not (t.is_cpu and t.dtype == torch.float32 and t.numel() == 1):
+                raise ValueError(f"zeroadam: a step tensor must be one fp32 value on the CPU; got {t.dtype} x {t.numel()}")
+        self.kernel = kernel
+        self.count = len(tensors)
+        self.ptrs = (ctypes.c_void_p * self.count)(*(t.data_ptr() for t in tensors))
+
+    def set(self, step: int) -> None:
+        self.kernel.fill_f32(self.ptrs, self.count, float(step))
 
 
 def update_fused_fp32(run: Run, sc: StepScalars) -> None:
