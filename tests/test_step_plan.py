@@ -128,6 +128,11 @@ def _grad_not_contiguous(opt: ZeroAdam, params: list[torch.nn.Parameter], k: int
     params[0].grad = g.t().contiguous().t()
 
 
+def _clip_then_replace_param(opt: ZeroAdam, params: list[torch.nn.Parameter], k: int) -> None:
+    opt.clip_grad_norm_(0.02)  # the norm alone, then user code before the step: the step must check again
+    _replace_param_data(opt, params, k)
+
+
 def _new_group(opt: ZeroAdam, params: list[torch.nn.Parameter], k: int) -> None:
     extra = torch.nn.Parameter(torch.full((70,), 0.5))
     extra.grad = torch.full((70,), 0.25)
@@ -148,6 +153,7 @@ EVENTS = {
     "gradient scaled in place": {3: _grad_in_place, 4: _grad_in_place},
     "gradient not contiguous": {3: _grad_not_contiguous},
     "param group added": {3: _new_group},
+    "clipped, then param data replaced": {3: _clip_then_replace_param},
 }
 
 

@@ -95,11 +95,12 @@ class LocalEngine(Engine):
         self.setup = setup
         self.group = Group(None, 0, 1)
         self._plan: Optional[StepPlan] = None
+        self._checked_in_step = False  # the plan was checked by this step's norm (see local_grad_sq_sum)
         self._plan_wait = 0  # steps until the next try after a plan could not be built
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (copy.deepcopy of the optimizer, pickling) drops the plan: its tables hold this engine's addresses.
-        return {**self.__dict__, "_plan": None, "_plan_wait": 0}
+        return {**self.__dict__, "_plan": None, "_plan_wait": 0, "_checked_in_step": False}
 
     # ---------------------------------------------------------------- the step plan ([Note: the stage-0 step plan])
     def _current_plan(self) -> Optional[StepPlan]:
@@ -151,8 +152,15 @@ class LocalEngine(Engine):
             grads.append(p.grad)
         return grads
 
+    def before_step(self) -> None:
+        self._checked_in_step = False
+
     def local_grad_sq_sum(self) -> torch.Tensor:
         plan = self._current_plan()
+        # Inside optimizer.step() nothing runs between this norm and the update (ZeroAdam.step calls before_step,
+        # the norm, then step), so the update reuses this check; a norm asked for alone (clip_grad_norm_,
+        # GradScaler.unscale_) is followed by user code, and the step's before_step drops the mark.
+        self._checked_in_step = plan is not None
         if plan is not None:
             return torch.tensor(plan.sq_sum(), dtype=torch.float64)
         return grads_sq_sum(self._grads())
@@ -163,7 +171,8 @@ class LocalEngine(Engine):
 
     # ---------------------------------------------------------------- step
     def step(self, scale: float) -> None:
-        plan = self._current_plan()
+        plan = self._plan if self._checked_in_step else self._current_plan()
+        self._checked_in_step = False
         if plan is not None:
             plan.step(self.setup.param_groups, scale)
             return
