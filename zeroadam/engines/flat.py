@@ -35,7 +35,7 @@ from zeroadam.comm.collectives import (
 from zeroadam.comm.mesh import Topology, stats_by_dim
 from zeroadam.comm.quantized import quantized_all_gather, quantized_all_reduce, quantized_reduce_scatter
 from zeroadam.update.contract import Run, StepScalars
-from zeroadam.update.dispatch import fused_update, grads_sq_sum
+from zeroadam.update.dispatch import fused_update, fused_updates, grads_sq_sum
 from zeroadam.engines.grad_sync import (
     DDPWatch,
     ResolvedSync,
@@ -449,8 +449,7 @@ class FlatEngine(Engine):
             sc = StepScalars.for_group(hyper, sp.step, scale, sp.group_index)
             ranges = self._updated_ranges(sp)
             if sp.param_host is None:
-                for a, b in ranges:
-                    fused_update(self._chunk_run(sp, a, shard.narrow(0, a, b - a)), sc, setup.backend)
+                fused_updates([self._chunk_run(sp, a, shard.narrow(0, a, b - a)) for a, b in ranges], sc, setup.backend)
             else:
                 def update_chunk(start: int, chunk: torch.Tensor) -> None:
                     for a, b in ranges:
@@ -489,15 +488,17 @@ class FlatEngine(Engine):
         # Every member of a bucket has the same step count (see FlatSpace.lag).
         step = sp.step_of(b.members[0][0]) + 1
         sc = StepScalars.for_group(hyper, step, 1.0 / self.group.world, sp.group_index)
-        for s, e, piece in pieces:
-            run = Run(
+        runs = [
+            Run(
                 param=sp.flat.narrow(0, s, e - s),
                 grad=piece,
                 moments=sp.moments.narrow(s - sp.lo, e - s),
                 master=sp.master.narrow(s - sp.lo, e - s),
                 index_base=s,
             )
-            fused_update(run, sc, self.setup.backend)
+            for s, e, piece in pieces
+        ]
+        fused_updates(runs, sc, self.setup.backend)
 
     def _updated_ranges(self, sp: FlatSpace) -> list[tuple[int, int]]:
         """The ranges [a, b) of the shard that this step updates, in shard coordinates.
@@ -533,18 +534,19 @@ class FlatEngine(Engine):
 
     def _step_direct(self, sp: FlatSpace, sc: StepScalars) -> None:
         """Update parameter by parameter, reading p.grad in place; a parameter without a gradient is left alone,
-        as torch.optim.AdamW does (see _updated_ranges)."""
-        for p, slot in zip(sp.params, sp.layout.slots):
-            if p.grad is None:
-                continue
-            run = Run(
+        as torch.optim.AdamW does (see _updated_ranges). All in one call of the backend (fused_updates)."""
+        runs = [
+            Run(
                 param=sp.flat.narrow(0, slot.start, slot.numel),
                 grad=p.grad.detach().reshape(-1),
                 moments=sp.moments.narrow(slot.start, slot.numel),
                 master=sp.master.narrow(slot.start, slot.numel),
                 index_base=slot.start,
             )
-            fused_update(run, sc, self.setup.backend)
+            for p, slot in zip(sp.params, sp.layout.slots)
+            if p.grad is not None
+        ]
+        fused_updates(runs, sc, self.setup.backend)
 
     def zero_grad(self) -> None:
         if self.buckets is not None and self.buckets._in_pass:
