@@ -86,6 +86,15 @@ def test_arch_values(monkeypatch: pytest.MonkeyPatch) -> None:
         assert all("-march=x86-64-v3" in flags for _, flags in build._attempts("avx2"))
 
 
+def test_build_names_follow_the_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # Two installs of different sources sharing one extension cache must not build into the same module.
+    names = [name for arch in ("native", "avx2") for name, _ in build._attempts(arch)]
+    other = tmp_path / "adamw.cpp"
+    other.write_bytes(build.SOURCE.read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(build, "SOURCE", other)
+    assert not {name for arch in ("native", "avx2") for name, _ in build._attempts(arch)} & set(names)
+
+
 def test_arch_beyond_this_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "_cpu_flags", lambda: "flags : fpu sse sse2 avx")
     monkeypatch.setattr(build, "_is_x86", lambda: True)

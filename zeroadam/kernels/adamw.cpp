@@ -27,15 +27,12 @@ struct ZaRun {
   int32_t param_dtype, grad_dtype, moments_format, master_kind;
   int64_t index_base;
   uint32_t seed_exp_avg, seed_exp_avg_sq, seed_param;  // bf16 moments draw both roundings from seed_exp_avg
-  int32_t threads;
 };
 struct ZaCoefficients {  // fp64 as Python computes them; cast to fp32 where torch casts a Python scalar
   double decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, grad_scale;
 };
-int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* coefficients);
 int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients* coefficients, const uint32_t* seeds,
                          int32_t threads);
-double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads);
 double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int32_t* dtype, int32_t count,
                         int32_t threads);
 double zeroadam_add_sq_sum(void* dst, int32_t dst_dtype, const void* src, int32_t src_dtype, double alpha, int64_t numel,
@@ -517,10 +514,6 @@ int zeroadam_adamw_steps(const ZaRun* runs, int32_t count, const ZaCoefficients*
   return 0;
 }
 
-int zeroadam_adamw_step(const ZaRun* run, const ZaCoefficients* co) {
-  return zeroadam_adamw_steps(run, 1, co, nullptr, run->threads);
-}
-
 namespace {
 
 // [Note: the pre-pass at memory speed]
@@ -752,10 +745,6 @@ double zeroadam_sq_sums(const void* const* data, const int64_t* numel, const int
   return total;
 }
 
-double zeroadam_sq_sum(const void* data, int64_t numel, int32_t dtype, int32_t threads) {
-  return zeroadam_sq_sums(&data, &numel, &dtype, 1, threads);
-}
-
 // One fp32 value into each of many one-element tensors: a group's step counts in one call, where torch's
 // _foreach_add_ on CPU scalars is a dispatched add_ per tensor (2.2 us each).
 void zeroadam_fill_f32(float* const* ptrs, int32_t count, float value) {
@@ -775,7 +764,7 @@ std::string describe_layout() {
   out += ZA_FIELD(ZaRun, master) + ZA_FIELD(ZaRun, residual) + ZA_FIELD(ZaRun, param_dtype);
   out += ZA_FIELD(ZaRun, grad_dtype) + ZA_FIELD(ZaRun, moments_format) + ZA_FIELD(ZaRun, master_kind);
   out += ZA_FIELD(ZaRun, index_base) + ZA_FIELD(ZaRun, seed_exp_avg) + ZA_FIELD(ZaRun, seed_exp_avg_sq);
-  out += ZA_FIELD(ZaRun, seed_param) + ZA_FIELD(ZaRun, threads);
+  out += ZA_FIELD(ZaRun, seed_param);
   out += "\nZaCoefficients size=" + std::to_string(sizeof(ZaCoefficients)) + ";";
   out += ZA_FIELD(ZaCoefficients, decay) + ZA_FIELD(ZaCoefficients, lerp_weight) + ZA_FIELD(ZaCoefficients, beta2);
   out += ZA_FIELD(ZaCoefficients, one_minus_beta2) + ZA_FIELD(ZaCoefficients, bc2_sqrt);

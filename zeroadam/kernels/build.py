@@ -94,21 +94,29 @@ def cpu_arch() -> CpuArch:
     return value  # type: ignore[return-value]
 
 
+def _source_tag() -> str:
+    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]
+
+
 def _attempts(arch: CpuArch) -> list[tuple[str, list[str]]]:
     """(module name, extra flags) to try in order. A native build is named by a digest of this CPU's feature flags:
     a -march=native module loaded on another CPU kind from a shared cache would die of SIGILL. The explicit targets
-    are portable across CPUs that have their features, and fail loudly rather than build something else."""
+    are portable across CPUs that have their features, and fail loudly rather than build something else. Every name
+    ends with a digest of the source: two installs of different versions sharing one extension cache (two virtual
+    environments, a checkout beside a release) otherwise rebuilt the same module in turn, and a process could load
+    the other's library while it was being replaced (the layout check then refused it, at best)."""
+    src = _source_tag()
     if arch == "native":
         tag = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:8]
         return [
-            (f"zeroadam_cpu_{tag}", [_ARCH_FLAGS["native"], *([_WIDE] if _is_x86() else []), _OPENMP]),
-            ("zeroadam_cpu_openmp", [_OPENMP]),  # the compiler rejected -march=native
-            ("zeroadam_cpu_serial", []),  # ... or has no OpenMP
+            (f"zeroadam_cpu_{tag}_{src}", [_ARCH_FLAGS["native"], *([_WIDE] if _is_x86() else []), _OPENMP]),
+            (f"zeroadam_cpu_openmp_{src}", [_OPENMP]),  # the compiler rejected -march=native
+            (f"zeroadam_cpu_serial_{src}", []),  # ... or has no OpenMP
         ]
     march = [_ARCH_FLAGS[arch]] if _is_x86() else []  # generic elsewhere: the compiler's default target
     if arch == "avx512":
         march.append(_WIDE)
-    return [(f"zeroadam_cpu_{arch}", march + [_OPENMP]), (f"zeroadam_cpu_{arch}_serial", march)]
+    return [(f"zeroadam_cpu_{arch}_{src}", march + [_OPENMP]), (f"zeroadam_cpu_{arch}_serial_{src}", march)]
 
 
 def build_library(arch: CpuArch) -> str:

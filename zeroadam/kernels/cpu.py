@@ -75,7 +75,6 @@ class _RunArgs(ctypes.Structure):
         ("seed_exp_avg", ctypes.c_uint32),
         ("seed_exp_avg_sq", ctypes.c_uint32),
         ("seed_param", ctypes.c_uint32),
-        ("threads", ctypes.c_int32),
     ]
 
 
@@ -91,16 +90,13 @@ class _Coefficients(ctypes.Structure):
 class Kernel(NamedTuple):
     """The compiled entry points."""
 
-    step: Callable[[_RunArgs, _Coefficients], int]
-    """(run, coefficients) -> 0, or 1 for a combination of formats it has no code for."""
     steps: Callable[[ctypes.Array, int, _Coefficients, Optional[ctypes.Array], int], int]
     """(runs, count, coefficients, seeds or None, threads) -> 0, or 1 + the index of the first run whose combination
     of formats it has no code for (then nothing is written): every run in one OpenMP region ([Note: many runs in one
     call]); seeds, three uint32, replace every run's own."""
-    sq_sum: Callable[[int, int, int, int], float]
-    """(data pointer, numel, dtype code, threads) -> the sum of squares in fp64; inf or nan if any value is."""
     sq_sums: Callable[[ctypes.Array, ctypes.Array, ctypes.Array, int, int], float]
-    """(data pointers, numels, dtype codes, count, threads) -> the sum of squares of all in fp64, in one region."""
+    """(data pointers, numels, dtype codes, count, threads) -> the sum of squares of all in fp64, in one region; inf
+    or nan if any value is."""
     fill_f32: Callable[[ctypes.Array, int, float], None]
     """(pointers to fp32 values, count, value): writes value at each pointer."""
     add_sq_sum: Callable[[int, int, Optional[int], int, float, int, int], float]
@@ -119,16 +115,10 @@ def _build() -> Kernel:
     layout.argtypes = []
     layout.restype = ctypes.c_char_p
     build.check_layout(layout().decode(), _STRUCTS)
-    step = lib.zeroadam_adamw_step
-    step.argtypes = [ctypes.POINTER(_RunArgs), ctypes.POINTER(_Coefficients)]
-    step.restype = ctypes.c_int
     steps = lib.zeroadam_adamw_steps
     steps.argtypes = [ctypes.POINTER(_RunArgs), ctypes.c_int32, ctypes.POINTER(_Coefficients),
                       ctypes.POINTER(ctypes.c_uint32), ctypes.c_int32]
     steps.restype = ctypes.c_int
-    sq_sum = lib.zeroadam_sq_sum
-    sq_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
-    sq_sum.restype = ctypes.c_double
     sq_sums = lib.zeroadam_sq_sums
     sq_sums.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32),
                         ctypes.c_int32, ctypes.c_int32]
@@ -141,10 +131,8 @@ def _build() -> Kernel:
                            ctypes.c_int64, ctypes.c_int32]
     add_sq_sum.restype = ctypes.c_double
     return Kernel(
-        step=lambda run, coefficients: step(ctypes.byref(run), ctypes.byref(coefficients)),
         steps=lambda runs, count, coefficients, seeds, threads: steps(runs, count, ctypes.byref(coefficients), seeds,
                                                                      threads),
-        sq_sum=sq_sum,
         sq_sums=sq_sums,
         fill_f32=fill_f32,
         add_sq_sum=add_sq_sum,
@@ -201,11 +189,11 @@ def _check_lengths(run: Run, storage: list[torch.Tensor]) -> None:
         raise RuntimeError(f"zeroadam: master kind {run.master.kind!r} does not fit a {run.param.dtype} parameter")
 
 
-def _run_args(run: Run, seeds: tuple[int, int, int], threads: int) -> Optional[_RunArgs]:
+def _run_args(run: Run, seeds: tuple[int, int, int]) -> Optional[_RunArgs]:
     """The kernel's view of a run, or None when the kernel does not take it (the caller falls back).
 
-    Called for every parameter at every stage-0 step, so it is written for few Python operations: 6 us a run, of a
-    step's ~17 us a parameter (200 parameters of 4096 elements, int8 moments, this project's 2-core EPYC VM)."""
+    Called for every run of every step on the general path, so it is written for few Python operations: 4.5 us a run
+    (6.2 before; int8 moments, this project's 2-core EPYC VM)."""
     mo, ma, param, grad = run.moments, run.master, run.param, run.grad
     storage = [getattr(mo if in_moments else ma, spec.field) for in_moments, spec in _storage(mo.fmt, ma.kind)]
     for t in (param, grad, *storage):
@@ -231,7 +219,6 @@ def _run_args(run: Run, seeds: tuple[int, int, int], threads: int) -> Optional[_
         _MASTER_CODE[ma.kind],
         run.index_base,
         *seeds,
-        threads,
     )
 
 
@@ -256,7 +243,7 @@ def update_compiled_runs(runs: Sequence[Run], sc: StepScalars) -> list[Run]:
     taken: list[_RunArgs] = []
     rest: list[Run] = []
     for run in runs:
-        args = _run_args(run, seeds, threads)
+        args = _run_args(run, seeds)
         if args is None:
             rest.append(run)
         elif args.numel > 0:
@@ -361,7 +348,7 @@ class RunTable:
             return None
         args = []
         for run in runs:
-            a = _run_args(run, (0, 0, 0), 0)  # seeds and threads come with each call
+            a = _run_args(run, (0, 0, 0))  # the step's seeds come with each call
             if a is None:
                 return None
             args.append(a)
