@@ -50,6 +50,8 @@ class _Mark:
 
 @dataclass
 class _GroupPlan:
+    """One param group's part of the plan."""
+
     params: list[torch.Tensor]  # the group's params at build time, in order
     marks: list[Optional[_Mark]]  # None for a parameter without a gradient (it must still have none)
     table: cpu_kernels.RunTable  # the runs of the marked parameters, in order
@@ -59,6 +61,8 @@ class _GroupPlan:
 
 @dataclass
 class StepPlan:
+    """The kernel's tables for every param group and for the norm (see the note); ``refresh`` before each use."""
+
     groups: list[_GroupPlan]
     norm: cpu_kernels.GradTable  # every marked gradient, in the order of setup.params()
 
@@ -104,7 +108,6 @@ class StepPlan:
                 i += 1
                 k += 1
         return True
-
 
     def sq_sum(self) -> float:
         """The sum of squares of every planned gradient (after ``refresh``), in fp64."""
