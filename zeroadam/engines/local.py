@@ -12,9 +12,9 @@ import torch
 
 from zeroadam.comm.collectives import Group
 from zeroadam.engines.base import CheckedEntry, Engine, EngineSetup, Entries, TensorStep, refuse_sparse_grad
+from zeroadam.engines.step_plan import StepPlan, build_plan
 from zeroadam.formats.state import Master, Moments
 from zeroadam.formats.table import MASTER_TENSORS, MOMENT_TENSORS
-from zeroadam.engines.step_plan import StepPlan, build_plan
 from zeroadam.options import GroupHyper
 from zeroadam.state_dict.entries import convert_master, convert_moments, entry_piece
 from zeroadam.update.contract import Run, StepScalars
@@ -80,6 +80,7 @@ class ParamState(TensorStep, MutableMapping):
 
     def __repr__(self) -> str:
         return f"ParamState(step={self.step}, format={self.moments.fmt!r}, master={self.master.kind!r})"
+
 
 class LocalEngine(Engine):
     """Stage 0 (see the module docstring); the state lives in ``optimizer.state[p]``."""

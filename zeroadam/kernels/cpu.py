@@ -47,8 +47,7 @@ __all__ = [
 ]
 
 # The enums Dtype, MomentsFormat and MasterKind of adamw.cpp.
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-DTYPE_CODES = _DTYPE_CODE
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 """The dtypes the kernel reads (gradients, parameters) -> its codes."""
 _MOMENTS_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
 _MASTER_CODE = {"param": 0, "fp32": 1, "compact": 2, "none": 3}
@@ -199,7 +198,7 @@ def _run_args(run: Run, seeds: tuple[int, int, int]) -> Optional[_RunArgs]:
     for t in (param, grad, *storage):
         if not (t.is_cpu and t.dim() == 1 and t.is_contiguous()):  # is_cpu: a seventh of device.type's cost
             return None
-    param_dtype, grad_dtype = _DTYPE_CODE.get(param.dtype), _DTYPE_CODE.get(grad.dtype)
+    param_dtype, grad_dtype = DTYPE_CODES.get(param.dtype), DTYPE_CODES.get(grad.dtype)
     if param_dtype is None or grad_dtype is None:
         return None
     _check_lengths(run, storage)
@@ -252,7 +251,7 @@ def update_compiled_runs(runs: Sequence[Run], sc: StepScalars) -> list[Run]:
         bad = kernel.steps((_RunArgs * len(taken))(*taken), len(taken), _coefficients(sc), None, threads)
         if bad != 0:
             a = taken[bad - 1]  # _run_args let through a combination that the kernel does not compose
-            names = {code: dtype for dtype, code in _DTYPE_CODE.items()}
+            names = {code: dtype for dtype, code in DTYPE_CODES.items()}
             raise RuntimeError(
                 f"zeroadam: no CPU kernel for param {names.get(a.param_dtype)}, grad {names.get(a.grad_dtype)}, moments "
                 f"code {a.moments_format}, master code {a.master_kind}"
@@ -277,7 +276,7 @@ def sq_sums_compiled(tensors: Sequence[torch.Tensor]) -> tuple[float, list[torch
     taken: list[torch.Tensor] = []
     rest: list[torch.Tensor] = []
     for t in tensors:
-        if t.is_cpu and t.dtype in _DTYPE_CODE and t.is_contiguous():
+        if t.is_cpu and t.dtype in DTYPE_CODES and t.is_contiguous():
             if t.numel() > 0:
                 taken.append(t)
         else:
@@ -288,7 +287,7 @@ def sq_sums_compiled(tensors: Sequence[torch.Tensor]) -> tuple[float, list[torch
     total = kernel.sq_sums(
         (ctypes.c_void_p * k)(*(t.data_ptr() for t in taken)),
         (ctypes.c_int64 * k)(*(t.numel() for t in taken)),
-        (ctypes.c_int32 * k)(*(_DTYPE_CODE[t.dtype] for t in taken)),
+        (ctypes.c_int32 * k)(*(DTYPE_CODES[t.dtype] for t in taken)),
         k,
         torch.get_num_threads(),
     )
@@ -307,7 +306,7 @@ def add_sq_sum_compiled(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: f
         or dst.device.type != "cpu"
         or dst.dtype not in (torch.float32, torch.bfloat16)
         or not dst.is_contiguous()
-        or (src is not None and (src.device.type != "cpu" or src.dtype not in _DTYPE_CODE or not src.is_contiguous()
+        or (src is not None and (src.device.type != "cpu" or src.dtype not in DTYPE_CODES or not src.is_contiguous()
                                  or src.numel() != dst.numel()))
         # bf16 into bf16: torch's arithmetic for an alpha that is not a power of two is not fp32's (it differs in the
         # last bf16 bit for ~1% of elements at alpha = 1/3); those take torch's add_ and a pass of their own.
@@ -318,9 +317,9 @@ def add_sq_sum_compiled(dst: torch.Tensor, src: Optional[torch.Tensor], alpha: f
         return 0.0
     total = kernel.add_sq_sum(
         dst.data_ptr(),
-        _DTYPE_CODE[dst.dtype],
+        DTYPE_CODES[dst.dtype],
         None if src is None else src.data_ptr(),
-        0 if src is None else _DTYPE_CODE[src.dtype],
+        0 if src is None else DTYPE_CODES[src.dtype],
         float(alpha),
         dst.numel(),
         torch.get_num_threads(),
@@ -375,7 +374,7 @@ class GradTable:
         self.count = len(grads)
         self.ptrs = (ctypes.c_void_p * self.count)(*(g.data_ptr() for g in grads))
         self.numels = (ctypes.c_int64 * self.count)(*(g.numel() for g in grads))
-        self.dtypes = (ctypes.c_int32 * self.count)(*(_DTYPE_CODE[g.dtype] for g in grads))
+        self.dtypes = (ctypes.c_int32 * self.count)(*(DTYPE_CODES[g.dtype] for g in grads))
 
     def sq_sum(self) -> float:
         return self.kernel.sq_sums(self.ptrs, self.numels, self.dtypes, self.count, torch.get_num_threads())
