@@ -10,7 +10,10 @@ CPU mode (``benchmarks/results/offload_cpu.json``)
     sizes, by default large matrices, a mid-size one, and two under ``MIN_QUANT_NUMEL`` = 4096 elements that
     keep fp32 moments, one of them not a multiple of 256 so that padding runs). Rows: ZeroAdam with
     ``offload="cpu"`` at stage 0 on one process (fp32 and int8 state: the flat host buffers, the gradient copy
-    into the host shard, the fused CPU kernel), ``DeepSpeedCPUAdam(adamw_mode=True)`` (its AVX C++ op), and
+    into the host shard, the fused CPU kernel; with one process and CPU parameters the kernel reads each ``p.grad``
+    in place, after the global norm's read of every gradient that finds non-finite ones), the same fp32 row with
+    ``skip_nonfinite=False`` ("-noskip": no check and so no read before the update, DeepSpeedCPUAdam's
+    semantics; context, not the figure), ``DeepSpeedCPUAdam(adamw_mode=True)`` (its AVX C++ op), and
     for context ZeroAdam fp32 without offload and torch's fused AdamW. Each row times ``optimizer.step()``
     (median of ``--repeats`` after ``--warmup``, see ``_common`` [Note: timing]) after one untimed first step
     that creates the state, in interleaved rounds whose paired ratios give the "vs DeepSpeed" column and the
@@ -78,11 +81,15 @@ class CpuCandidate:
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def _zeroadam(state_dtype: str, offload: Optional[str]) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+def _zeroadam(
+    state_dtype: str, offload: Optional[str], skip_nonfinite: bool = True
+) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         from zeroadam import ZeroAdam
 
-        return ZeroAdam(params, **HYPER, state_dtype=state_dtype, stage=0, offload=offload)
+        return ZeroAdam(
+            params, **HYPER, state_dtype=state_dtype, stage=0, offload=offload, skip_nonfinite=skip_nonfinite
+        )
 
     return make
 
@@ -103,6 +110,9 @@ CPU_CANDIDATES: tuple[CpuCandidate, ...] = (
     CpuCandidate(name=DEEPSPEED, module="deepspeed.ops.adam", make=_deepspeed),
     CpuCandidate(name="zeroadam-offload-fp32", module="zeroadam", make=_zeroadam("fp32", "cpu")),
     CpuCandidate(name="zeroadam-offload-int8", module="zeroadam", make=_zeroadam("int8", "cpu")),
+    # skip_nonfinite=False: DeepSpeedCPUAdam's semantics (no check, no read of the gradients before the update);
+    # context beside the figure, which is the default's.
+    CpuCandidate(name="zeroadam-offload-fp32-noskip", module="zeroadam", make=_zeroadam("fp32", "cpu", False)),
     CpuCandidate(name="zeroadam-fp32", module="zeroadam", make=_zeroadam("fp32", None)),
 )
 

@@ -27,7 +27,8 @@ For an fp32 parameter with an fp32 gradient:
       torchao AdamW8bit                                              (one fp32 absmax per 256 elements per moment)
 
 The 256-entry code tables of bitsandbytes and torchao (1 KiB each) stay in cache and are not counted, nor are
-ZeroAdam's read of every gradient before the update (4 B) and the clipping passes of the "+clip" rows (see
+ZeroAdam's read of every gradient before the update (4 B; the "-noskip" row, ``skip_nonfinite=False``, has none)
+and the clipping passes of the "+clip" rows (see
 [Note: rows with clipping]). The
 "GB/s" column is (total B x elements) / median step time: an effective bandwidth, comparable between rows,
 not a hardware counter. Where an optimizer silently keeps another format than its nominal one (torchao keeps
@@ -114,12 +115,15 @@ CLIP_NORM = 1e-3
 
 
 def _zeroadam(
-    state_dtype: str, backend: Optional[str], max_grad_norm: Optional[float] = None
+    state_dtype: str, backend: Optional[str], max_grad_norm: Optional[float] = None, skip_nonfinite: bool = True
 ) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         from zeroadam import ZeroAdam
 
-        return ZeroAdam(params, **HYPER, state_dtype=state_dtype, backend=backend, max_grad_norm=max_grad_norm)
+        return ZeroAdam(
+            params, **HYPER, state_dtype=state_dtype, backend=backend, max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+        )
 
     return make
 
@@ -186,6 +190,15 @@ def build_candidates(zeroadam_backend: Optional[str] = None) -> tuple[Candidate,
             module="zeroadam",
             nominal_state_bytes=8.0,
             make=_zeroadam("fp32", zeroadam_backend),
+        ),
+        # Without the non-finite skip (skip_nonfinite=False), i.e. with torch's and DeepSpeed's semantics: no read
+        # of the gradient before the update. Context for the figures, which are the default's.
+        Candidate(
+            name="zeroadam-fp32-noskip",
+            family="zeroadam",
+            module="zeroadam",
+            nominal_state_bytes=8.0,
+            make=_zeroadam("fp32", zeroadam_backend, skip_nonfinite=False),
         ),
         Candidate(
             name="torch-foreach", family="torch", module="torch", nominal_state_bytes=8.0, make=_torch_adamw("foreach")

@@ -61,7 +61,7 @@ __all__ = [
 
 # Optimizer types whose update ZeroAdam is: AdamW, and DeepSpeed's "Adam", which is AdamW unless adam_w_mode=false.
 _TYPES = {"zeroadam", "adamw", "adam"}
-_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "state_dtype", "master_weights"}
+_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "state_dtype", "master_weights", "skip_nonfinite"}
 # Optimizer params that choose DeepSpeed's implementation, not the math: nothing to honour.
 _IMPLEMENTATION_PARAMS = {"torch_adam", "foreach", "fused"}
 
@@ -414,6 +414,11 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
     fp16 = cfg.pop("fp16", None) or {}
     bf16 = cfg.pop("bf16", None) or cfg.pop("bfloat16", None) or {}
     _check_keys(bf16, keys.BF16, "bf16", out)
+    overflow = bf16.get("check_grad_overflow")
+    if overflow is not None and not keys.is_auto(overflow):
+        if not isinstance(overflow, bool):
+            raise _bad("bf16.check_grad_overflow", overflow, "is invalid; expected true or false")
+        zo["skip_nonfinite"] = overflow
     if fp16.get("enabled", False):
         if bf16.get("enabled", False):
             raise _bad("fp16.enabled", True, "and bf16.enabled=True are both set; enable one of them")

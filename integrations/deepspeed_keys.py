@@ -138,8 +138,8 @@ OFFLOAD_PARAM: dict[str, Key] = {
 BF16: dict[str, Key] = {
     "enabled": Key("honoured", "casts the model to bf16; ZeroAdam keeps compact master weights"),
     "immediate_grad_update": _TUNING,
-    "check_grad_overflow": _refused(
-        "turns off the skip of a step with non-finite gradients, which ZeroAdam always makes", accepted=(True, None)
+    "check_grad_overflow": Key(
+        "honoured", "ZeroAdam's skip_nonfinite: false updates through non-finite gradients as DeepSpeed then does"
     ),
     "bf16_master_weights_and_grads": _refused(
         "is not supported: ZeroAdam keeps the master weights; choose them with optimizer.params.master_weights "

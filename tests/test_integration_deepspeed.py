@@ -677,10 +677,18 @@ def test_memory_efficient_linear_and_other_tuning_keys_are_one_warning() -> None
     assert t.ignored == ["zero_optimization.memory_efficient_linear", "zero_optimization.overlap_comm"]
 
 
+def test_check_grad_overflow_is_the_non_finite_skip() -> None:
+    translate = _zds().translate
+    assert translate({"bf16": {"enabled": True, "check_grad_overflow": False}}).zeroadam["skip_nonfinite"] is False
+    assert translate({"bf16": {"enabled": True, "check_grad_overflow": True}}).zeroadam["skip_nonfinite"] is True
+    assert "skip_nonfinite" not in translate({"bf16": {"enabled": True}}).zeroadam  # ZeroAdam's default: skip
+    assert translate({"optimizer": {"type": "ZeroAdam", "params": {"skip_nonfinite": False}}}).zeroadam["skip_nonfinite"] is False
+    assert "bf16.check_grad_overflow='no'" in _refusal({"bf16": {"enabled": True, "check_grad_overflow": "no"}})
+
+
 def test_keys_that_change_results_are_refused_by_name() -> None:
     assert "bf16.bf16_master_weights_and_grads=True" in _refusal({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}})
     assert "optimizer.params.state_dtype" in _refusal({"bf16": {"enabled": True, "bf16_optimizer_states": True}})
-    assert "bf16.check_grad_overflow=False" in _refusal({"bf16": {"enabled": True, "check_grad_overflow": False}})
     assert "communication_data_type='fp16'" in _refusal({"zero_optimization": {"stage": 2}, "communication_data_type": "fp16"})
     assert "zero_quantized_nontrainable_weights=True" in _refusal(
         {"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}}

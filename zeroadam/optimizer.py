@@ -8,6 +8,7 @@ stage.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -74,6 +75,8 @@ class ZeroAdam(torch.optim.Optimizer):
         release_grads: stage 3 (and stage 0 on one device): update each unit inside backward as soon as its
             gradient is reduced, and keep no gradient shard; refuses clipping and fp16 GradScaler (see
             [Note: released gradients] in zeroadam/engines/release.py).
+        skip_nonfinite: skip a step whose gradients hold an inf or NaN on any rank, parameters and state untouched
+            (default); False updates as torch.optim.AdamW does (see [Note: the non-finite skip]).
     """
 
     engine: Engine
@@ -108,6 +111,7 @@ class ZeroAdam(torch.optim.Optimizer):
         quantized_gradients: bool = False,
         grad_dtype: str = "fp32",
         release_grads: bool = False,
+        skip_nonfinite: bool = True,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -135,6 +139,7 @@ class ZeroAdam(torch.optim.Optimizer):
             quantized_gradients=quantized_gradients,
             grad_dtype=grad_dtype,  # type: ignore[arg-type]
             release_grads=release_grads,
+            skip_nonfinite=skip_nonfinite,
         )
         if backend not in (None, "torch", "cpu", "triton"):
             raise ValueError(f"ZeroAdam: invalid backend={backend!r}; expected None, 'torch', 'cpu' or 'triton'")
@@ -283,25 +288,44 @@ class ZeroAdam(torch.optim.Optimizer):
         f = False if found is None else bool(float(found) > 0)
         return s, f
 
+    # [Note: the non-finite skip]
+    # By default a step whose gradients hold an inf or NaN anywhere (on any rank) is skipped: nothing is written, on
+    # every rank. The global squared norm is the flag (a non-finite term makes the sum non-finite), so the check
+    # costs nothing where the norm is taken anyway: with clipping, and at stages 1-3, where it is summed as the
+    # reduced gradients land in the shards and all-reduced with the ranks' agreement check (_global_norm). With one
+    # process and no clipping it is a read of every gradient before the update: 4 bytes of a memory-bound fp32
+    # step's 32 (torch.optim.AdamW and DeepSpeedCPUAdam check nothing). skip_nonfinite=False (DeepSpeed's
+    # bf16.check_grad_overflow: false) drops the skip: the update runs as torch's does, a non-finite gradient
+    # reaching the moments and the parameters; a norm that is needed anyway is still taken (its inf or NaN then
+    # reaches the clip coefficient, as with torch's clip_grad_norm_), and a step that needs none reads no gradient.
+    # A GradScaler's found inf still skips, as it does for every torch optimizer.
+    def _needs_norm(self, max_norm: Optional[float]) -> bool:
+        """Whether this step must take the global norm: for the skip, for clipping, or for the ranks' check."""
+        return self.options.skip_nonfinite or max_norm is not None or self.engine.group.world > 1
+
     def _step_scale(self) -> Optional[float]:
         """The factor every gradient is multiplied by this step, or None to skip the step."""
         loss_scale, found_inf = self._loss_scale()
         max_norm = self._pending_clip if self._pending_clip is not None else self.options.max_grad_norm
+        norm: Optional[float] = None
         if self._pending_clip is not None:
             norm = self._pending_norm / loss_scale
-        else:
+        elif self._needs_norm(max_norm):
             norm = self._global_norm(loss_scale)
         self._pending_clip = None
         if max_norm is None and not self._warned_hidden_grads and self.engine.hides_gradients():
             self._warned_hidden_grads = True
             # stacklevel: _step_scale, step, torch.no_grad's wrapper, Optimizer's hook wrapper, then the caller.
             warnings.warn(_HIDDEN_GRADS_WARNING.format(stage=self.options.stage), UserWarning, stacklevel=5)
-        if found_inf or not torch.isfinite(torch.tensor(norm)):
+        if found_inf or (self.options.skip_nonfinite and not math.isfinite(norm)):  # type: ignore[arg-type]
             return None
         clip = 1.0
         if max_norm is not None:
-            # torch.nn.utils.clip_grad_norm_'s coefficient, so clipped runs match it.
-            clip = min(1.0, max_norm / (norm + 1e-6))
+            # torch.nn.utils.clip_grad_norm_'s coefficient, so clipped runs match it (a NaN norm gives a NaN
+            # coefficient there too, where min() would drop it).
+            assert norm is not None
+            coefficient = max_norm / (norm + 1e-6)
+            clip = coefficient if math.isnan(coefficient) else min(1.0, coefficient)
         return clip / loss_scale
 
     def _skip(self) -> None:

@@ -132,12 +132,19 @@ class ZeroOptions:
     """Update each unit (stage 3), bucket (stage 2) or parameter (stage 0) as soon as its gradient of the last
     micro-batch is final, inside backward, and free the gradient; no rank holds a whole gradient shard. Refuses
     global-norm clipping and an fp16 GradScaler (both need every gradient before the first update)."""
+    skip_nonfinite: bool = True
+    """Skip a step whose gradients hold an inf or NaN on any rank, leaving parameters and state untouched (counted
+    in ``skipped_steps``). False updates as ``torch.optim.AdamW`` does, non-finite values and all, and a step
+    that needs no norm (one process, no clipping, no GradScaler) then reads no gradient before its update; see
+    [Note: the non-finite skip] in zeroadam/optimizer.py. A GradScaler's found inf still skips the step."""
 
     def __post_init__(self) -> None:
         _check_choice("state_dtype", self.state_dtype, StateDtype)
         _check_choice("grad_dtype", self.grad_dtype, GradDtype)
         if not isinstance(self.release_grads, bool):
             raise _bad("release_grads", self.release_grads, "expected True or False")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise _bad("skip_nonfinite", self.skip_nonfinite, "expected True or False")
         if self.release_grads and self.max_grad_norm is not None:
             # The reason lives in [Note: released gradients] (zeroadam/engines/release.py).
             raise _bad(

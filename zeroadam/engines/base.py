@@ -89,7 +89,8 @@ class EngineSetup:
         every option that changes the collectives a rank makes or the values it computes — the stage, offload,
         the stage-2 bucket size, who averages gradients (a rank on "wrapper" skips the reductions a rank on "auto"
         makes), the state format (it splits the flat buffers), the master kind, clipping, the gradient dtype (it sets
-        the collectives' dtype), releasing gradients (updates move into backward) — each group's
+        the collectives' dtype), releasing gradients (updates move into backward), the non-finite skip (released
+        updates check each unit with a collective) — each group's
         hyperparameters, and each parameter's shape, dtype, device type and whether it takes a gradient."""
         o = self.options
         items: list[tuple[str, Any]] = [
@@ -104,6 +105,7 @@ class EngineSetup:
             ("quantized_gradients", o.quantized_gradients),
             ("grad_dtype", o.grad_dtype),
             ("release_grads", o.release_grads),
+            ("skip_nonfinite", o.skip_nonfinite),
         ]
         for gi, pg in enumerate(self.param_groups):
             hyper = tuple((k, repr(v)) for k, v in sorted(pg.items()) if k != "params")

@@ -40,7 +40,7 @@ class ReleasedLocalEngine(LocalEngine):
                 "averages p.grad after the hooks that would update each parameter; use stage=3 (or 2) with "
                 "release_grads=True, or release_grads=False"
             )
-        self.release = Release(Group(None, 0, 1), None)
+        self.release = Release(Group(None, 0, 1), None, setup.options.skip_nonfinite)
         self._sync = True
         self._updated: set[torch.Tensor] = set()  # parameters updated by backward since the last step
         self._group_of: dict[torch.Tensor, int] = {}

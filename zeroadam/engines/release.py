@@ -50,14 +50,19 @@ SECOND_BACKWARD = (
 class Release:
     """Skip counting and the cross-rank finite check of one optimizer's released updates."""
 
-    def __init__(self, group: Group, stats: Optional[CommStats]) -> None:
+    def __init__(self, group: Group, stats: Optional[CommStats], check: bool = True) -> None:
+        """``check``: skip non-finite units (skip_nonfinite); False lets every unit through unread."""
         self.group = group
         self.stats = stats
+        self.check = check
         self.skipped_units = 0
         self._warned = False
 
     def all_finite(self, grads: Sequence[torch.Tensor]) -> bool:
-        """Whether every rank's ``grads`` (its pieces of one unit) are finite. Collective over ``group``."""
+        """Whether every rank's ``grads`` (its pieces of one unit) are finite, or the check is off (every rank
+        agrees on that: skip_nonfinite is in the fingerprint). Collective over ``group`` when checking."""
+        if not self.check:
+            return True
         local = bool(torch.isfinite(grads_sq_sum(list(grads))).item()) if grads else True
         flag = torch.tensor([0.0 if local else 1.0])
         if self.group.world > 1:

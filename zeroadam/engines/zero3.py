@@ -117,7 +117,7 @@ class Zero3Engine(Engine):
             self._pieces_of.setdefault(pc.flat, []).append(pc)
         sharded.on_reduced = None
         if setup.options.release_grads:
-            self.release = Release(sharded.grad_group, sharded.stats)
+            self.release = Release(sharded.grad_group, sharded.stats, setup.options.skip_nonfinite)
             sharded.on_reduced = self._update_unit
 
     @staticmethod
