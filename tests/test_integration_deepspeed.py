@@ -88,17 +88,20 @@ def _train(rank: int, initialize, cfg: dict, model: Optional[torch.nn.Module] = 
     }
 
 
-def _skip_seen_by_engine(rank: int, zds) -> dict:
+def _skip_seen_by_engine(rank: int, zds, bf16: Optional[dict] = None) -> dict:
     """fp32 state, stage 2: an inf input on rank 0 in step 1 makes every gradient non-finite; ZeroAdam skips the
-    step on every rank and says so in ``optimizer.overflow``, which DeepSpeed's engine reads."""
+    step on every rank and says so in ``optimizer.overflow``, which DeepSpeed's engine reads. ``bf16``: the config's
+    bf16 section (``check_grad_overflow: false`` turns the skip off)."""
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
 
-    engine, optimizer, _, sched = zds.initialize(model=make_model(), config=config({"stage": 2}), lr_scheduler=scheduler)
+    cfg = config({"stage": 2}, **({} if bf16 is None else {"bf16": bf16}))
+    engine, optimizer, _, sched = zds.initialize(model=make_model(), config=cfg, lr_scheduler=scheduler)
+    dtype = next(engine.module.parameters()).dtype
     out = []
     for s in range(3):
         for i, (x, y) in enumerate(micro_batches(s)):
-            xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK].clone() for t in (x, y))
+            xs, ys = (t[rank * PER_RANK : (rank + 1) * PER_RANK].to(dtype) for t in (x, y))
             if s == 1 and i == 0 and rank == 0:
                 xs[0, 0] = float("inf")
             engine.backward(torch.nn.functional.mse_loss(engine(xs), ys))
@@ -157,6 +160,7 @@ def suite(rank: int, world: int, ckpt_dir: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # ZeroAdam's one warning about the skipped step
         out["skip"] = _skip_seen_by_engine(rank, zds)
+        out["no skip"] = _skip_seen_by_engine(rank, zds, {"enabled": True, "check_grad_overflow": False})
     # Units chosen by the caller (one per Linear, an empty root), and the optimizer state offloaded.
     out["ours", "3-sharded-offload"] = _train(
         rank,
@@ -237,6 +241,13 @@ def test_a_step_zeroadam_skips_is_seen_by_the_engine(ranks: list[dict]) -> None:
     for r in ranks:
         assert r["skip"]["per_step"] == [(False, 0, 1, True), (True, 1, 1, False), (False, 1, 2, True)]
         assert r["skip"]["finite"]
+
+
+def test_check_grad_overflow_false_updates_through_the_bad_step(ranks: list[dict]) -> None:
+    # As DeepSpeed's own bf16 optimizer with check_grad_overflow: false: no step skipped, the NaN reaches the weights.
+    for r in ranks:
+        assert r["no skip"]["per_step"] == [(False, 0, 1, True), (False, 0, 2, True), (False, 0, 3, True)]
+        assert not r["no skip"]["finite"]
 
 
 def test_bf16_casts_the_model_and_zeroadam_keeps_master_weights(ranks: list[dict]) -> None:
