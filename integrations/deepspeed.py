@@ -414,11 +414,11 @@ def translate(config: Union[str, dict[str, Any]], model: Optional[torch.nn.Modul
     fp16 = cfg.pop("fp16", None) or {}
     bf16 = cfg.pop("bf16", None) or cfg.pop("bfloat16", None) or {}
     _check_keys(bf16, keys.BF16, "bf16", out)
-    overflow = bf16.get("check_grad_overflow")
-    if overflow is not None and not keys.is_auto(overflow):
-        if not isinstance(overflow, bool):
-            raise _bad("bf16.check_grad_overflow", overflow, "is invalid; expected true or false")
-        zo["skip_nonfinite"] = overflow
+    check = bf16.get("check_grad_overflow")
+    if check is not None and not keys.is_auto(check):
+        if not isinstance(check, bool):
+            raise _bad("bf16.check_grad_overflow", check, "is invalid; expected true or false")
+        zo["skip_nonfinite"] = check
     if fp16.get("enabled", False):
         if bf16.get("enabled", False):
             raise _bad("fp16.enabled", True, "and bf16.enabled=True are both set; enable one of them")

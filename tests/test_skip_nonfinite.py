@@ -77,18 +77,28 @@ def test_finite_steps_equal_the_default_bit_for_bit() -> None:
         assert all(torch.equal(x, y) for x, y in zip(a, b)), state_dtype
 
 
-def test_one_process_without_clipping_takes_no_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    params = _params()
-    opt = ZeroAdam(params, **HYPER, skip_nonfinite=False)
-    calls = []
+def _count_norms(opt: ZeroAdam, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every read of the gradients for the norm."""
+    calls: list[int] = []
     norm = opt.engine.local_grad_sq_sum
     monkeypatch.setattr(opt.engine, "local_grad_sq_sum", lambda: calls.append(1) or norm())
-    _run(opt, params, 3, -1, 0.0)
+    return calls
+
+
+def test_one_process_without_clipping_takes_no_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = _params()
+    plain = ZeroAdam(params, **HYPER, skip_nonfinite=False)
+    calls = _count_norms(plain, monkeypatch)
+    _run(plain, params, 3, -1, 0.0)
     assert calls == []
     clipped = ZeroAdam(params, **HYPER, skip_nonfinite=False, max_grad_norm=1.0)
-    monkeypatch.setattr(clipped.engine, "local_grad_sq_sum", lambda: calls.append(1) or clipped.engine.__class__.local_grad_sq_sum(clipped.engine))
+    calls = _count_norms(clipped, monkeypatch)
     _run(clipped, params, 2, -1, 0.0)
     assert calls == [1, 1]  # clipping needs the norm
+    checked = ZeroAdam(params, **HYPER)
+    calls = _count_norms(checked, monkeypatch)
+    _run(checked, params, 2, -1, 0.0)
+    assert calls == [1, 1]  # the default's check
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])

@@ -317,7 +317,8 @@ class ZeroAdam(torch.optim.Optimizer):
             self._warned_hidden_grads = True
             # stacklevel: _step_scale, step, torch.no_grad's wrapper, Optimizer's hook wrapper, then the caller.
             warnings.warn(_HIDDEN_GRADS_WARNING.format(stage=self.options.stage), UserWarning, stacklevel=5)
-        if found_inf or (self.options.skip_nonfinite and not math.isfinite(norm)):  # type: ignore[arg-type]
+        nonfinite = norm is not None and not math.isfinite(norm)
+        if found_inf or (nonfinite and self.options.skip_nonfinite):
             return None
         clip = 1.0
         if max_norm is not None:

@@ -128,7 +128,9 @@ class FlatEngine(Engine):
         self._warned_not_replicated = False
         self._check_fingerprint()
         # release_grads (stage 2): each bucket's owner pieces are updated as soon as they are reduced.
-        self.release: Optional[Release] = Release(group, self.stats, setup.options.skip_nonfinite) if setup.options.release_grads else None
+        self.release: Optional[Release] = None
+        if setup.options.release_grads:
+            self.release = Release(group, self.stats, setup.options.skip_nonfinite)
         # One rank with CPU parameters (offload without sharding): the update reads each p.grad where it is, so
         # no gradient is copied at all (see _step_direct).
         self._direct = self.everyone.world == 1 and all(p.device.type == "cpu" for g in setup.param_groups for p in g["params"])
