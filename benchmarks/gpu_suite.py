@@ -1,7 +1,15 @@
 """The checks and measurements that need an NVIDIA GPU, in one command for a machine that has one.
 
-    python benchmarks/gpu_suite.py                       # tests, step_speed on CUDA, int8 bandwidth
+    python benchmarks/gpu_suite.py                       # tests, step_speed, int8 bandwidth, offload, in 480 s
     python benchmarks/gpu_suite.py --sizes 2^24 --skip-tests
+    python benchmarks/gpu_suite.py --budget 540 --copy-to /some/dir   # and copy every result file there
+
+On a machine with torch and Triton already installed and no network, install the package without its
+dependencies (into a folder of its own: no build isolation, nothing fetched; a setuptools of 70 or later builds
+it without the wheel package), then run the suite, in one command:
+
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/zeroadam-site . && \
+        PYTHONPATH=/tmp/zeroadam-site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --copy-to DIR
 
 Parts, each recorded in ``benchmarks/results/gpu_suite_<gpu>.json`` (``<gpu>``: the device name in lower
 case, e.g. ``gpu_suite_nvidia-h100-80gb-hbm3.json``; the name itself is in the file):
@@ -13,6 +21,17 @@ case, e.g. ``gpu_suite_nvidia-h100-80gb-hbm3.json``; the name itself is in the f
 3. The achieved memory bandwidth of ZeroAdam's int8 step: bytes it must move (16.0625 per element, see
    step_speed.py [Note: traffic model]) / median step time, against the card's peak, beside a plain
    device-to-device copy that shows what the card reaches in practice.
+4. ``offload.py --device cuda`` (``--offload-params-m``, default 1000: a ~1B-parameter bf16 GPT trained with int8
+   state on the GPU and with int8 / fp32 state offloaded to the host) in a subprocess; it writes
+   ``offload_cuda.json``.
+
+[Note: the suite's time budget]
+A GPU may be lent for minutes only, so the suite runs within ``--budget`` seconds of wall time (default 480, under
+a 10-minute command limit with room for the install). The parts run in order of what they are worth (the tests
+first: correctness before speed), each with a timeout of the smaller of its own cap and what the budget has left
+once the later parts' minimums are set aside; a part that runs out is recorded as "timeout" and the suite goes on.
+The JSON is rewritten after every part, and with ``--copy-to`` every result file is copied there each time, so
+that a run stopped from outside still leaves what it measured.
 
 Exit status: 0 when every part ran and the tests passed; 1 when a part failed (tests failed or errored, a
 subprocess failed or timed out); 2 when torch sees no CUDA device, in which case nothing is run or written.
@@ -46,19 +65,25 @@ formula torch.cuda uses, and the JSON says which source gave the number.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from _common import BENCH_DIR, RESULTS_DIR, describe_machine, parse_sizes, time_fn, write_json
 
-__all__ = ["PEAKS", "peak_bandwidth", "run_cuda_tests", "run_step_speed", "int8_bandwidth", "copy_bandwidth", "main"]
+__all__ = [
+    "PEAKS", "peak_bandwidth", "run_cuda_tests", "run_step_speed", "run_offload", "Budget", "int8_bandwidth",
+    "copy_bandwidth", "main",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -131,7 +156,9 @@ def run_cuda_tests(timeout_s: int) -> dict[str, Any]:
     if not CUDA_TESTS.exists():
         return {"status": "missing", "reason": f"{CUDA_TESTS} does not exist yet"}
     more = [t for t in MORE_CUDA_TESTS if (REPO / t.split("::")[0]).exists()]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", str(CUDA_TESTS), *more]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", str(CUDA_TESTS), *more]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd.append(f"--timeout={max(30, timeout_s // 4)}")  # one hung test does not take the whole part
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -177,6 +204,34 @@ def run_step_speed(sizes: Sequence[int], repeats: int, timeout_s: int) -> dict[s
     if proc.returncode != 0 or not path.exists():
         return {**result, "status": "failed"}
     return {**result, "status": "ok", "result_file": str(path.relative_to(REPO)), "data": json.loads(path.read_text())}
+
+
+def run_offload(params_m: float, timeout_s: int) -> dict[str, Any]:
+    """offload.py --device cuda in a subprocess (its output passes through); returns its JSON."""
+    out_name = "offload_cuda.json"
+    cmd = [sys.executable, str(BENCH_DIR / "offload.py"), "--device", "cuda", "--params-m", str(params_m)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "command": cmd, "timeout_s": timeout_s}
+    result: dict[str, Any] = {"command": cmd, "returncode": proc.returncode, "wall_s": time.perf_counter() - t0}
+    path = RESULTS_DIR / out_name
+    if proc.returncode != 0 or not path.exists():
+        return {**result, "status": "failed"}
+    return {**result, "status": "ok", "result_file": str(path.relative_to(REPO)), "data": json.loads(path.read_text())}
+
+
+class Budget:
+    """Wall seconds left to the suite ([Note: the suite's time budget])."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def timeout(self, cap: int, later: int) -> int:
+        """A part's timeout: its ``cap``, or what is left once ``later`` seconds are kept for the parts after it
+        (at least 1)."""
+        return max(1, min(cap, int(self.end - time.perf_counter()) - later))
 
 
 def int8_bandwidth(
@@ -233,8 +288,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py")
     ap.add_argument("--skip-step-speed", action="store_true", help="do not run step_speed.py --device cuda")
-    ap.add_argument("--test-timeout", type=int, default=1200, help="seconds for the CUDA tests")
-    ap.add_argument("--step-speed-timeout", type=int, default=1800, help="seconds for step_speed.py")
+    ap.add_argument("--skip-offload", action="store_true", help="do not run offload.py --device cuda")
+    ap.add_argument("--offload-params-m", type=float, default=1000.0, help="offload.py's model size (millions)")
+    ap.add_argument("--budget", type=int, default=480, help="seconds of wall time for the whole suite (default 480)")
+    ap.add_argument("--test-timeout", type=int, default=240, help="at most this many seconds for the CUDA tests")
+    ap.add_argument("--step-speed-timeout", type=int, default=150, help="at most this many seconds for step_speed.py")
+    ap.add_argument("--offload-timeout", type=int, default=150, help="at most this many seconds for offload.py")
+    ap.add_argument("--copy-to", type=Path, help="a folder to copy every result file into after each part")
     args = ap.parse_args(argv)
     try:
         sizes = parse_sizes(args.sizes)
@@ -250,52 +310,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return EXIT_NO_CUDA
 
+    budget = Budget(args.budget)
     machine = describe_machine("cuda")
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     peak = peak_bandwidth(props.name, props)
-    print(f"# {props.name}: peak {peak['tb_per_s']} TB/s ({peak['source']})", flush=True)
+    print(f"# {props.name}: peak {peak['tb_per_s']} TB/s ({peak['source']}); budget {args.budget} s", flush=True)
+    report: dict[str, Any] = {
+        "benchmark": "gpu_suite",
+        "device_name": props.name,
+        "machine": machine,
+        "peak_bandwidth": peak,
+        "budget_s": args.budget,
+        "tests": {"status": "not run"},
+        "step_speed": {"status": "not run"},
+        "int8_bandwidth": [],
+        "copy_bandwidth": None,
+        "offload": {"status": "not run"},
+        "failed": [],
+    }
+    name = f"gpu_suite_{_slug(props.name)}.json"
 
-    tests = {"status": "skipped"} if args.skip_tests else run_cuda_tests(args.test_timeout)
-    speed = (
-        {"status": "skipped"} if args.skip_step_speed else run_step_speed(sizes, args.repeats, args.step_speed_timeout)
-    )
-    if speed.get("status") == "ok" and peak["tb_per_s"]:
-        for row in speed["data"]["rows"]:
-            if row["status"] == "ok":
-                row["fraction_of_peak"] = row["effective_gb_per_s"] / (peak["tb_per_s"] * 1e3)
+    def save() -> Path:
+        path = write_json(name, report)
+        if args.copy_to is not None:
+            args.copy_to.mkdir(parents=True, exist_ok=True)
+            for file in (path, RESULTS_DIR / "step_speed_cuda.json", RESULTS_DIR / "offload_cuda.json"):
+                if file.exists():
+                    shutil.copy2(file, args.copy_to / file.name)
+        return path
 
-    failed = []
-    bandwidth: list[dict[str, Any]] = []
-    copy: Optional[dict[str, Any]] = None
+    # Minimum seconds kept for the parts after each one (step_speed, bandwidth, offload).
+    later_speed, later_bandwidth, later_offload = 60, 30, 60
+    failed: list[str] = report["failed"]
+    if not args.skip_tests:
+        later = later_speed * (not args.skip_step_speed) + later_bandwidth + later_offload * (not args.skip_offload)
+        report["tests"] = run_cuda_tests(budget.timeout(args.test_timeout, later))
+        if report["tests"]["status"] in ("failed", "timeout"):
+            failed.append(f"tests: {report['tests']['status']}")
+        save()
+    if not args.skip_step_speed:
+        later = later_bandwidth + later_offload * (not args.skip_offload)
+        speed = run_step_speed(sizes, args.repeats, budget.timeout(args.step_speed_timeout, later))
+        if speed.get("status") == "ok" and peak["tb_per_s"]:
+            for row in speed["data"]["rows"]:
+                if row["status"] == "ok":
+                    row["fraction_of_peak"] = row["effective_gb_per_s"] / (peak["tb_per_s"] * 1e3)
+        report["step_speed"] = speed
+        if speed["status"] in ("failed", "timeout"):
+            failed.append(f"step_speed: {speed['status']}")
+        save()
     try:
-        bandwidth = int8_bandwidth(sizes, warmup=args.warmup, repeats=args.repeats, peak_tb_per_s=peak["tb_per_s"])
-        copy = copy_bandwidth(max(sizes), warmup=args.warmup, repeats=args.repeats, peak_tb_per_s=peak["tb_per_s"])
+        report["int8_bandwidth"] = int8_bandwidth(
+            sizes, warmup=args.warmup, repeats=args.repeats, peak_tb_per_s=peak["tb_per_s"]
+        )
+        report["copy_bandwidth"] = copy_bandwidth(
+            max(sizes), warmup=args.warmup, repeats=args.repeats, peak_tb_per_s=peak["tb_per_s"]
+        )
     except Exception as exc:  # noqa: BLE001 - record, write what we have, and report failure
         import traceback
 
         traceback.print_exc()
         failed.append(f"bandwidth: {type(exc).__name__}: {exc}")
-    if any(r["status"] != "ok" for r in bandwidth):
+    if any(r["status"] != "ok" for r in report["int8_bandwidth"]):
         failed.append("bandwidth: zeroadam-int8 did not run on CUDA")
-    if tests["status"] in ("failed", "timeout"):
-        failed.append(f"tests: {tests['status']}")
-    if speed["status"] in ("failed", "timeout"):
-        failed.append(f"step_speed: {speed['status']}")
-
-    path = write_json(
-        f"gpu_suite_{_slug(props.name)}.json",
-        {
-            "benchmark": "gpu_suite",
-            "device_name": props.name,
-            "machine": machine,
-            "peak_bandwidth": peak,
-            "tests": tests,
-            "step_speed": speed,
-            "int8_bandwidth": bandwidth,
-            "copy_bandwidth": copy,
-            "failed": failed,
-        },
-    )
+    save()
+    if not args.skip_offload:
+        torch.cuda.empty_cache()  # the subprocess needs the card's memory
+        report["offload"] = run_offload(args.offload_params_m, budget.timeout(args.offload_timeout, 0))
+        if report["offload"]["status"] in ("failed", "timeout"):
+            failed.append(f"offload: {report['offload']['status']}")
+    path = save()
     print(f"wrote {path}" + (f"; failed: {'; '.join(failed)}" if failed else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
