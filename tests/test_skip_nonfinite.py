@@ -196,3 +196,28 @@ def _disagree(rank: int, world: int) -> None:
 def test_ranks_that_disagree_on_the_skip_are_refused() -> None:
     with pytest.raises(RuntimeError, match="skip_nonfinite"):
         run_ranks(_disagree, 2, timeout=60)
+
+
+def _stage3(rank: int, world: int, skip: bool) -> dict:
+    import zeroadam
+    from test_zero3 import BATCH, data, groups, loss_of, make, whole_params
+
+    model = zeroadam.shard_model(make())
+    opt = ZeroAdam(groups(model), lr=1e-2, state_dtype="fp32", stage=3, skip_nonfinite=skip)
+    per = BATCH // world
+    for step, mbs in enumerate(data(3, 1)):
+        x, y = mbs[0]
+        loss = loss_of(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
+        if step == 1 and rank == world - 1:
+            loss = loss * math.nan  # every gradient of this rank, and so every averaged one, is NaN
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {"skipped": opt.skipped_steps, "finite": [bool(torch.isfinite(p).all()) for p in whole_params(model)]}
+
+
+def test_stage3_skips_or_updates_through_a_nan_on_one_rank_alike_on_every_rank() -> None:
+    for skip in (True, False):
+        for res in run_ranks(_stage3, 2, skip):
+            assert res["skipped"] == (1 if skip else 0)
+            assert all(res["finite"]) if skip else not any(res["finite"])
