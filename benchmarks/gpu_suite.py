@@ -179,21 +179,8 @@ def run_cuda_tests(timeout_s: int) -> dict[str, Any]:
     }
 
 
-def run_step_speed(sizes: Sequence[int], repeats: int, timeout_s: int) -> dict[str, Any]:
-    """step_speed.py --device cuda in a subprocess (its output passes through); returns its JSON."""
-    out_name = "step_speed_cuda.json"
-    cmd = [
-        sys.executable,
-        str(BENCH_DIR / "step_speed.py"),
-        "--device",
-        "cuda",
-        "--sizes",
-        ",".join(str(s) for s in sizes),
-        "--repeats",
-        str(repeats),
-        "--out",
-        out_name,
-    ]
+def _run_benchmark(cmd: list[str], out_name: str, timeout_s: int) -> dict[str, Any]:
+    """A benchmark script in a subprocess (its output passes through); its JSON ``out_name`` in the results."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, timeout=timeout_s, check=False)
@@ -204,22 +191,21 @@ def run_step_speed(sizes: Sequence[int], repeats: int, timeout_s: int) -> dict[s
     if proc.returncode != 0 or not path.exists():
         return {**result, "status": "failed"}
     return {**result, "status": "ok", "result_file": str(path.relative_to(REPO)), "data": json.loads(path.read_text())}
+
+
+def run_step_speed(sizes: Sequence[int], repeats: int, timeout_s: int) -> dict[str, Any]:
+    """step_speed.py --device cuda; returns its JSON."""
+    out_name = "step_speed_cuda.json"
+    sizes_arg = ",".join(str(s) for s in sizes)
+    cmd = [sys.executable, str(BENCH_DIR / "step_speed.py"), "--device", "cuda", "--sizes", sizes_arg,
+           "--repeats", str(repeats), "--out", out_name]  # fmt: skip
+    return _run_benchmark(cmd, out_name, timeout_s)
 
 
 def run_offload(params_m: float, timeout_s: int) -> dict[str, Any]:
-    """offload.py --device cuda in a subprocess (its output passes through); returns its JSON."""
-    out_name = "offload_cuda.json"
+    """offload.py --device cuda (writes offload_cuda.json); returns its JSON."""
     cmd = [sys.executable, str(BENCH_DIR / "offload.py"), "--device", "cuda", "--params-m", str(params_m)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "command": cmd, "timeout_s": timeout_s}
-    result: dict[str, Any] = {"command": cmd, "returncode": proc.returncode, "wall_s": time.perf_counter() - t0}
-    path = RESULTS_DIR / out_name
-    if proc.returncode != 0 or not path.exists():
-        return {**result, "status": "failed"}
-    return {**result, "status": "ok", "result_file": str(path.relative_to(REPO)), "data": json.loads(path.read_text())}
+    return _run_benchmark(cmd, "offload_cuda.json", timeout_s)
 
 
 class Budget:

@@ -103,3 +103,18 @@ def test_a_failed_part_is_recorded_and_the_others_still_run(fake_gpu: dict) -> N
     assert [name for name, _ in fake_gpu["calls"]] == ["tests", "step_speed", "bandwidth", "offload"]
     report = json.loads((fake_gpu["results"] / "gpu_suite_nvidia-h200.json").read_text())
     assert report["failed"] == ["tests: failed"]
+
+
+def test_a_benchmark_subprocess_gives_its_json_or_its_failure_or_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(gpu_suite, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(gpu_suite, "REPO", tmp_path)
+    writes = f"import json; json.dump({{'rows': []}}, open({str(tmp_path / 'x.json')!r}, 'w'))"
+    ok = gpu_suite._run_benchmark([sys.executable, "-c", writes], "x.json", 60)
+    assert ok["status"] == "ok" and ok["data"] == {"rows": []} and ok["result_file"] == "x.json"
+    assert gpu_suite._run_benchmark([sys.executable, "-c", "raise SystemExit(3)"], "y.json", 60)["status"] == "failed"
+    slow = gpu_suite._run_benchmark([sys.executable, "-c", "import time; time.sleep(30)"], "z.json", 1)
+    assert slow["status"] == "timeout" and slow["timeout_s"] == 1
